@@ -1,0 +1,189 @@
+"""The pass contract: Pass protocol, PassResult, Report, Change, Skip, SkipReason and errors.
+
+A pass is a callable object ``pass_(model, config, calib) -> PassResult``. It never mutates its
+input model; every candidate node it looks at ends up in ``report.applied`` or
+``report.skipped`` (with a :class:`SkipReason`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
+
+if TYPE_CHECKING:
+    import onnx
+
+    from onnxcomp.calibrate import Calibration
+
+
+class OnnxcompError(Exception):
+    """Base class of every error onnxcomp raises on purpose."""
+
+
+class InputError(OnnxcompError):
+    """Bad user input: a file that is not an ONNX model, a mismatched calibration set, ..."""
+
+
+class PreconditionError(OnnxcompError):
+    """The model as a whole is not supported by a pass (raised before any work is done)."""
+
+
+class PassError(OnnxcompError):
+    """An invariant broke after a rewrite: a bug in onnxcomp, never caught and ignored."""
+
+
+class ConfigError(OnnxcompError):
+    """A pass configuration value is out of range or inconsistent."""
+
+
+class SkipReason(str, enum.Enum):
+    """Why a candidate node was left alone. The value is the human-readable reason."""
+
+    NOT_CONSTANT = "weight is not a constant (graph input or computed)"
+    SHARED_WEIGHT = "weight is shared with a node outside the rewrite"
+    UNSUPPORTED_DTYPE = "weight dtype is not supported"
+    UNSUPPORTED_ATTRIBUTE = "attribute combination is not supported"
+    UNSUPPORTED_PRODUCER = "the producer is not a supported op"
+    MULTIPLE_CONSUMERS = "the tensor feeds more than one node"
+    GRAPH_OUTPUT = "the tensor is a graph output"
+    GROUPED = "grouped or depthwise conv"
+    TOO_SMALL = "layer too small to be worth rewriting"
+    NO_LATENCY_WIN = "no latency win"
+    NO_MAC_WIN = "rewrite does not reduce MACs"
+    ERROR_TOO_HIGH = "measured error above the bound"
+    QUANTIZED = "already quantized"
+    UNKNOWN_SHAPE = "shape could not be inferred"
+    BLOCKED = "blocked by a coupled node"
+    NOT_NEEDED = "no-op: nothing to change"
+    DEGENERATE = "decomposition degenerate or did not converge"
+    USER_EXCLUDED = "excluded by the user"
+
+
+@dataclasses.dataclass(frozen=True)
+class Change:
+    """One applied rewrite of one original node."""
+
+    node: str
+    op_type: str
+    what: str
+    params_before: int = 0
+    params_after: int = 0
+    macs_before: int = 0
+    macs_after: int = 0
+    error: float | None = None
+    details: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serializable form."""
+        d = dataclasses.asdict(self)
+        d["details"] = dict(self.details)
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
+class Skip:
+    """One candidate node the pass left alone, and why."""
+
+    node: str
+    op_type: str
+    reason: SkipReason
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serializable form."""
+        return {
+            "node": self.node,
+            "op_type": self.op_type,
+            "reason": self.reason.name,
+            "reason_text": self.reason.value,
+            "detail": self.detail,
+        }
+
+
+@dataclasses.dataclass
+class Report:
+    """What one pass did: applied changes, skipped candidates, free-form notes."""
+
+    pass_name: str
+    applied: list[Change] = dataclasses.field(default_factory=list)
+    skipped: list[Skip] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def apply(self, change: Change) -> None:
+        """Record an applied change."""
+        self.applied.append(change)
+
+    def skip(self, node: str, op_type: str, reason: SkipReason, detail: str = "") -> None:
+        """Record a skipped candidate."""
+        self.skipped.append(Skip(node, op_type, reason, detail))
+
+    def add_skip(self, skip: Skip) -> None:
+        """Record a skip produced by a ``check()`` function."""
+        self.skipped.append(skip)
+
+    @property
+    def totals(self) -> dict[str, int]:
+        """Sums over the applied changes."""
+        return {
+            "applied": len(self.applied),
+            "skipped": len(self.skipped),
+            "params_before": sum(c.params_before for c in self.applied),
+            "params_after": sum(c.params_after for c in self.applied),
+            "macs_before": sum(c.macs_before for c in self.applied),
+            "macs_after": sum(c.macs_after for c in self.applied),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serializable form."""
+        return {
+            "pass": self.pass_name,
+            "applied": [c.to_dict() for c in self.applied],
+            "skipped": [s.to_dict() for s in self.skipped],
+            "notes": list(self.notes),
+            "metrics": dict(self.metrics),
+            "totals": self.totals,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class PassResult:
+    """A pass's output: the new model (a fresh object) and its report."""
+
+    model: onnx.ModelProto
+    report: Report
+
+    @property
+    def modified(self) -> bool:
+        """True when at least one change was applied."""
+        return bool(self.report.applied)
+
+
+@dataclasses.dataclass(frozen=True)
+class PassConfig:
+    """Base class of pass configurations (frozen, validated in ``__post_init__``)."""
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> PassConfig:
+        """Build a config from a mapping, keeping only the keys this config knows."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in options.items() if k in names and v is not None})
+
+
+C = TypeVar("C", bound=PassConfig, contravariant=True)
+
+
+class Pass(Protocol[C]):
+    """A functional graph rewrite."""
+
+    name: ClassVar[str]
+    lossless: ClassVar[bool]
+    config_cls: ClassVar[type[PassConfig]]
+
+    def __call__(
+        self, model: onnx.ModelProto, config: C, calib: Calibration | None = None
+    ) -> PassResult:
+        """Rewrite a copy of ``model``; never mutate ``model``."""
+        ...

@@ -1,0 +1,115 @@
+"""Report tables: before/after summaries, per-pass tables, per-layer tables; JSON and Markdown."""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from onnxcomp.cost import ModelCost
+    from onnxcomp.pipeline import PipelineResult, StepResult
+
+
+def human(n: float, unit: str = "") -> str:
+    """1234567 -> '1.23 M' (SI prefixes)."""
+    for factor, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= factor:
+            return f"{n / factor:.3g} {prefix}{unit}".rstrip()
+    return f"{n:.4g} {unit}".rstrip()
+
+
+def ratio(before: float, after: float) -> str:
+    """'before/after' as a compression ratio, e.g. '2.00x'."""
+    return f"{before / after:.2f}x" if after else "-"
+
+
+def summary_rows(
+    cost_before: ModelCost,
+    cost_after: ModelCost,
+    size_before: int,
+    size_after: int,
+    latency: dict[str, Any] | None,
+    result: PipelineResult,
+) -> list[list[str]]:
+    """Rows of the before/after table: metric, before, after, ratio (before/after)."""
+    rows = [
+        ["params", human(cost_before.params), human(cost_after.params),
+         ratio(cost_before.params, cost_after.params)],
+        ["MACs", human(cost_before.macs), human(cost_after.macs),
+         ratio(cost_before.macs, cost_after.macs)],
+        ["file size", human(size_before, "B"), human(size_after, "B"),
+         ratio(size_before, size_after)],
+    ]
+    if latency is not None:
+        rows.append([
+            f"latency ({latency['provider']}, {latency['threads']} thr, median)",
+            f"{latency['before_ms']:.3f} ms",
+            f"{latency['after_ms']:.3f} ms",
+            f"{latency['speedup']:.2f}x "
+            f"(p10 {latency['speedup_p10']:.2f}, p90 {latency['speedup_p90']:.2f})",
+        ])
+    fid = result.fidelity
+    fid_text = f"rel L2 error {fid.rel_l2:.3g}"
+    if fid.top1_agreement is not None:
+        fid_text += f", top-1 agreement {fid.top1_agreement:.1%}"
+    rows.append(["fidelity vs original", "-", fid_text + f" ({fid.num_samples} samples)", ""])
+    return rows
+
+
+def summary_table(rows: Sequence[Sequence[str]], title: str) -> Table:
+    """A rich table of summary rows."""
+    table = Table(title=title)
+    for col, justify in (("metric", "left"), ("before", "right"), ("after", "right"),
+                         ("ratio", "right")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def step_table(step: StepResult) -> Table:
+    """One pass: applied count, skips grouped by reason, error vs the previous model."""
+    rep = step.report
+    table = Table(title=f"pass {step.name} ({'lossless' if step.lossless else 'lossy'}, "
+                        f"{step.seconds:.1f} s)")
+    table.add_column("outcome")
+    table.add_column("count", justify="right")
+    table.add_column("nodes / detail")
+    names = ", ".join(c.node for c in rep.applied[:6]) + (" ..." if len(rep.applied) > 6 else "")
+    table.add_row("applied", str(len(rep.applied)), names)
+    by_reason: dict[str, list[str]] = collections.defaultdict(list)
+    for s in rep.skipped:
+        by_reason[s.reason.value].append(s.node)
+    for reason, nodes in sorted(by_reason.items()):
+        shown = ", ".join(nodes[:4]) + (" ..." if len(nodes) > 4 else "")
+        table.add_row(f"skipped: {reason}", str(len(nodes)), shown)
+    table.add_row("rel L2 error vs previous", "", f"{step.fidelity.rel_l2:.3g}")
+    for note in rep.notes:
+        table.add_row("note", "", note)
+    return table
+
+
+def layer_table(cost: ModelCost, title: str, limit: int | None = None) -> Table:
+    """Per-layer params/MACs table (nodes with weights or MACs only)."""
+    table = Table(title=title)
+    for col in ("node", "op", "output shape", "params", "MACs", "% MACs"):
+        table.add_column(col, justify="left" if col in ("node", "op") else "right")
+    rows = [n for n in cost.nodes if n.params or n.macs]
+    total = cost.macs or 1
+    for n in rows[:limit] if limit else rows:
+        shape = "x".join(str(d) for d in n.output_shape) if n.output_shape else "?"
+        table.add_row(n.name, n.op_type, shape, human(n.params), human(n.macs),
+                      f"{100 * n.macs / total:.1f}")
+    table.add_row("total", "", "", human(cost.params), human(cost.macs), "100.0",
+                  style="bold")
+    return table
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-flavoured Markdown table."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,104 @@
+"""onnxruntime sessions: provider names, session options, running on calibration batches."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from onnxcomp import model as model_io
+from onnxcomp.passbase import InputError
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+def provider_list(provider: str) -> list[str]:
+    """ORT provider names for a short name; raise :class:`InputError` when unavailable."""
+    if provider not in PROVIDERS:
+        raise InputError(f"unknown provider '{provider}' (choose from {', '.join(PROVIDERS)})")
+    full = PROVIDERS[provider]
+    available = ort.get_available_providers()
+    if full not in available:
+        raise InputError(
+            f"provider '{provider}' is not available in this onnxruntime build "
+            f"(available: {', '.join(available)})"
+        )
+    chain = [full]
+    if provider == "tensorrt" and PROVIDERS["cuda"] in available:
+        chain.append(PROVIDERS["cuda"])
+    if full != PROVIDERS["cpu"]:
+        chain.append(PROVIDERS["cpu"])
+    return chain
+
+
+def session_options(threads: int = 1, optimize: bool = True) -> ort.SessionOptions:
+    """Session options: ``threads`` intra-op threads; ORT fusions on or all off."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimize
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    opts.log_severity_level = 3
+    return opts
+
+
+def make_session(
+    model: onnx.ModelProto,
+    provider: str = "cpu",
+    threads: int = 1,
+    optimize: bool = True,
+) -> ort.InferenceSession:
+    """An inference session for an in-memory model (large models go through a temp file)."""
+    opts = session_options(threads, optimize)
+    providers = provider_list(provider)
+    if not model_io.is_large(model):
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = model_io.serialize_for_session(model, Path(tmp))
+        return ort.InferenceSession(path, opts, providers=providers)
+
+
+def output_names(session: ort.InferenceSession) -> list[str]:
+    """Names of the session's outputs in graph order."""
+    return [o.name for o in session.get_outputs()]
+
+
+def run_batches(
+    session: ort.InferenceSession,
+    batches: Iterable[Mapping[str, np.ndarray]],
+    names: Sequence[str] | None = None,
+) -> list[list[np.ndarray]]:
+    """Run the session on every batch; return the outputs (in ``names`` order) per batch."""
+    wanted = list(names) if names is not None else output_names(session)
+    input_names = {i.name for i in session.get_inputs()}
+    results = []
+    for batch in batches:
+        feeds = {k: v for k, v in batch.items() if k in input_names}
+        results.append(session.run(wanted, feeds))
+    return results
+
+
+def concat_outputs(per_batch: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
+    """Concatenate per-batch outputs along the batch axis (scalars are stacked)."""
+    if not per_batch:
+        return []
+    out = []
+    for i in range(len(per_batch[0])):
+        parts = [np.asarray(b[i]) for b in per_batch]
+        if parts[0].ndim == 0:
+            out.append(np.stack(parts))
+        else:
+            out.append(np.concatenate(parts, axis=0))
+    return out

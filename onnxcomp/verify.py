@@ -1,0 +1,134 @@
+"""Verification of a rewritten model: checker, ORT loads it, same outputs, measured fidelity."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxcomp import model as model_io
+from onnxcomp.passbase import PassError
+
+LOSSLESS_RTOL = 1e-4
+LOSSLESS_ATOL = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputFidelity:
+    """How far one output of a model is from the reference model's output."""
+
+    name: str
+    rel_l2: float
+    max_abs: float
+    ref_max_abs: float
+    top1_agreement: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serializable form."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fidelity:
+    """Per-output fidelity; ``rel_l2`` is the worst output's relative L2 error."""
+
+    outputs: tuple[OutputFidelity, ...]
+    num_samples: int
+
+    @property
+    def rel_l2(self) -> float:
+        """Worst relative L2 error over outputs."""
+        return max((o.rel_l2 for o in self.outputs), default=0.0)
+
+    @property
+    def top1_agreement(self) -> float | None:
+        """Top-1 agreement of the first classifier-like output, when there is one."""
+        for o in self.outputs:
+            if o.top1_agreement is not None:
+                return o.top1_agreement
+        return None
+
+    def within(self, rtol: float = LOSSLESS_RTOL, atol: float = LOSSLESS_ATOL) -> bool:
+        """True when every output satisfies max|a-b| <= atol + rtol * max|ref|."""
+        return all(o.max_abs <= atol + rtol * o.ref_max_abs for o in self.outputs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serializable form."""
+        return {
+            "rel_l2": self.rel_l2,
+            "top1_agreement": self.top1_agreement,
+            "num_samples": self.num_samples,
+            "outputs": [o.to_dict() for o in self.outputs],
+        }
+
+
+def compare_outputs(
+    names: Sequence[str], reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]
+) -> Fidelity:
+    """Fidelity of ``candidate`` outputs against ``reference`` outputs."""
+    per_output = []
+    samples = 0
+    for name, ref, got in zip(names, reference, candidate, strict=True):
+        ref64 = np.asarray(ref, dtype=np.float64)
+        got64 = np.asarray(got, dtype=np.float64)
+        if ref64.shape != got64.shape:
+            raise PassError(f"output '{name}' changed shape: {ref64.shape} -> {got64.shape}")
+        diff = got64 - ref64
+        norm = float(np.linalg.norm(ref64))
+        rel = float(np.linalg.norm(diff)) / norm if norm > 0 else float(np.linalg.norm(diff))
+        top1 = None
+        if ref64.ndim == 2 and ref64.shape[1] > 1:
+            top1 = float(np.mean(ref64.argmax(axis=1) == got64.argmax(axis=1)))
+        samples = max(samples, ref64.shape[0] if ref64.ndim else 1)
+        per_output.append(
+            OutputFidelity(
+                name=name,
+                rel_l2=rel,
+                max_abs=float(np.max(np.abs(diff))) if diff.size else 0.0,
+                ref_max_abs=float(np.max(np.abs(ref64))) if ref64.size else 0.0,
+                top1_agreement=top1,
+            )
+        )
+    return Fidelity(tuple(per_output), samples)
+
+
+def check_interface(before: onnx.ModelProto, after: onnx.ModelProto) -> None:
+    """Raise :class:`PassError` unless the outputs keep their names, types and static dims."""
+    b_out = {o.name: o for o in before.graph.output}
+    a_out = {o.name: o for o in after.graph.output}
+    if list(b_out) != list(a_out):
+        raise PassError(f"graph outputs changed: {list(b_out)} -> {list(a_out)}")
+    for name, bo in b_out.items():
+        ao = a_out[name]
+        if bo.type.tensor_type.elem_type != ao.type.tensor_type.elem_type:
+            raise PassError(f"output '{name}' changed element type")
+        b_dims = _static_dims(bo)
+        a_dims = _static_dims(ao)
+        if b_dims is not None and a_dims is not None:
+            if len(b_dims) != len(a_dims):
+                raise PassError(f"output '{name}' changed rank: {b_dims} -> {a_dims}")
+            for bd, ad in zip(b_dims, a_dims, strict=True):
+                if isinstance(bd, int) and isinstance(ad, int) and bd != ad:
+                    raise PassError(f"output '{name}' changed shape: {b_dims} -> {a_dims}")
+    b_in = [i.name for i in before.graph.input]
+    a_in = [i.name for i in after.graph.input]
+    if [n for n in b_in if n in a_in] != [n for n in a_in if n in b_in] or not set(
+        _real_inputs(before)
+    ) <= set(a_in):
+        raise PassError(f"graph inputs changed: {b_in} -> {a_in}")
+    model_io.check_model(after, full=False)
+
+
+def _real_inputs(model: onnx.ModelProto) -> list[str]:
+    inits = {i.name for i in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in inits]
+
+
+def _static_dims(value: onnx.ValueInfoProto) -> list[int | str] | None:
+    tt = value.type.tensor_type
+    if not tt.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in tt.shape.dim]

@@ -1,0 +1,13 @@
+"""The registry of passes: file name = registry key = report name = CLI name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from onnxcomp.passbase import Pass
+from onnxcomp.passes import canonicalize, fold_bn
+
+REGISTRY: dict[str, Pass[Any]] = {
+    canonicalize.PASS.name: canonicalize.PASS,
+    fold_bn.PASS.name: fold_bn.PASS,
+}

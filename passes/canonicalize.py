@@ -1,0 +1,231 @@
+"""Canonicalize a graph so later passes see one form (lossless).
+
+No paper: this is the normalization every graph compiler runs first (onnxoptimizer's
+``eliminate_identity``, ``eliminate_nop_pad`` and ``fuse_pad_into_conv`` are the peers).
+
+Three rewrites, each exact:
+
+1. ``Constant`` nodes holding a tensor become initializers::
+
+       Constant(value=T) -> t -> Conv        =>   initializer t -> Conv
+
+2. No-op nodes are removed (their readers read the input directly): ``Identity``, inference
+   ``Dropout`` whose mask is unused, ``Cast`` to the type it already has, ``Transpose`` with the
+   identity permutation, ``Pad`` whose pads are all zero.
+
+3. A zero-valued constant ``Pad`` on the spatial axes only, read by a single ``Conv`` with
+   explicit pads, is folded into the Conv's ``pads`` (the sums of both)::
+
+       x -> Pad(pads=[0,0,p1,p2, 0,0,q1,q2]) -> Conv(pads=[a1,a2,b1,b2])
+       =>  x -> Conv(pads=[a1+p1, a2+p2, b1+q1, b2+q2])
+
+Skipped, with a reason: a Constant that is a graph output, a node whose removal would rename a
+graph output when its input is a graph input, a Pad that is not constant mode / not zero /
+pads batch or channel axes / has negative pads / has non-constant pads, a Conv with
+``auto_pad`` other than NOTSET.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+import onnx
+
+from onnxcomp.graph import Graph, Node
+from onnxcomp.model import copy_model
+from onnxcomp.passbase import Change, PassConfig, PassResult, Report, Skip, SkipReason
+
+if TYPE_CHECKING:
+    from onnxcomp.calibrate import Calibration
+
+NOOP_OPS = ("Identity", "Dropout", "Cast", "Transpose", "Pad")
+
+
+@dataclasses.dataclass(frozen=True)
+class CanonicalizeConfig(PassConfig):
+    """canonicalize options."""
+
+    fold_pad: bool = True
+
+
+class Canonicalize:
+    """Constants to initializers, no-op removal, Pad folded into Conv."""
+
+    name: ClassVar[str] = "canonicalize"
+    lossless: ClassVar[bool] = True
+    config_cls: ClassVar[type[PassConfig]] = CanonicalizeConfig
+
+    def __call__(
+        self, model: onnx.ModelProto, config: PassConfig, calib: Calibration | None = None
+    ) -> PassResult:
+        """Return a canonicalized copy of ``model``."""
+        assert isinstance(config, CanonicalizeConfig)
+        graph = Graph(model)
+        report = Report(self.name)
+        for node in graph.nodes_of("Constant"):
+            self._constant(graph, node, report)
+        for node in graph.nodes_of(*NOOP_OPS):
+            if not node.outputs:  # retired earlier in this loop
+                continue
+            if _is_noop(graph, node):
+                skip = _check_bypass(graph, node)
+                if skip is not None:
+                    report.add_skip(skip)
+                    continue
+                graph.bypass(node)
+                report.apply(Change(node.name, node.op, "removed no-op"))
+            elif node.op == "Pad":
+                skip = _check_pad_fold(graph, node) if config.fold_pad else Skip(
+                    node.name, node.op, SkipReason.USER_EXCLUDED, "--no-fold-pad")
+                if skip is not None:
+                    report.add_skip(skip)
+                    continue
+                conv = _fold_pad(graph, node)
+                report.apply(Change(node.name, node.op, f"folded into Conv {conv.name} pads"))
+            elif node.op in ("Identity", "Dropout"):
+                report.skip(node.name, node.op, SkipReason.UNSUPPORTED_ATTRIBUTE,
+                            "Dropout with its mask output used or in training mode")
+        if not report.applied:
+            report.notes.append("nothing to canonicalize")
+            return PassResult(copy_model(model), report)
+        return PassResult(graph.export(), report)
+
+    @staticmethod
+    def _constant(graph: Graph, node: Node, report: Report) -> None:
+        out = node.outputs[0]
+        value = graph.const_value(out)
+        if value is None:
+            report.skip(node.name, node.op, SkipReason.UNSUPPORTED_ATTRIBUTE,
+                        "sparse or non-tensor Constant")
+        elif graph.is_graph_output(out):
+            report.skip(node.name, node.op, SkipReason.GRAPH_OUTPUT, f"{out.name} is an output")
+        else:
+            graph.replace_with_constant(out, value)
+            report.apply(Change(node.name, node.op, "Constant node -> initializer",
+                                params_before=int(value.size), params_after=int(value.size)))
+
+
+def _is_noop(graph: Graph, node: Node) -> bool:
+    if node.op == "Identity":
+        return True
+    if node.op == "Dropout":
+        mask_used = len(node.outputs) > 1 and (
+            bool(node.outputs[1].outputs) or graph.is_graph_output(node.outputs[1]))
+        training = graph.input(node, 2)
+        training_on = training is not None and bool(
+            np.any(graph.const_value(training)) if graph.const_value(training) is not None
+            else True)
+        return not mask_used and not training_on
+    if node.op == "Cast":
+        src = node.inputs[0].dtype
+        if src is None:
+            return False
+        target = onnx.helper.tensor_dtype_to_np_dtype(int(node.attrs["to"]))
+        return np.dtype(src) == np.dtype(target)
+    if node.op == "Transpose":
+        perm = node.attrs.get("perm")
+        return perm is not None and list(perm) == list(range(len(perm)))
+    if node.op == "Pad":
+        pads = _pad_amounts(graph, node)
+        return pads is not None and not np.any(pads)
+    return False
+
+
+def _check_bypass(graph: Graph, node: Node) -> Skip | None:
+    out = node.outputs[0]
+    src = node.inputs[0]
+    if graph.is_graph_output(out):
+        prod = graph.producer(src)
+        if prod is None or graph.is_graph_output(src) or len(src.outputs) != 1:
+            return Skip(node.name, node.op, SkipReason.GRAPH_OUTPUT,
+                        "removing it would rename a graph output")
+    return None
+
+
+def _pad_amounts(graph: Graph, node: Node) -> np.ndarray | None:
+    """The full [begin..., end...] pads of a Pad node over all axes, or None if unknown."""
+    if "pads" in node.attrs:  # opset < 11
+        return np.asarray(node.attrs["pads"], dtype=np.int64)
+    pads = graph.const_value(graph.input(node, 1))
+    if pads is None:
+        return None
+    pads = pads.astype(np.int64).reshape(-1)
+    axes_t = graph.input(node, 3)
+    if axes_t is None:
+        return pads
+    axes = graph.const_value(axes_t)
+    shape = graph.shape(node.inputs[0])
+    if axes is None or shape is None:
+        return None
+    rank = len(shape)
+    full = np.zeros(2 * rank, dtype=np.int64)
+    k = len(axes)
+    for i, ax in enumerate(axes.astype(np.int64).reshape(-1)):
+        ax = int(ax) % rank
+        full[ax] = pads[i]
+        full[rank + ax] = pads[k + i]
+    return full
+
+
+def _check_pad_fold(graph: Graph, pad: Node) -> Skip | None:
+    def skip(reason: SkipReason, detail: str) -> Skip:
+        return Skip(pad.name, pad.op, reason, detail)
+
+    mode = pad.attrs.get("mode", "constant")
+    if isinstance(mode, bytes):
+        mode = mode.decode()
+    if mode != "constant":
+        return skip(SkipReason.UNSUPPORTED_ATTRIBUTE, f"mode={mode}")
+    pads = _pad_amounts(graph, pad)
+    if pads is None:
+        return skip(SkipReason.NOT_CONSTANT, "pads are not constant")
+    value_t = graph.input(pad, 2)
+    value = float(pad.attrs.get("value", 0.0))
+    if value_t is not None:
+        v = graph.const_value(value_t)
+        if v is None:
+            return skip(SkipReason.NOT_CONSTANT, "pad value is not constant")
+        value = float(np.asarray(v).reshape(-1)[0]) if v.size else 0.0
+    if value != 0.0:
+        return skip(SkipReason.UNSUPPORTED_ATTRIBUTE, f"pad value {value} != 0")
+    rank = len(pads) // 2
+    if np.any(pads < 0):
+        return skip(SkipReason.UNSUPPORTED_ATTRIBUTE, "negative pads (crop)")
+    if pads[0] or pads[1] or pads[rank] or pads[rank + 1]:
+        return skip(SkipReason.UNSUPPORTED_ATTRIBUTE, "pads the batch or channel axis")
+    out = pad.outputs[0]
+    if graph.is_graph_output(out):
+        return skip(SkipReason.GRAPH_OUTPUT, f"{out.name} is a graph output")
+    readers = graph.consumers(out)
+    if len(readers) != 1:
+        return skip(SkipReason.MULTIPLE_CONSUMERS, f"read by {len(readers)} nodes")
+    conv = readers[0]
+    if conv.op != "Conv" or conv.inputs[0] is not out:
+        return skip(SkipReason.UNSUPPORTED_PRODUCER, f"read by {conv.op}, not a Conv's data")
+    auto_pad = conv.attrs.get("auto_pad", "NOTSET")
+    if isinstance(auto_pad, bytes):
+        auto_pad = auto_pad.decode()
+    if auto_pad != "NOTSET":
+        return skip(SkipReason.UNSUPPORTED_ATTRIBUTE, f"Conv auto_pad={auto_pad}")
+    return None
+
+
+def _fold_pad(graph: Graph, pad: Node) -> Node:
+    pads = _pad_amounts(graph, pad)
+    assert pads is not None
+    conv = graph.consumers(pad.outputs[0])[0]
+    rank = len(pads) // 2
+    spatial = rank - 2
+    conv_pads = conv.attrs.get("pads") or [0] * (2 * spatial)
+    new = [int(conv_pads[i]) + int(pads[2 + i]) for i in range(spatial)] + [
+        int(conv_pads[spatial + i]) + int(pads[rank + 2 + i]) for i in range(spatial)
+    ]
+    conv.attrs["pads"] = new
+    conv.inputs[0] = pad.inputs[0]
+    graph.retire([pad])
+    return conv
+
+
+PASS = Canonicalize()

@@ -1,0 +1,191 @@
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+from builders import conv_bn_model, make_model, op_count, tensor
+from click.testing import CliRunner
+from onnx import TensorProto, helper
+
+from onnxcomp.cli import main
+
+FOLD = ["--pass", "canonicalize", "--pass", "fold_bn"]
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    path = tmp_path / "in.onnx"
+    onnx.save(conv_bn_model(c_out=8, size=16, batch="N"), path)
+    return path
+
+
+def _invoke(runner, args):
+    return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def _assert_clean_failure(result, code, needle, tmp_path, expect_files):
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
+    assert any(needle in ln for ln in lines), result.output
+    assert sorted(os.listdir(tmp_path)) == sorted(expect_files)
+
+
+def test_optimize_end_to_end(runner, model_file, tmp_path):
+    before = model_file.read_bytes()
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal([6, 3, 16, 16]).astype("f4"))
+    out = tmp_path / "out.onnx"
+    report = tmp_path / "report.json"
+    result = _invoke(runner, ["optimize", model_file, "-o", out, *FOLD, "--calib", calib,
+                              "--report", report, "--runs", 5])
+    assert result.exit_code == 0, result.output
+    assert "fidelity vs original" in result.output
+    assert model_file.read_bytes() == before
+    optimized = onnx.load(out)
+    assert op_count(optimized, "BatchNormalization") == 0
+    doc = json.loads(report.read_text())
+    assert doc["calibration"]["samples"] == 6
+    assert doc["fidelity_vs_original"]["rel_l2"] < 1e-5
+    assert [s["pass"] for s in doc["steps"]] == ["canonicalize", "fold_bn"]
+    assert doc["steps"][1]["report"]["applied"][0]["node"] == "bn"
+    assert doc["latency"]["speedup"] > 0
+
+
+def test_optimize_without_calib_warns(runner, model_file, tmp_path):
+    result = _invoke(runner, ["optimize", model_file, "-o", tmp_path / "o.onnx", *FOLD,
+                              "--no-bench"])
+    assert result.exit_code == 0, result.output
+    assert "synthetic" in result.output
+
+
+def test_inspect_json(runner, model_file):
+    result = _invoke(runner, ["inspect", model_file, "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert doc["macs"] == 8 * 16 * 16 * 3 * 9
+    assert doc["params"] == 8 * 3 * 9 + 8 + 4 * 8
+
+
+def test_bench_json(runner, model_file, tmp_path):
+    result = _invoke(runner, ["bench", model_file, model_file, "--runs", 5, "--warmup", 1,
+                              "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert len(doc["models"]) == 2 and doc["speedups"][0]["median"] > 0
+
+
+def test_bench_unavailable_provider(runner, model_file):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has CUDA: the unavailable-provider error cannot happen")
+    result = _invoke(runner, ["bench", model_file, "--provider", "cuda", "--runs", 3])
+    assert result.exit_code == 1
+    assert "provider 'cuda' is not available" in result.output
+
+
+# ----------------------------------------------------------------------- bad input
+
+
+def test_missing_file(runner, tmp_path):
+    result = _invoke(runner, ["optimize", tmp_path / "nope.onnx", "-o", tmp_path / "o.onnx",
+                              *FOLD])
+    _assert_clean_failure(result, 1, "no such file", tmp_path, [])
+
+
+def test_directory(runner, tmp_path):
+    (tmp_path / "d").mkdir()
+    result = _invoke(runner, ["optimize", tmp_path / "d", "-o", tmp_path / "o.onnx", *FOLD])
+    _assert_clean_failure(result, 1, "is a directory", tmp_path, ["d"])
+
+
+def test_truncated(runner, tmp_path):
+    p = tmp_path / "t.onnx"
+    data = conv_bn_model().SerializeToString()
+    p.write_bytes(data[:100])
+    result = _invoke(runner, ["optimize", p, "-o", tmp_path / "o.onnx", *FOLD])
+    _assert_clean_failure(result, 1, "ONNX model", tmp_path, ["t.onnx"])
+    assert p.read_bytes() == data[:100]
+
+
+def test_not_onnx(runner, tmp_path):
+    p = tmp_path / "notes.onnx"
+    p.write_text("just some text\n")
+    result = _invoke(runner, ["inspect", p])
+    _assert_clean_failure(result, 1, "ONNX model", tmp_path, ["notes.onnx"])
+
+
+def test_unknown_pass(runner, model_file, tmp_path):
+    result = _invoke(runner, ["optimize", model_file, "-o", tmp_path / "o.onnx",
+                              "--pass", "magic"])
+    _assert_clean_failure(result, 2, "unknown pass 'magic'", tmp_path, ["in.onnx"])
+
+
+def test_output_is_input(runner, model_file, tmp_path):
+    before = model_file.read_bytes()
+    result = _invoke(runner, ["optimize", model_file, "-o", model_file, *FOLD])
+    _assert_clean_failure(result, 2, "never overwrites its input", tmp_path, ["in.onnx"])
+    assert model_file.read_bytes() == before
+
+
+def test_model_without_conv_is_a_noop(runner, tmp_path):
+    m = make_model([helper.make_node("Relu", ["x"], ["y"], name="relu")],
+                   [tensor("x", [1, 4])], [tensor("y", [1, 4])])
+    src = tmp_path / "relu.onnx"
+    onnx.save(m, src)
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    result = _invoke(runner, ["optimize", src, "-o", out, *FOLD, "--report", rep, "--no-bench"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(rep.read_text())
+    assert all(not s["report"]["applied"] for s in doc["steps"])
+    assert "no BatchNormalization folded" in doc["steps"][1]["report"]["notes"]
+    assert onnx.load(out).graph.node[0].op_type == "Relu"
+
+
+def test_already_quantized_left_alone(runner, tmp_path):
+    nodes = [helper.make_node("ConvInteger", ["x", "w"], ["y"], name="qconv")]
+    m = make_model(nodes, [tensor("x", [1, 1, 4, 4], TensorProto.UINT8)],
+                   [tensor("y", [1, 1, 2, 2], TensorProto.INT32)],
+                   {"w": np.ones([1, 1, 3, 3], dtype=np.uint8)})
+    src = tmp_path / "q.onnx"
+    onnx.save(m, src)
+    np.savez(tmp_path / "c.npz", x=np.ones([2, 1, 4, 4], dtype=np.uint8))
+    rep = tmp_path / "r.json"
+    result = _invoke(runner, ["optimize", src, "-o", tmp_path / "o.onnx", *FOLD, "--report", rep,
+                              "--calib", tmp_path / "c.npz", "--no-bench"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(rep.read_text())
+    skips = doc["steps"][1]["report"]["skipped"]
+    assert [(s["node"], s["reason"]) for s in skips] == [("qconv", "QUANTIZED")]
+
+
+def test_dynamic_dims_need_calib(runner, tmp_path):
+    m = conv_bn_model()
+    m.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "H"
+    m.graph.input[0].type.tensor_type.shape.dim[3].dim_param = "W"
+    del m.graph.output[0].type.tensor_type.shape.dim[:]
+    src = tmp_path / "dyn.onnx"
+    onnx.save(m, src)
+    result = _invoke(runner, ["optimize", src, "-o", tmp_path / "o.onnx", *FOLD])
+    _assert_clean_failure(result, 1, "dynamic dim", tmp_path, ["dyn.onnx"])
+
+
+@pytest.mark.parametrize(("arrays", "needle"), [
+    ({"wrong_name": np.zeros([2, 3, 16, 16], "f4")}, "wrong_name"),
+    ({"x": np.zeros([2, 3, 15, 16], "f4")}, "shape"),
+])
+def test_mismatched_calibration(runner, model_file, tmp_path, arrays, needle):
+    calib = tmp_path / "c.npz"
+    np.savez(calib, **arrays)
+    result = _invoke(runner, ["optimize", model_file, "-o", tmp_path / "o.onnx", *FOLD,
+                              "--calib", calib])
+    _assert_clean_failure(result, 1, needle, tmp_path, ["in.onnx", "c.npz"])

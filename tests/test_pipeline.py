@@ -1,0 +1,134 @@
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import numpy as np
+import onnx
+import pytest
+from builders import conv_bn_model, make_model, random_feeds, run, tensor
+from onnx import helper, numpy_helper
+
+from onnxcomp.calibrate import Calibration
+from onnxcomp.model import copy_model
+from onnxcomp.passbase import Change, PassConfig, PassError, PassResult, Report
+from onnxcomp.passes import REGISTRY
+from onnxcomp.passes.canonicalize import CanonicalizeConfig
+from onnxcomp.passes.fold_bn import FoldBNConfig
+from onnxcomp.pipeline import Step, run_pipeline
+
+
+@dataclasses.dataclass(frozen=True)
+class NoConfig(PassConfig):
+    pass
+
+
+def _calib(model: onnx.ModelProto, n: int = 3) -> Calibration:
+    return Calibration([random_feeds(model, seed) for seed in range(n)], False, "test")
+
+
+class ScaleWeights:
+    """A fake pass that multiplies every initializer by ``factor``."""
+
+    config_cls: ClassVar[type[PassConfig]] = NoConfig
+
+    def __init__(self, factor: float, lossless: bool, name: str = "scale") -> None:
+        self.factor = factor
+        self.lossless = lossless
+        self.name = name
+
+    def __call__(self, model, config, calib=None):
+        out = copy_model(model)
+        for init in out.graph.initializer:
+            arr = numpy_helper.to_array(init) * self.factor
+            init.CopyFrom(numpy_helper.from_array(arr.astype(np.float32), init.name))
+        report = Report(self.name)
+        report.apply(Change("all", "Conv", "scaled"))
+        return PassResult(out, report)
+
+
+class RenameOutput:
+    name: ClassVar[str] = "rename"
+    lossless: ClassVar[bool] = True
+    config_cls: ClassVar[type[PassConfig]] = NoConfig
+
+    def __call__(self, model, config, calib=None):
+        out = copy_model(model)
+        out.graph.node.append(helper.make_node("Identity", ["y"], ["y2"]))
+        out.graph.output[0].name = "y2"
+        return PassResult(out, Report(self.name))
+
+
+class ReturnsInput:
+    name: ClassVar[str] = "same"
+    lossless: ClassVar[bool] = True
+    config_cls: ClassVar[type[PassConfig]] = NoConfig
+
+    def __call__(self, model, config, calib=None):
+        return PassResult(model, Report(self.name))
+
+
+def _model_with_noise():
+    m = conv_bn_model()
+    m.graph.node.insert(0, helper.make_node("Identity", ["x"], ["x_id"], name="id"))
+    m.graph.node[1].input[0] = "x_id"
+    onnx.checker.check_model(m)
+    return m
+
+
+def test_real_passes_end_to_end():
+    model = _model_with_noise()
+    before = model.SerializeToString()
+    steps = [Step("canonicalize", CanonicalizeConfig()), Step("fold_bn", FoldBNConfig())]
+    result = run_pipeline(model, steps, _calib(model))
+    assert model.SerializeToString() == before
+    assert [n.op_type for n in result.model.graph.node] == ["Conv", "Relu"]
+    assert [s.name for s in result.steps] == ["canonicalize", "fold_bn"]
+    assert result.fidelity.rel_l2 < 1e-6
+    assert result.steps[1].report.to_dict()["totals"]["applied"] == 1
+
+
+def test_lossless_pass_that_changes_outputs_is_an_error():
+    model = conv_bn_model()
+    registry = {"scale": ScaleWeights(1.01, lossless=True)}
+    with pytest.raises(PassError, match="lossless pass 'scale' changed the outputs"):
+        run_pipeline(model, [Step("scale", NoConfig())], _calib(model), registry)
+
+
+def test_lossy_pass_error_is_measured_and_reported():
+    model = make_model(
+        [helper.make_node("Conv", ["x", "W"], ["y"], name="conv")],
+        [tensor("x", [1, 2, 4, 4])], [tensor("y", [1, 3, 4, 4])],
+        {"W": np.random.default_rng(0).standard_normal([3, 2, 1, 1]).astype(np.float32)},
+    )
+    registry = {"scale": ScaleWeights(1.05, lossless=False)}
+    calib = _calib(model)
+    result = run_pipeline(model, [Step("scale", NoConfig())], calib, registry)
+    # Our own measurement: a linear model scaled by 1.05 has relative error exactly 0.05.
+    ref = np.concatenate([run(model, b)[0] for b in calib.batches])
+    got = np.concatenate([run(result.model, b)[0] for b in calib.batches])
+    own = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    assert own == pytest.approx(0.05, rel=1e-4)
+    assert result.steps[0].fidelity.rel_l2 == pytest.approx(own, rel=1e-6)
+    assert result.steps[0].report.metrics["rel_l2_error"] == pytest.approx(own, rel=1e-6)
+    assert result.fidelity.rel_l2 == pytest.approx(own, rel=1e-6)
+
+
+def test_interface_change_is_an_error():
+    model = conv_bn_model()
+    with pytest.raises(PassError, match="graph outputs changed"):
+        run_pipeline(model, [Step("rename", NoConfig())], _calib(model),
+                     {"rename": RenameOutput()})
+
+
+def test_returning_the_input_object_is_an_error():
+    model = conv_bn_model()
+    with pytest.raises(PassError, match="returned its input model"):
+        run_pipeline(model, [Step("same", NoConfig())], _calib(model), {"same": ReturnsInput()})
+
+
+def test_registry_names_match_files():
+    for key, p in REGISTRY.items():
+        assert p.name == key
+        assert type(p).__module__ == f"onnxcomp.passes.{key}"
+        assert dataclasses.is_dataclass(p.config_cls)
