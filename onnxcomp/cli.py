@@ -71,6 +71,34 @@ def calib_options(func: F) -> F:
     return func
 
 
+LOWRANK = ("cp", "tucker", "svd")
+
+
+def lowrank_options(func: F) -> F:
+    """Options of the decomposition passes (cp, tucker, svd)."""
+    options = [
+        click.option("--rank", default="auto", show_default=True,
+                     help="auto, an absolute rank N, or a fraction 0<f<1 of the break-even "
+                          "rank."),
+        click.option("--target-speedup", type=float, help="auto: measured ORT speedup to reach."),
+        click.option("--target-macs", type=float, help="auto: fraction of the MACs to keep."),
+        click.option("--max-error", type=float,
+                     help="auto: bound on the relative error of the model's outputs."),
+        click.option("--no-refit", is_flag=True, help="Keep the raw decomposition (no refit)."),
+        click.option("--refit-mode", type=click.Choice(["asymmetric", "symmetric"]),
+                     default="asymmetric", show_default=True),
+        click.option("--rank-multiple", type=click.IntRange(min=1), default=8,
+                     show_default=True, help="Round ranks to multiples of this."),
+        click.option("--no-latency-check", is_flag=True,
+                     help="Rewrite layers even when not measured faster."),
+        click.option("--exclude", multiple=True, metavar="NODE", help="Leave this node alone."),
+        click.option("--seed", type=int, default=0, show_default=True),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 def _load_calibration(model: Any, kw: dict[str, Any]) -> calibrate.Calibration:
     path = kw["calib_path"]
     if path is None:
@@ -131,9 +159,13 @@ def main(verbose: int) -> None:
 @click.option("--runs", type=click.IntRange(min=3), default=50, show_default=True,
               help="Benchmark rounds.")
 @click.option("--no-fold-pad", is_flag=True, help="canonicalize: keep Pad nodes before Conv.")
+@lowrank_options
 @calib_options
 def optimize(model_path: Path, output: Path, passes: Sequence[str], report_path: Path | None,
              bench: bool, provider: str, threads: int, runs: int, no_fold_pad: bool,
+             rank: str, target_speedup: float | None, target_macs: float | None,
+             max_error: float | None, no_refit: bool, refit_mode: str, rank_multiple: int,
+             no_latency_check: bool, exclude: Sequence[str], seed: int,
              **calib_kw: Any) -> None:
     """Rewrite IN.onnx with the given passes, verify, benchmark and write -o OUT.onnx."""
     from onnxcomp.passes import REGISTRY
@@ -143,11 +175,20 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], report_path:
         _fail(f"unknown pass '{unknown[0]}' (available: {', '.join(REGISTRY)})", code=2)
     if output.resolve() == model_path.resolve():
         _fail("output path is the input path: onnxcomp never overwrites its input", code=2)
-    options = {"fold_pad": not no_fold_pad}
+    options: dict[str, Any] = {
+        "fold_pad": not no_fold_pad, "rank": rank, "target_speedup": target_speedup,
+        "target_macs": target_macs, "max_error": max_error, "refit": not no_refit,
+        "refit_mode": refit_mode, "rank_multiple": rank_multiple,
+        "latency_check": not no_latency_check, "exclude": tuple(exclude), "seed": seed,
+        "provider": provider, "threads": threads,
+    }
 
     def body() -> None:
         model = model_io.load(model_path)
         calib = _load_calibration(model, calib_kw)
+        if calib.synthetic and rank == "auto" and any(p in LOWRANK for p in passes):
+            err_console.print("[bold yellow]warning:[/] --rank auto without --calib: ranks are "
+                              "chosen from weights alone", highlight=False)
         steps = []
         for name in passes:
             config_cls = REGISTRY[name].config_cls

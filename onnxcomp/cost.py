@@ -180,7 +180,7 @@ def model_cost(
     Raises :class:`InputError` when ``input_shapes`` names an unknown input or contradicts a
     fixed dim.
     """
-    inferred = _shaped_copy(model, input_shapes)
+    inferred = shaped_copy(model, input_shapes)
     graph = inferred.graph
     consts = _constants(graph)
     shapes = _shapes(graph, consts)
@@ -251,7 +251,7 @@ def tensor_nbytes(dtype: int, dims: Sequence[int]) -> int:
 # ------------------------------------------------------------------------------ shapes
 
 
-def _shaped_copy(
+def shaped_copy(
     model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None
 ) -> onnx.ModelProto:
     """A shape-inferred copy of ``model`` with its graph input dims resolved."""

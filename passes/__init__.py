@@ -5,9 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from onnxcomp.passbase import Pass
-from onnxcomp.passes import canonicalize, fold_bn
+from onnxcomp.passes import canonicalize, cp, fold_bn, svd, tucker
 
 REGISTRY: dict[str, Pass[Any]] = {
     canonicalize.PASS.name: canonicalize.PASS,
     fold_bn.PASS.name: fold_bn.PASS,
+    cp.PASS.name: cp.PASS,
+    tucker.PASS.name: tucker.PASS,
+    svd.PASS.name: svd.PASS,
 }

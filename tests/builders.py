@@ -120,3 +120,48 @@ def assert_equivalent(
 
 def op_count(model: onnx.ModelProto, op_type: str) -> int:
     return sum(1 for n in model.graph.node if n.op_type == op_type)
+
+
+def conv_model(
+    weight: np.ndarray,
+    size: int = 12,
+    bias: bool = True,
+    seed: int = 0,
+    batch: int | str = 1,
+    **attrs: object,
+) -> onnx.ModelProto:
+    """x -> Conv(weight) -> y with the given attributes (output dims left to inference)."""
+    rng = np.random.default_rng(seed)
+    o, c_g = weight.shape[:2]
+    c = c_g * int(attrs.get("group", 1))  # type: ignore[call-overload]
+    inits = {"W": weight.astype(np.float32)}
+    inputs = ["x", "W"]
+    if bias:
+        inits["B"] = rng.standard_normal(o).astype(np.float32)
+        inputs.append("B")
+    spatial = weight.ndim - 2
+    nodes = [helper.make_node("Conv", inputs, ["y"], name="conv", **attrs)]
+    return make_model(nodes, [tensor("x", [batch, c, *[size] * spatial])],
+                      [tensor("y", [batch, o, *[None] * spatial])], inits)
+
+
+def cp_kernel(o: int, c: int, kh: int, kw: int, rank: int, seed: int = 0) -> np.ndarray:
+    """A kernel of exact CP rank ``rank``."""
+    rng = np.random.default_rng(seed)
+    a, b, v, h = (rng.standard_normal(s) for s in [(o, rank), (c, rank), (kh, rank),
+                                                   (kw, rank)])
+    return np.einsum("or,cr,ir,jr->ocij", a, b, v, h).astype(np.float32)
+
+
+def calibration(model: onnx.ModelProto, n: int = 4, batch: int = 2):
+    """A real-looking (non-synthetic) calibration set of seeded random batches."""
+    from onnxcomp.calibrate import Calibration
+
+    return Calibration([random_feeds(model, 100 + s, batch) for s in range(n)], False, "test")
+
+
+def relative_error(a: onnx.ModelProto, b: onnx.ModelProto, calib) -> float:
+    """Relative L2 error of b's first output vs a's over the calibration batches."""
+    ya = np.concatenate([run(a, batch)[0] for batch in calib.batches])
+    yb = np.concatenate([run(b, batch)[0] for batch in calib.batches])
+    return float(np.linalg.norm(yb - ya) / np.linalg.norm(ya))

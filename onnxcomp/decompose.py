@@ -1,0 +1,1024 @@
+"""The shared driver of the decomposition passes: find layers, plan, choose ranks, refit, rewrite.
+
+Every decomposition here replaces one linear layer ``y = W x + b`` (a Conv on its im2col
+columns, or a Gemm/MatMul with a constant weight) by a chain of cheaper linear stages whose
+last stage is a plain (group 1) Conv or MatMul. The chain up to the last stage is itself
+linear in the layer's im2col input, ``z = P x``, so the whole chain computes ``A P x + b``.
+That gives three things in closed form from second moments of calibration data:
+
+* the **isolated error** of any plan, before and after a least-squares refit of ``A, b``
+  (used to allocate ranks: ``E||A P x + b' - y||^2`` from ``E[x x^T]``);
+* the **symmetric refit** (Ridge on the original network's layer inputs);
+* the **asymmetric refit** (Zhang et al. 2016, arXiv:1505.06798): features from the already
+  compressed upstream network ``x_c``, targets from the original ``y = W x_o + b``, so errors
+  do not accumulate; only ``E[x_c x_c^T]`` and ``E[x_c y^T]`` are needed.
+
+Moments are accumulated over a seeded sample of output positions (bounded rows per layer),
+so memory is O(D^2) per layer whatever the calibration size.
+
+Ranks: a fixed rank (absolute or fraction) for every layer, or ``auto``: each layer's rank
+options are micro-benchmarked on the chosen ONNX Runtime provider (cached per shape), options
+that are not measured faster than the original layer are dropped ("no latency win"), and a
+Lagrangian allocation picks per-layer options that meet ``target_speedup`` / ``target_macs``
+with the least isolated error; ``max_error`` bounds the measured relative error of the model's
+outputs (binary search over the savings).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxcomp import bench, calibrate, cost, verify
+from onnxcomp.graph import Graph, Node
+from onnxcomp.model import copy_model
+from onnxcomp.passbase import (
+    Change,
+    ConfigError,
+    PassConfig,
+    PassError,
+    PassResult,
+    Report,
+    Skip,
+    SkipReason,
+)
+
+if TYPE_CHECKING:
+    from onnxcomp.calibrate import Calibration
+
+log = logging.getLogger(__name__)
+
+FLOAT_TYPES = (np.float16, np.float32, np.float64)
+
+
+# ============================================================================ configuration
+@dataclasses.dataclass(frozen=True)
+class LowRankConfig(PassConfig):
+    """Options shared by the decomposition passes.
+
+    ``rank``: ``"auto"``, an absolute rank (int >= 1) or a fraction of the layer's
+    break-even rank (0 < f < 1; the rank at which the chain costs as many MACs as the layer).
+    """
+
+    rank: str | int | float = "auto"
+    target_speedup: float | None = None
+    target_macs: float | None = None
+    max_error: float | None = None
+    refit: bool = True
+    refit_mode: str = "asymmetric"
+    rank_multiple: int = 8
+    latency_check: bool = True
+    min_layer_speedup: float = 1.05
+    min_macs: int = 1_000_000
+    max_rows: int = 16384
+    ridge: float = 1e-7
+    provider: str = "cpu"
+    threads: int = 1
+    bench_runs: int = 25
+    seed: int = 0
+    exclude: tuple[str, ...] = ()
+    max_seconds_per_layer: float = 10.0
+
+    def __post_init__(self) -> None:
+        rank = self.rank
+        if isinstance(rank, str) and rank != "auto":
+            try:
+                rank = float(rank) if "." in rank else int(rank)
+            except ValueError:
+                raise ConfigError(f"--rank must be 'auto', an integer or a fraction, "
+                                  f"got '{self.rank}'") from None
+            object.__setattr__(self, "rank", rank)
+        if isinstance(rank, bool):
+            raise ConfigError("--rank must be 'auto', an integer or a fraction")
+        if isinstance(rank, float):
+            if rank.is_integer() and rank >= 1:
+                object.__setattr__(self, "rank", int(rank))
+            elif not 0 < rank < 1:
+                raise ConfigError(f"--rank fraction must be in (0, 1), got {rank}")
+        if isinstance(rank, int) and rank < 1:
+            raise ConfigError(f"--rank must be >= 1, got {rank}")
+        if self.target_speedup is not None and self.target_speedup <= 1.0:
+            raise ConfigError(f"--target-speedup must be > 1, got {self.target_speedup}")
+        if self.target_macs is not None and not 0 < self.target_macs <= 1:
+            raise ConfigError(f"--target-macs must be in (0, 1], got {self.target_macs}")
+        if self.max_error is not None and self.max_error <= 0:
+            raise ConfigError(f"--max-error must be > 0, got {self.max_error}")
+        if self.refit_mode not in ("asymmetric", "symmetric"):
+            raise ConfigError(f"refit mode must be asymmetric or symmetric, got "
+                              f"'{self.refit_mode}'")
+        if self.rank_multiple < 1:
+            raise ConfigError("--rank-multiple must be >= 1")
+        if self.rank != "auto" and (self.target_speedup or self.target_macs):
+            raise ConfigError("--target-speedup/--target-macs need --rank auto")
+
+    @property
+    def auto(self) -> bool:
+        """True when ranks are chosen automatically."""
+        return self.rank == "auto"
+
+
+# ============================================================================ layers
+@dataclasses.dataclass(frozen=True)
+class ConvGeometry:
+    """2-D convolution geometry with explicit pads (top, left, bottom, right)."""
+
+    kh: int
+    kw: int
+    sh: int
+    sw: int
+    dh: int
+    dw: int
+    pads: tuple[int, int, int, int]
+
+
+@dataclasses.dataclass
+class Layer:
+    """One linear layer a decomposition may replace: ``y = W x + b``."""
+
+    node: Node
+    op: str  # Conv | Gemm | MatMul
+    weight: np.ndarray  # Conv [O, C, kh, kw]; FC canonical [N, K] (y = W x)
+    bias: np.ndarray | None
+    geom: ConvGeometry | None
+    in_shape: tuple[int, ...]  # without batch: (C, H, W) or (..., K)
+    out_shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+
+    @property
+    def name(self) -> str:
+        """The node's name."""
+        return str(self.node.name)
+
+    @property
+    def is_conv(self) -> bool:
+        """True for Conv layers."""
+        return self.op == "Conv"
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """``W`` as a matrix [y_dim, x_dim] acting on im2col columns (c, a, b order)."""
+        return self.weight.reshape(self.weight.shape[0], -1).astype(np.float64)
+
+    @property
+    def bias_vector(self) -> np.ndarray:
+        """The bias (zeros when absent)."""
+        n = self.weight.shape[0]
+        return np.zeros(n) if self.bias is None else self.bias.astype(np.float64).reshape(n)
+
+    @property
+    def rows_per_sample(self) -> int:
+        """Output positions per sample (pixels for Conv, leading rows for FC)."""
+        return int(np.prod(self.out_shape[1:])) if self.is_conv else int(
+            np.prod(self.out_shape[:-1]))
+
+    @property
+    def macs(self) -> int:
+        """MACs per sample."""
+        return int(self.rows_per_sample * self.matrix.size)
+
+    @property
+    def params(self) -> int:
+        """Weights + bias."""
+        return int(self.weight.size + (0 if self.bias is None else self.bias.size))
+
+
+def _conv_geometry(node: Node, in_hw: Sequence[int], kernel: Sequence[int]) -> ConvGeometry:
+    strides = [int(v) for v in node.attrs.get("strides", [1, 1])]
+    dil = [int(v) for v in node.attrs.get("dilations", [1, 1])]
+    auto_pad = node.attrs.get("auto_pad", "NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        pads = [0, 0, 0, 0]
+        for ax in range(2):
+            out = -(-in_hw[ax] // strides[ax])
+            total = max(0, (out - 1) * strides[ax] + (kernel[ax] - 1) * dil[ax] + 1 - in_hw[ax])
+            small, big = total // 2, total - total // 2
+            pads[ax], pads[ax + 2] = (small, big) if auto_pad == "SAME_UPPER" else (big, small)
+    elif auto_pad == "VALID":
+        pads = [0, 0, 0, 0]
+    else:
+        pads = [int(v) for v in node.attrs.get("pads", [0, 0, 0, 0])]
+    return ConvGeometry(int(kernel[0]), int(kernel[1]), strides[0], strides[1], dil[0], dil[1],
+                        (pads[0], pads[1], pads[2], pads[3]))
+
+
+def find_layers(
+    graph: Graph,
+    shapes: dict[str, tuple[int, ...]],
+    ops: Sequence[str],
+    config: LowRankConfig,
+    report: Report,
+) -> list[Layer]:
+    """Candidate layers of the given op types; every other candidate is recorded as skipped."""
+    layers: list[Layer] = []
+    for node in graph.nodes_of(*ops):
+        layer_or_skip = _layer(graph, shapes, node, config)
+        if isinstance(layer_or_skip, Skip):
+            report.add_skip(layer_or_skip)
+        else:
+            layers.append(layer_or_skip)
+    return layers
+
+
+def _layer(graph: Graph, shapes: dict[str, tuple[int, ...]], node: Node,
+           config: LowRankConfig) -> Layer | Skip:
+    def skip(reason: SkipReason, detail: str = "") -> Skip:
+        return Skip(node.name, node.op, reason, detail)
+
+    if node.name in config.exclude:
+        return skip(SkipReason.USER_EXCLUDED, "--exclude")
+    w_t = graph.input(node, 1)
+    w = graph.const_value(w_t)
+    if w is None or w_t is None:
+        return skip(SkipReason.NOT_CONSTANT, "weight is not a constant initializer")
+    if w.dtype.type not in FLOAT_TYPES:
+        return skip(SkipReason.UNSUPPORTED_DTYPE, str(w.dtype))
+    b_t = graph.input(node, 2)
+    b = graph.const_value(b_t) if b_t is not None else None
+    if b_t is not None and b is None:
+        return skip(SkipReason.NOT_CONSTANT, "bias is not constant")
+    if graph.is_shared(w_t, [node]):
+        return skip(SkipReason.SHARED_WEIGHT, f"{w_t.name} is read by another node")
+    x_name, y_name = node.inputs[0].name, node.outputs[0].name
+    if x_name not in shapes or y_name not in shapes:
+        return skip(SkipReason.UNKNOWN_SHAPE, "static shapes unknown (give --calib)")
+    in_shape, out_shape = shapes[x_name][1:], shapes[y_name][1:]
+    if node.op == "Conv":
+        if w.ndim != 4:
+            return skip(SkipReason.UNSUPPORTED_ATTRIBUTE, f"{w.ndim - 2}-D conv (2-D only)")
+        if int(node.attrs.get("group", 1)) != 1:
+            return skip(SkipReason.GROUPED, f"group={node.attrs.get('group')}")
+        geom = _conv_geometry(node, in_shape[1:], w.shape[2:])
+        layer = Layer(node, "Conv", w, b, geom, in_shape, out_shape, w.dtype)
+    else:
+        fc = _fc_weight(node, w, b)
+        if isinstance(fc, str):
+            return skip(SkipReason.UNSUPPORTED_ATTRIBUTE, fc)
+        wm, bias = fc
+        layer = Layer(node, node.op, wm, bias, None, in_shape, out_shape, w.dtype)
+    if layer.macs < config.min_macs:
+        return skip(SkipReason.TOO_SMALL, f"{layer.macs} MACs < {config.min_macs}")
+    return layer
+
+
+def _fc_weight(node: Node, w: np.ndarray, b: np.ndarray | None
+               ) -> tuple[np.ndarray, np.ndarray | None] | str:
+    """Canonical [N, K] weight and [N] bias of a Gemm/MatMul, or why it is unsupported."""
+    if w.ndim != 2:
+        return f"{w.ndim}-D weight"
+    if node.op == "MatMul":
+        return w.T.copy(), None
+    if int(node.attrs.get("transA", 0)):
+        return "transA=1"
+    alpha = float(node.attrs.get("alpha", 1.0))
+    beta = float(node.attrs.get("beta", 1.0))
+    wm = (w if int(node.attrs.get("transB", 0)) else w.T) * alpha
+    if b is not None:
+        if b.size not in (1, wm.shape[0]):
+            return f"bias shape {b.shape} is not per output"
+        b = np.broadcast_to(b.reshape(-1) * beta, (wm.shape[0],)).copy()
+    return wm.astype(w.dtype), b
+
+
+# ============================================================================ plans
+@dataclasses.dataclass
+class Stage:
+    """One linear stage of a replacement chain."""
+
+    kind: str  # "conv" or "matmul"
+    weight: np.ndarray  # conv [o, i/g, kh, kw]; matmul canonical [N, K]
+    attrs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    suffix: str = ""
+
+
+@dataclasses.dataclass
+class Plan:
+    """A replacement chain for one layer: ``y ~ A (P x) + b`` with stages computing ``P x``.
+
+    ``prefix`` is ``P`` [F, x_dim]; ``last`` is ``A`` [y_dim, F] laid out as the last stage's
+    weight; ``last_shape`` is that stage's weight shape (conv) so ``A`` can be written back.
+    """
+
+    method: str
+    ranks: tuple[int, ...]
+    stages: list[Stage]  # the prefix stages; the last stage is built from ``last``
+    last_attrs: dict[str, Any]
+    last_shape: tuple[int, ...]
+    prefix: np.ndarray
+    last: np.ndarray
+    weight_error: float
+    macs: int
+    params: int
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class Method(Protocol):
+    """A decomposition method (cp, tucker, svd, ...)."""
+
+    name: str
+    ops: tuple[str, ...]
+
+    def check(self, layer: Layer) -> Skip | None:
+        """Why this method cannot decompose ``layer``, or None."""
+        ...
+
+    def rank_options(self, layer: Layer, config: LowRankConfig) -> list[tuple[int, ...]]:
+        """Candidate ranks in increasing order of cost, all cheaper than the layer in MACs."""
+        ...
+
+    def fixed_rank(self, layer: Layer, config: LowRankConfig) -> tuple[int, ...]:
+        """The rank for ``--rank N`` / ``--rank f``."""
+        ...
+
+    def plan(self, layer: Layer, ranks: tuple[int, ...], config: LowRankConfig) -> Plan:
+        """The factorization at ``ranks``."""
+        ...
+
+
+def round_up(value: float, multiple: int) -> int:
+    """``value`` rounded to the nearest multiple (at least one multiple)."""
+    return max(multiple, int(round(value / multiple)) * multiple)
+
+
+# ============================================================================ statistics
+@dataclasses.dataclass
+class Moments:
+    """Second moments of ``x~ = [x; 1]`` (and optionally ``E[x~ y^T]``) over sampled rows."""
+
+    xx: np.ndarray
+    xy: np.ndarray | None
+    yy: float
+    rows: int
+
+    def normalized(self) -> tuple[np.ndarray, np.ndarray | None, float]:
+        """Means instead of sums."""
+        n = max(self.rows, 1)
+        return self.xx / n, None if self.xy is None else self.xy / n, self.yy / n
+
+
+class _Sampler:
+    """Seeded output positions per (layer, sample), identical across model runs."""
+
+    def __init__(self, layer_index: int, layer: Layer, per_sample: int, seed: int) -> None:
+        self.layer_index = layer_index
+        self.total = layer.rows_per_sample
+        self.count = min(per_sample, self.total)
+        self.seed = seed
+
+    def positions(self, sample: int) -> np.ndarray:
+        if self.count == self.total:
+            return np.arange(self.total)
+        rng = np.random.default_rng([self.seed, self.layer_index, sample])
+        return np.sort(rng.choice(self.total, self.count, replace=False))
+
+
+def im2col_rows(x: np.ndarray, layer: Layer, positions: np.ndarray) -> np.ndarray:
+    """Rows [P, x_dim] of the layer's im2col input at flat output ``positions`` of one sample."""
+    if not layer.is_conv:
+        return x.reshape(-1, x.shape[-1])[positions].astype(np.float64)
+    g = layer.geom
+    assert g is not None
+    _, ho, wo = layer.out_shape
+    c = x.shape[0]
+    xp = np.pad(x, ((0, 0), (g.pads[0], g.pads[2]), (g.pads[1], g.pads[3])))
+    oi, oj = np.divmod(positions, wo)
+    rows = oi[:, None] * g.sh + np.arange(g.kh)[None, :] * g.dh  # [P, kh]
+    cols = oj[:, None] * g.sw + np.arange(g.kw)[None, :] * g.dw  # [P, kw]
+    patches = xp[:, rows[:, :, None], cols[:, None, :]]  # [C, P, kh, kw]
+    return patches.transpose(1, 0, 2, 3).reshape(len(positions), c * g.kh * g.kw).astype(
+        np.float64)
+
+
+def output_rows(y: np.ndarray, layer: Layer, positions: np.ndarray) -> np.ndarray:
+    """Rows [P, y_dim] of the layer's output at flat ``positions`` of one sample."""
+    if layer.is_conv:
+        return y.reshape(y.shape[0], -1)[:, positions].T.astype(np.float64)
+    return y.reshape(-1, y.shape[-1])[positions].astype(np.float64)
+
+
+def _augment(rows: np.ndarray) -> np.ndarray:
+    return np.hstack([rows, np.ones((rows.shape[0], 1))])
+
+
+def collect_original(
+    model: onnx.ModelProto, layers: Sequence[Layer], calib: Calibration, config: LowRankConfig
+) -> tuple[list[Moments], list[list[np.ndarray]]]:
+    """One run of the original model: per layer ``E[x~ x~^T]`` and the sampled target rows."""
+    names = []
+    for layer in layers:
+        names += [layer.node.inputs[0].name, layer.node.outputs[0].name]
+    per_sample = max(1, config.max_rows // max(calib.num_samples, 1))
+    samplers = [_Sampler(i, layer, per_sample, config.seed) for i, layer in enumerate(layers)]
+    moments = [Moments(np.zeros((_xdim(layer) + 1,) * 2), None, 0.0, 0) for layer in layers]
+    targets: list[list[np.ndarray]] = [[] for _ in layers]
+    sample = 0
+    for batch in calibrate.iter_capture(model, list(dict.fromkeys(names)), calib):
+        n = next(iter(batch.values())).shape[0]
+        for li, layer in enumerate(layers):
+            x = batch[layer.node.inputs[0].name]
+            y = batch[layer.node.outputs[0].name]
+            for s in range(n):
+                pos = samplers[li].positions(sample + s)
+                xr = _augment(im2col_rows(x[s], layer, pos))
+                yr = output_rows(y[s], layer, pos)
+                m = moments[li]
+                m.xx += xr.T @ xr
+                m.yy += float(np.sum(yr * yr))
+                m.rows += len(pos)
+                targets[li].append(yr.astype(np.float32))
+        sample += n
+    return moments, targets
+
+
+def collect_compressed(
+    model: onnx.ModelProto, layer_index: int, layer: Layer, targets: list[np.ndarray],
+    calib: Calibration, config: LowRankConfig,
+) -> Moments:
+    """``E[x_c~ x_c~^T]`` and ``E[x_c~ y^T]`` of a layer's input in the compressed model."""
+    per_sample = max(1, config.max_rows // max(calib.num_samples, 1))
+    sampler = _Sampler(layer_index, layer, per_sample, config.seed)
+    d = _xdim(layer) + 1
+    m = Moments(np.zeros((d, d)), np.zeros((d, layer.weight.shape[0])), 0.0, 0)
+    sample = 0
+    name = layer.node.inputs[0].name
+    for batch in calibrate.iter_capture(model, [name], calib):
+        x = batch[name]
+        for s in range(x.shape[0]):
+            pos = sampler.positions(sample + s)
+            xr = _augment(im2col_rows(x[s], layer, pos))
+            yr = targets[sample + s].astype(np.float64)
+            m.xx += xr.T @ xr
+            assert m.xy is not None
+            m.xy += xr.T @ yr
+            m.yy += float(np.sum(yr * yr))
+            m.rows += len(pos)
+        sample += x.shape[0]
+    return m
+
+
+def _xdim(layer: Layer) -> int:
+    return int(layer.matrix.shape[1])
+
+
+# ============================================================================ refit math
+def _aug_prefix(p: np.ndarray) -> np.ndarray:
+    f, d = p.shape
+    out = np.zeros((f + 1, d + 1))
+    out[:f, :d] = p
+    out[f, d] = 1.0
+    return out
+
+
+def _target_matrix(layer: Layer) -> np.ndarray:
+    return np.hstack([layer.matrix, layer.bias_vector[:, None]])
+
+
+def refit_solution(
+    layer: Layer, plan: Plan, xx: np.ndarray, xy: np.ndarray | None, ridge: float
+) -> np.ndarray:
+    """Least-squares ``[A, b]`` [y_dim, F+1] minimizing ``E||A z + b - y||^2``.
+
+    ``xx`` is ``E[x~ x~^T]`` of the layer input the chain will see; ``xy`` is ``E[x~ y^T]``
+    (None: symmetric, ``y = W x + b`` on the same inputs).
+    """
+    pa = _aug_prefix(plan.prefix)
+    gram = pa @ xx @ pa.T
+    cross = pa @ (xx @ _target_matrix(layer).T if xy is None else xy)  # [F+1, y_dim]
+    reg = ridge * float(np.trace(gram[:-1, :-1])) / max(gram.shape[0] - 1, 1)
+    eye = np.eye(gram.shape[0])
+    eye[-1, -1] = 0.0  # the bias is not regularized
+    gram = gram + reg * eye
+    try:
+        sol = np.linalg.solve(gram, cross)
+    except np.linalg.LinAlgError:
+        sol = np.linalg.lstsq(gram, cross, rcond=None)[0]
+    return np.asarray(sol.T)
+
+
+def plan_error(layer: Layer, plan: Plan, ab: np.ndarray, xx: np.ndarray,
+               xy: np.ndarray | None, yy: float) -> float:
+    """Relative RMS error ``sqrt(E||A z + b - y||^2 / E||y||^2)`` from moments."""
+    pa = _aug_prefix(plan.prefix)
+    m = ab @ pa  # [y_dim, D+1]: the chain as a map of x~
+    quad = float(np.sum((m @ xx) * m))
+    cross = float(np.sum(m * (xx @ _target_matrix(layer).T).T)) if xy is None else float(
+        np.sum(m.T * xy))
+    if xy is None:
+        t = _target_matrix(layer)
+        yy = float(np.sum((t @ xx) * t))
+    err = max(quad - 2 * cross + yy, 0.0)
+    return float(np.sqrt(err / yy)) if yy > 0 else float(np.sqrt(err))
+
+
+def plan_ab(layer: Layer, plan: Plan) -> np.ndarray:
+    """The plan's own ``[A, b]`` (no refit)."""
+    return np.hstack([plan.last, layer.bias_vector[:, None]])
+
+
+# ============================================================================ ONNX building
+def _np_dtype(layer: Layer) -> np.dtype[Any]:
+    return np.dtype(layer.dtype)
+
+
+def build_chain(graph: Graph, layer: Layer, plan: Plan, ab: np.ndarray, pass_name: str) -> None:
+    """Replace ``layer`` in ``graph`` by the plan's stages and a last stage ``ab``."""
+    node = layer.node
+    x, y = node.inputs[0], node.outputs[0]
+    dtype = _np_dtype(layer)
+    props = {"method": plan.method, "rank": "x".join(str(r) for r in plan.ranks)}
+    current = x
+    for i, st in enumerate(plan.stages):
+        out = graph.variable(f"{node.name}_{st.suffix or i}", dtype=dtype)
+        _add_stage(graph, layer, st, current, out, None, pass_name, props)
+        current = out
+    last_w = ab[:, :-1].reshape(plan.last_shape)
+    last = Stage("conv" if layer.is_conv else "matmul", last_w, plan.last_attrs, "last")
+    graph.retire([node])
+    _add_stage(graph, layer, last, current, y, ab[:, -1], pass_name, props)
+
+
+def _add_stage(graph: Graph, layer: Layer, st: Stage, x: Any, y: Any, bias: np.ndarray | None,
+               pass_name: str, props: dict[str, Any]) -> None:
+    dtype = _np_dtype(layer)
+    origin = layer.name
+    if st.kind == "conv":
+        inputs = [x, graph.constant(f"{origin}_{st.suffix}_W", st.weight.astype(dtype))]
+        if bias is not None:
+            inputs.append(graph.constant(f"{origin}_{st.suffix}_B", bias.astype(dtype)))
+        attrs = dict(st.attrs)
+        attrs.setdefault("kernel_shape", list(st.weight.shape[2:]))
+        graph.add_node("Conv", inputs, [y], pass_name=pass_name, origin=origin, attrs=attrs,
+                       props=props, suffix=st.suffix)
+        return
+    w = graph.constant(f"{origin}_{st.suffix}_W", st.weight.T.astype(dtype))  # [K, N]
+    if bias is None:
+        graph.add_node("MatMul", [x, w], [y], pass_name=pass_name, origin=origin, props=props,
+                       suffix=st.suffix)
+        return
+    b = graph.constant(f"{origin}_{st.suffix}_B", bias.astype(dtype))
+    if layer.op == "Gemm":
+        graph.add_node("Gemm", [x, w, b], [y], pass_name=pass_name, origin=origin, props=props,
+                       suffix=st.suffix)
+        return
+    mid = graph.variable(f"{origin}_{st.suffix}_mm", dtype=dtype)
+    graph.add_node("MatMul", [x, w], [mid], pass_name=pass_name, origin=origin, props=props,
+                   suffix=st.suffix)
+    graph.add_node("Add", [mid, b], [y], pass_name=pass_name, origin=origin, props=props,
+                   suffix=f"{st.suffix}_bias")
+
+
+def standalone(layer: Layer, plan: Plan | None, ir_version: int, opsets: Sequence[Any]
+               ) -> onnx.ModelProto:
+    """A one-layer model (the original layer, or the plan's chain) for micro-benchmarks."""
+    rng = np.random.default_rng(0)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(np.float32))
+    x = helper.make_tensor_value_info("x", elem, [1, *layer.in_shape])
+    y = helper.make_tensor_value_info("y", elem, [1, *layer.out_shape])
+    inits: list[TensorProto] = []
+    nodes: list[onnx.NodeProto] = []
+
+    def init(name: str, shape: Sequence[int]) -> str:
+        inits.append(numpy_helper.from_array(
+            rng.standard_normal(shape).astype(np.float32) * 0.1, name))
+        return name
+
+    def add(kind: str, wshape: Sequence[int], attrs: dict[str, Any], src: str, dst: str,
+            bias: bool, i: int) -> None:
+        if kind == "conv":
+            ins = [src, init(f"w{i}", wshape)] + ([init(f"b{i}", [wshape[0]])] if bias else [])
+            nodes.append(helper.make_node("Conv", ins, [dst], **attrs))
+        elif layer.op == "Gemm" and bias:
+            nodes.append(helper.make_node("Gemm", [src, init(f"w{i}", wshape[::-1]),
+                                                   init(f"b{i}", [wshape[0]])], [dst]))
+        else:
+            mid = dst if not bias else f"mm{i}"
+            nodes.append(helper.make_node("MatMul", [src, init(f"w{i}", wshape[::-1])], [mid]))
+            if bias:
+                nodes.append(helper.make_node("Add", [mid, init(f"b{i}", [wshape[0]])], [dst]))
+
+    if plan is None:
+        attrs = _layer_attrs(layer)
+        add("conv" if layer.is_conv else "matmul", layer.weight.shape, attrs, "x", "y", True, 0)
+    else:
+        src = "x"
+        for i, st in enumerate(plan.stages):
+            dst = f"t{i}"
+            attrs = dict(st.attrs)
+            if st.kind == "conv":
+                attrs.setdefault("kernel_shape", list(st.weight.shape[2:]))
+            add(st.kind, st.weight.shape, attrs, src, dst, False, i)
+            src = dst
+        attrs = dict(plan.last_attrs)
+        if layer.is_conv:
+            attrs.setdefault("kernel_shape", list(plan.last_shape[2:]))
+        add("conv" if layer.is_conv else "matmul", plan.last_shape, attrs, src, "y", True, 99)
+    graph = helper.make_graph(nodes, "layer", [x], [y], inits)
+    model = helper.make_model(graph, opset_imports=list(opsets))
+    model.ir_version = ir_version
+    return model
+
+
+def _layer_attrs(layer: Layer) -> dict[str, Any]:
+    if not layer.is_conv:
+        return {}
+    g = layer.geom
+    assert g is not None
+    return {"kernel_shape": [g.kh, g.kw], "strides": [g.sh, g.sw], "dilations": [g.dh, g.dw],
+            "pads": list(g.pads)}
+
+
+_LATENCY_CACHE: dict[tuple[Any, ...], tuple[float, float]] = {}
+
+
+def measure_plan(layer: Layer, plan: Plan, model: onnx.ModelProto, config: LowRankConfig
+                 ) -> tuple[float, float]:
+    """(original ms, plan ms) of the layer alone on the provider; cached per shape."""
+    key = (plan.method, layer.op, layer.weight.shape, layer.in_shape, layer.out_shape,
+           layer.geom, plan.ranks, plan.last_shape, config.provider, config.threads)
+    if key in _LATENCY_CACHE:
+        return _LATENCY_CACHE[key]
+    a = standalone(layer, None, model.ir_version, model.opset_import)
+    b = standalone(layer, plan, model.ir_version, model.opset_import)
+    cfg = bench.BenchConfig(provider=config.provider, threads=config.threads, warmup=3,
+                            runs=config.bench_runs)
+    res = bench.benchmark([a, b], cfg)
+    out = (res.models[0].median_ms, res.models[0].median_ms / res.speedups[0].median)
+    _LATENCY_CACHE[key] = out
+    return out
+
+
+# ============================================================================ the driver
+@dataclasses.dataclass
+class Option:
+    """One rank option of one layer, with its measured costs and isolated errors."""
+
+    plan: Plan
+    error: float  # isolated relative error after symmetric refit (or raw without refit)
+    raw_error: float
+    base_ms: float
+    ms: float
+
+    @property
+    def saved_ms(self) -> float:
+        """Latency saved on this layer (ms)."""
+        return self.base_ms - self.ms
+
+
+@dataclasses.dataclass
+class LayerChoice:
+    """Per-layer options for the allocation."""
+
+    layer: Layer
+    index: int
+    options: list[Option]
+
+
+def _option(layer: Layer, plan: Plan, m: Moments, model: onnx.ModelProto,
+            config: LowRankConfig, measure: bool) -> Option:
+    xx, _, _ = m.normalized()
+    raw = plan_error(layer, plan, plan_ab(layer, plan), xx, None, 0.0)
+    if config.refit:
+        ab = refit_solution(layer, plan, xx, None, config.ridge)
+        err = plan_error(layer, plan, ab, xx, None, 0.0)
+    else:
+        err = raw
+    base_ms, ms = measure_plan(layer, plan, model, config) if measure else (0.0, 0.0)
+    return Option(plan, err, raw, base_ms, ms)
+
+
+def run_decomposition(
+    method: Method,
+    model: onnx.ModelProto,
+    config: LowRankConfig,
+    calib: Calibration | None,
+    pass_name: str,
+    progress: Callable[[str], None] | None = None,
+) -> PassResult:
+    """Decompose ``model``'s layers with ``method`` per ``config``; see the module docstring."""
+    start = time.perf_counter()
+    report = Report(pass_name)
+    if calib is None:
+        calib = calibrate.synthetic_calibration(model, num_samples=8)
+    if calib.synthetic:
+        report.notes.append("synthetic calibration: ranks and refits come from random inputs "
+                            "(weights alone); give --calib for meaningful results")
+    shapes = _static_shapes(model, calib)
+    graph = Graph(model)
+    layers = find_layers(graph, shapes, method.ops, config, report)
+    kept: list[Layer] = []
+    for layer in layers:
+        skip = method.check(layer)
+        if skip is not None:
+            report.add_skip(skip)
+        else:
+            kept.append(layer)
+    if not kept:
+        report.notes.append(f"no layer to decompose with {method.name}")
+        return PassResult(copy_model(model), report)
+    moments, targets = collect_original(model, kept, calib, config)
+
+    choices: list[LayerChoice] = []
+    for i, layer in enumerate(kept):
+        if progress:
+            progress(f"{pass_name}: planning {layer.name}")
+        if config.auto:
+            ranks_list = method.rank_options(layer, config)
+        else:
+            ranks_list = [method.fixed_rank(layer, config)]
+        options = []
+        for ranks in ranks_list:
+            plan = method.plan(layer, ranks, config)
+            if plan.extra.get("degenerate"):
+                continue
+            options.append(_option(layer, plan, moments[i], model, config,
+                                   config.latency_check))
+        choices.append(LayerChoice(layer, i, options))
+
+    chosen = _allocate(choices, kept, model, config, calib, moments, targets, report)
+    final_model, changes = _build(model, chosen, kept, moments, targets, calib, config,
+                                  pass_name, progress)
+    for change in changes:
+        report.apply(change)
+    report.metrics["seconds"] = round(time.perf_counter() - start, 2)
+    if not changes:
+        return PassResult(copy_model(model), report)
+    return PassResult(final_model, report)
+
+
+def batch1_shapes(model: onnx.ModelProto, calib: Calibration) -> dict[str, tuple[int, ...]]:
+    """Calibration input shapes with symbolic batch dims set to 1."""
+    out = {}
+    for inp in model.graph.input:
+        if inp.name not in calib.batches[0]:
+            continue
+        shape = tuple(calib.batches[0][inp.name].shape)
+        dims = inp.type.tensor_type.shape.dim
+        if shape and dims and not dims[0].HasField("dim_value"):
+            shape = (1, *shape[1:])
+        out[inp.name] = shape
+    return out
+
+
+def _static_shapes(model: onnx.ModelProto, calib: Calibration) -> dict[str, tuple[int, ...]]:
+    """Static shapes of every tensor at batch 1 (input dims from the calibration data)."""
+    shaped = cost.shaped_copy(model, batch1_shapes(model, calib))
+    out: dict[str, tuple[int, ...]] = {}
+    for v in [*shaped.graph.value_info, *shaped.graph.input, *shaped.graph.output]:
+        tt = v.type.tensor_type
+        if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
+            out[v.name] = tuple(int(d.dim_value) for d in tt.shape.dim)
+    return out
+
+
+def _allocate(
+    choices: list[LayerChoice], layers: list[Layer], model: onnx.ModelProto, config: LowRankConfig,
+    calib: Calibration, moments: list[Moments], targets: list[list[np.ndarray]],
+    report: Report,
+) -> dict[int, Option]:
+    """Pick at most one option per layer; record skips for layers left alone."""
+    usable: list[LayerChoice] = []
+    for ch in choices:
+        layer = ch.layer
+        if not ch.options:
+            report.skip(layer.name, layer.op, SkipReason.DEGENERATE,
+                        "no usable factorization at the requested rank")
+            continue
+        wins = [o for o in ch.options if o.plan.macs < layer.macs]
+        if not wins:
+            report.skip(layer.name, layer.op, SkipReason.NO_MAC_WIN,
+                        f"rank {ch.options[0].plan.ranks} costs {ch.options[0].plan.macs} MACs "
+                        f">= {layer.macs}")
+            continue
+        if config.latency_check:
+            fast = [o for o in wins if o.base_ms >= config.min_layer_speedup * o.ms]
+            if not fast:
+                best = max(wins, key=lambda o: o.base_ms / max(o.ms, 1e-9))
+                report.skip(layer.name, layer.op, SkipReason.NO_LATENCY_WIN,
+                            f"best measured {best.base_ms / max(best.ms, 1e-9):.2f}x at rank "
+                            f"{best.plan.ranks} ({best.base_ms:.3f} -> {best.ms:.3f} ms)")
+                continue
+            wins = fast
+        usable.append(LayerChoice(layer, ch.index, wins))
+    if not config.auto:
+        return {ch.index: ch.options[0] for ch in usable}
+    return _auto_allocate(usable, layers, model, config, calib, moments, targets, report)
+
+
+def _savings(opt: Option, config: LowRankConfig, layer: Layer) -> float:
+    if config.target_macs is not None and config.target_speedup is None:
+        return float(layer.macs - opt.plan.macs)
+    return opt.saved_ms
+
+
+def _pick(usable: list[LayerChoice], lam: float, config: LowRankConfig) -> dict[int, Option]:
+    """For trade-off ``lam``: each layer minimizes error^2 - lam * saving (or stays)."""
+    out: dict[int, Option] = {}
+    for ch in usable:
+        best_val, best = 0.0, None
+        for o in ch.options:
+            val = o.error ** 2 - lam * _savings(o, config, ch.layer)
+            if val < best_val:
+                best_val, best = val, o
+        if best is not None:
+            out[ch.index] = best
+    return out
+
+
+def _auto_allocate(
+    usable: list[LayerChoice], layers: list[Layer], model: onnx.ModelProto, config: LowRankConfig,
+    calib: Calibration, moments: list[Moments], targets: list[list[np.ndarray]],
+    report: Report,
+) -> dict[int, Option]:
+    if not usable:
+        return {}
+    total_macs = cost.model_cost(model, batch1_shapes(model, calib)).macs
+    lams = np.concatenate([[0.0], np.geomspace(1e-9, 1e9, 73)])
+    picks = [_pick(usable, float(lam), config) for lam in lams]
+
+    def saving(p: dict[int, Option]) -> float:
+        return sum(_savings(o, config, next(c.layer for c in usable if c.index == i))
+                   for i, o in p.items())
+
+    needed = None
+    if config.target_speedup is not None:
+        base = bench.time_model(model, {k: v[:1] for k, v in calib.batches[0].items()},
+                                config.provider, config.threads, runs=config.bench_runs)
+        needed = base * (1 - 1 / config.target_speedup)
+        report.metrics["model_ms"] = base
+    elif config.target_macs is not None:
+        needed = total_macs * (1 - config.target_macs)
+    chosen = picks[-1]
+    if needed is not None:
+        feasible = [p for p in picks if saving(p) >= needed]
+        if feasible:
+            chosen = feasible[0]  # smallest lam that meets the target: least error
+        else:
+            report.notes.append(
+                f"target cannot be met: best predicted saving {saving(picks[-1]):.4g} of "
+                f"{needed:.4g} needed; using the most aggressive ranks")
+            report.metrics["target_met"] = False
+    if config.max_error is not None:
+        chosen = _bound_error(picks, chosen, layers, model, config, calib, moments, targets,
+                              report)
+    return chosen
+
+
+def _bound_error(
+    picks: list[dict[int, Option]], chosen: dict[int, Option], layers: list[Layer],
+    model: onnx.ModelProto,
+    config: LowRankConfig, calib: Calibration, moments: list[Moments],
+    targets: list[list[np.ndarray]], report: Report,
+) -> dict[int, Option]:
+    """Largest-saving pick no more aggressive than ``chosen`` whose model error <= bound."""
+    limit = next(i for i, p in enumerate(picks) if p is chosen or p == chosen)
+    names, ref = _outputs(model, calib)
+    cache: dict[int, float] = {}
+
+    def error(i: int) -> float:
+        if i not in cache:
+            built, _ = _build(model, picks[i], layers, moments, targets, calib, config,
+                              "probe", None)
+            _, got = _outputs(built, calib)
+            cache[i] = verify.compare_outputs(names, ref, got).rel_l2
+        return cache[i]
+
+    lo, hi = 0, limit  # picks[0] is "nothing" (lam 0): error 0
+    if error(hi) <= config.max_error:
+        return picks[hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if error(mid) <= config.max_error:
+            lo = mid
+        else:
+            hi = mid
+    report.metrics["max_error_bound_active"] = True
+    report.notes.append(f"--max-error {config.max_error} limits the ranks "
+                        f"(measured model error {error(lo):.4g})")
+    return picks[lo]
+
+
+def _outputs(model: onnx.ModelProto, calib: Calibration) -> tuple[list[str], list[np.ndarray]]:
+    names = [o.name for o in model.graph.output]
+    return names, calibrate.run_model(model, calib)
+
+
+def _build(
+    model: onnx.ModelProto, chosen: dict[int, Option], layers: Sequence[Layer],
+    moments: list[Moments],
+    targets: list[list[np.ndarray]], calib: Calibration, config: LowRankConfig,
+    pass_name: str, progress: Callable[[str], None] | None,
+) -> tuple[onnx.ModelProto, list[Change]]:
+    """Rewrite the chosen layers in graph order, refitting each on the compressed upstream."""
+    current = model
+    changes: list[Change] = []
+    order = {n.name: i for i, n in enumerate(model.graph.node)}
+    by_name = {layer.name: i for i, layer in enumerate(layers)}
+    for name in sorted((layers[i].name for i in chosen), key=lambda n: order.get(n, 0)):
+        index = by_name[name]
+        opt = chosen[index]
+        plan = opt.plan
+        graph = Graph(current)
+        node = next(n for n in graph.nodes if n.name == name)
+        layer = dataclasses.replace(layers[index], node=node)
+        if progress:
+            progress(f"{pass_name}: rewriting {layer.name}")
+        m0 = moments[index]
+        xx0, _, yy0 = m0.normalized()
+        raw_ab = plan_ab(layer, plan)
+        if not config.refit:
+            ab = raw_ab
+            err_before = err_after = plan_error(layer, plan, ab, xx0, None, yy0)
+        elif config.refit_mode == "symmetric" or current is model:
+            ab = refit_solution(layer, plan, xx0, None, config.ridge)
+            err_before = plan_error(layer, plan, raw_ab, xx0, None, yy0)
+            err_after = plan_error(layer, plan, ab, xx0, None, yy0)
+        else:
+            mc = collect_compressed(current, index, layer, targets[index], calib, config)
+            xx, xy, yy = mc.normalized()
+            ab = refit_solution(layer, plan, xx, xy, config.ridge)
+            err_before = plan_error(layer, plan, raw_ab, xx, xy, yy)
+            err_after = plan_error(layer, plan, ab, xx, xy, yy)
+        if not np.all(np.isfinite(ab)):
+            raise PassError(f"refit of {layer.name} produced non-finite weights")
+        if err_after > err_before:  # the refit never makes a layer worse
+            ab, err_after = raw_ab, err_before
+        build_chain(graph, layer, plan, ab, pass_name)
+        current = graph.export()
+        details: dict[str, Any] = {
+            "method": plan.method,
+            "ranks": list(plan.ranks),
+            "weight_error": round(plan.weight_error, 6),
+            "calib_error_before_refit": round(err_before, 6),
+            "calib_error_after_refit": round(err_after, 6),
+            "refit": config.refit_mode if config.refit else "none",
+        }
+        if opt.base_ms:
+            details.update(latency_before_ms=round(opt.base_ms, 4),
+                           latency_after_ms=round(opt.ms, 4))
+        details.update({k: v for k, v in plan.extra.items() if k != "degenerate"})
+        changes.append(Change(
+            node=layer.name, op_type=layer.op,
+            what=f"{plan.method} rank {'x'.join(str(r) for r in plan.ranks)}",
+            params_before=layer.params, params_after=plan.params,
+            macs_before=layer.macs, macs_after=plan.macs, error=round(err_after, 6),
+            details=details,
+        ))
+    return current, changes
+
+
+
+# ============================================================================ pass wrapper
+class DecompositionPass:
+    """A pass object around a :class:`Method` (subclasses set name and method)."""
+
+    name: str = ""
+    lossless: bool = False
+    config_cls: type[PassConfig] = LowRankConfig
+    method_cls: Callable[[], Method]
+
+    def __call__(self, model: onnx.ModelProto, config: PassConfig,
+                 calib: Calibration | None = None) -> PassResult:
+        """Decompose ``model``'s layers; see :func:`run_decomposition`.
+
+        A fresh method object per call: caches (e.g. CP warm starts) never outlive a run, so
+        the same inputs give the same bytes.
+        """
+        if not isinstance(config, LowRankConfig):
+            raise ConfigError(f"{self.name} needs a LowRankConfig")
+        return run_decomposition(self.method_cls(), model, config, calib, self.name)
+
+
+def rank_ladder(maximum: int, multiple: int, count: int = 10) -> list[int]:
+    """Up to ``count`` ranks, multiples of ``multiple``, spread geometrically up to ``maximum``."""
+    if maximum < multiple:
+        return [maximum] if maximum >= 1 else []
+    steps = sorted({max(multiple, int(round(v / multiple)) * multiple)
+                    for v in np.geomspace(multiple, maximum, count)})
+    return [s for s in steps if s <= maximum]
+
+
+def conv_hw(layer: Layer) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((H_in, W_in), (H_out, W_out)) of a conv layer."""
+    return (layer.in_shape[1], layer.in_shape[2]), (layer.out_shape[1], layer.out_shape[2])
+
+
+def vertical_attrs(g: ConvGeometry) -> dict[str, Any]:
+    """Attributes of a ``kh x 1`` stage taking the vertical geometry."""
+    return {"strides": [g.sh, 1], "dilations": [g.dh, 1], "pads": [g.pads[0], 0, g.pads[2], 0]}
+
+
+def horizontal_attrs(g: ConvGeometry) -> dict[str, Any]:
+    """Attributes of a ``1 x kw`` stage taking the horizontal geometry."""
+    return {"strides": [1, g.sw], "dilations": [1, g.dw], "pads": [0, g.pads[1], 0, g.pads[3]]}
+
+
+def full_attrs(g: ConvGeometry) -> dict[str, Any]:
+    """Attributes of a stage taking the whole original geometry."""
+    return {"strides": [g.sh, g.sw], "dilations": [g.dh, g.dw], "pads": list(g.pads)}

@@ -1,0 +1,173 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from builders import (
+    assert_equivalent,
+    calibration,
+    conv_model,
+    cp_kernel,
+    make_model,
+    op_count,
+    relative_error,
+    tensor,
+)
+from onnx import helper
+
+from onnxcomp import decompose
+from onnxcomp.decompose import LowRankConfig
+from onnxcomp.passbase import ConfigError, SkipReason
+from onnxcomp.passes import REGISTRY
+
+cp = REGISTRY["cp"]
+EXACT = {"latency_check": False, "min_macs": 0}
+
+
+@pytest.mark.parametrize("attrs", [
+    {"pads": [1, 1, 1, 1]},
+    {"strides": [2, 2], "pads": [1, 0, 1, 0]},
+    {"dilations": [2, 1], "pads": [2, 1, 2, 1]},
+    {"auto_pad": "SAME_UPPER", "strides": [2, 2]},
+    {"auto_pad": "VALID"},
+])
+def test_exact_cp_rank_is_reproduced(attrs):
+    model = conv_model(cp_kernel(16, 8, 3, 3, rank=4), **attrs)
+    result = cp(model, LowRankConfig(rank=4, **EXACT), calibration(model))
+    assert op_count(result.model, "Conv") == 4
+    change = result.report.applied[0]
+    assert change.details["ranks"] == [4]
+    assert change.macs_after < change.macs_before
+    assert_equivalent(model, result.model, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("kh", "kw"), [(1, 3), (3, 1), (1, 5)])
+def test_three_layer_form_for_1d_kernels(kh, kw):
+    model = conv_model(cp_kernel(16, 8, kh, kw, rank=3), pads=[kh // 2, kw // 2] * 2,
+                       strides=[2, 1])
+    result = cp(model, LowRankConfig(rank=3, **EXACT), calibration(model))
+    assert op_count(result.model, "Conv") == 3
+    assert_equivalent(model, result.model, rtol=1e-4, atol=1e-4)
+
+
+def test_provenance_and_input_untouched():
+    model = conv_model(cp_kernel(16, 8, 3, 3, rank=4), pads=[1, 1, 1, 1])
+    before = model.SerializeToString()
+    result = cp(model, LowRankConfig(rank=4, **EXACT), calibration(model))
+    assert model.SerializeToString() == before
+    names = [n.name for n in result.model.graph.node]
+    assert all(n.startswith("cp/conv") for n in names)
+    assert all("onnxcomp.pass=cp" in n.doc_string for n in result.model.graph.node)
+
+
+def test_refit_error_is_reported_and_measured():
+    rng = np.random.default_rng(1)
+    model = conv_model(rng.standard_normal([16, 8, 3, 3]).astype(np.float32), pads=[1, 1, 1, 1])
+    calib = calibration(model)
+    raw = cp(model, LowRankConfig(rank=8, refit=False, **EXACT), calib)
+    fit = cp(model, LowRankConfig(rank=8, **EXACT), calib)
+    d_raw, d_fit = raw.report.applied[0].details, fit.report.applied[0].details
+    assert d_raw["calib_error_before_refit"] == d_raw["calib_error_after_refit"]
+    assert d_fit["calib_error_after_refit"] < d_fit["calib_error_before_refit"]
+    # The claimed errors equal our own measurement on the calibration data (all rows sampled).
+    assert relative_error(model, raw.model, calib) == pytest.approx(
+        d_raw["calib_error_after_refit"], rel=1e-3)
+    assert relative_error(model, fit.model, calib) == pytest.approx(
+        d_fit["calib_error_after_refit"], rel=1e-3)
+
+
+def test_rank_fraction_and_rounding():
+    rng = np.random.default_rng(2)
+    model = conv_model(rng.standard_normal([32, 32, 3, 3]).astype(np.float32), pads=[1] * 4)
+    result = cp(model, LowRankConfig(rank=0.25, **EXACT), calibration(model))
+    (rank,) = result.report.applied[0].details["ranks"]
+    assert rank % 8 == 0 and rank > 0
+
+
+def test_auto_meets_mac_target():
+    rng = np.random.default_rng(3)
+    w1 = rng.standard_normal([32, 16, 3, 3]).astype(np.float32)
+    w2 = cp_kernel(32, 32, 3, 3, rank=8, seed=4) + 0.01 * rng.standard_normal(
+        [32, 32, 3, 3]).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["a"], name="c1", pads=[1] * 4),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "W2"], ["y"], name="c2", pads=[1] * 4)]
+    model = make_model(nodes, [tensor("x", [1, 16, 12, 12])], [tensor("y", [1, 32, 12, 12])],
+                       {"W1": w1, "W2": w2})
+    config = LowRankConfig(rank="auto", target_macs=0.6, **EXACT)
+    result = cp(model, config, calibration(model))
+    t = result.report.totals
+    total_before = (32 * 16 + 32 * 32) * 9 * 144
+    total_after = total_before - t["macs_before"] + t["macs_after"]
+    assert total_after <= 0.6 * total_before
+    # The near-rank-8 layer is the cheap one to compress: it must be chosen.
+    assert "c2" in {c.node for c in result.report.applied}
+
+
+def test_unreachable_target_is_reported():
+    model = conv_model(cp_kernel(16, 8, 3, 3, rank=4), pads=[1, 1, 1, 1])
+    result = cp(model, LowRankConfig(target_macs=0.01, **EXACT), calibration(model))
+    assert any("cannot be met" in n for n in result.report.notes)
+    assert result.report.metrics["target_met"] is False
+
+
+def _shared_weight_model():
+    w = cp_kernel(8, 8, 3, 3, rank=2)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["a"], name="c1", pads=[1] * 4),
+             helper.make_node("Conv", ["a", "W"], ["y"], name="c2", pads=[1] * 4)]
+    return make_model(nodes, [tensor("x", [1, 8, 8, 8])], [tensor("y", [1, 8, 8, 8])], {"W": w})
+
+
+def _input_weight_model():
+    nodes = [helper.make_node("Conv", ["x", "W"], ["y"], name="conv", pads=[1] * 4)]
+    return make_model(nodes, [tensor("x", [1, 8, 8, 8]), tensor("W", [8, 8, 3, 3])],
+                      [tensor("y", [1, 8, 8, 8])])
+
+
+@pytest.mark.parametrize(("build", "config", "reasons"), [
+    (lambda: conv_model(np.ones([8, 8, 1, 1], np.float32)), EXACT,
+     [SkipReason.UNSUPPORTED_ATTRIBUTE]),
+    (lambda: conv_model(np.ones([8, 2, 3, 3], np.float32), group=4, pads=[1] * 4), EXACT,
+     [SkipReason.GROUPED]),
+    (_input_weight_model, EXACT, [SkipReason.NOT_CONSTANT]),
+    (_shared_weight_model, EXACT, [SkipReason.SHARED_WEIGHT, SkipReason.SHARED_WEIGHT]),
+    (lambda: conv_model(cp_kernel(8, 8, 3, 3, 2), size=4), {"latency_check": False},
+     [SkipReason.TOO_SMALL]),
+    (lambda: conv_model(cp_kernel(8, 8, 3, 3, 2)), {**EXACT, "exclude": ("conv",)},
+     [SkipReason.USER_EXCLUDED]),
+    (lambda: conv_model(cp_kernel(8, 8, 3, 3, 2)), {**EXACT, "rank": 64},
+     [SkipReason.NO_MAC_WIN]),
+])
+def test_must_not_fire(build, config, reasons):
+    model = build()
+    before = model.SerializeToString()
+    cfg = {"rank": 2, **config}
+    result = cp(model, LowRankConfig(**cfg), calibration(model))
+    assert not result.report.applied
+    assert [s.reason for s in result.report.skipped] == reasons
+    assert result.model.SerializeToString() == before
+
+
+def test_no_latency_win_is_skipped(monkeypatch):
+    monkeypatch.setattr(decompose, "measure_plan", lambda *a, **k: (1.0, 2.0))
+    model = conv_model(cp_kernel(16, 8, 3, 3, rank=4), pads=[1] * 4)
+    result = cp(model, LowRankConfig(rank=4, min_macs=0), calibration(model))
+    assert [s.reason for s in result.report.skipped] == [SkipReason.NO_LATENCY_WIN]
+    assert "0.50x" in result.report.skipped[0].detail
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"rank": 0}, {"rank": -3}, {"rank": "abc"}, {"rank": 1.5}, {"target_speedup": 0.9},
+    {"target_macs": 0.0}, {"target_macs": 1.5}, {"max_error": 0}, {"refit_mode": "magic"},
+    {"rank": 4, "target_speedup": 2.0},
+])
+def test_config_validation(kwargs):
+    with pytest.raises(ConfigError):
+        LowRankConfig(**kwargs)
+
+
+def test_same_seed_same_bytes():
+    model = conv_model(cp_kernel(16, 8, 3, 3, rank=6) + 0.1, pads=[1, 1, 1, 1])
+    calib = calibration(model)
+    a = cp(model, LowRankConfig(rank=4, **EXACT), calib)
+    b = cp(model, LowRankConfig(rank=4, **EXACT), calib)
+    assert a.model.SerializeToString() == b.model.SerializeToString()

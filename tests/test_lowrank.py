@@ -1,0 +1,535 @@
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from numpy.lib.stride_tricks import sliding_window_view
+
+from onnxcomp.lowrank import (
+    CPResult,
+    FactorCost,
+    RidgeAccumulator,
+    conv_costs,
+    conv_io_to_rows,
+    conv_macs,
+    cp_break_even_rank,
+    cp_conv,
+    cp_conv_3way,
+    cp_costs,
+    cp_macs,
+    cp_rank_for_fraction,
+    full_rank_cp,
+    round_rank,
+    spatial_svd_conv,
+    spatial_svd_costs,
+    spatial_svd_macs,
+    svd_matrix,
+    svd_matrix_costs,
+    svd_rank_for_fraction,
+    tucker2_conv,
+    tucker2_costs,
+    tucker2_macs,
+    tucker2_ranks_for_fraction,
+)
+
+RNG_SEED = 0
+
+Shape4 = tuple[int, int, int, int]
+
+
+def rng(seed: int = RNG_SEED) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def cp_kernel(shape: Shape4, rank: int, seed: int = RNG_SEED) -> np.ndarray:
+    """A kernel of exact CP rank ``rank`` with generic Gaussian factors."""
+    gen = rng(seed)
+    factors = [gen.standard_normal((size, rank)) for size in shape]
+    return np.einsum("or,cr,ir,jr->ocij", *factors)
+
+
+def classic_degenerate(shape: Shape4, seed: int = RNG_SEED) -> np.ndarray:
+    """d/dt (x)_k (a_k + t b_k) at t = 0: rank 4 (generically), border rank 2."""
+    gen = rng(seed)
+    a = [gen.standard_normal(size) for size in shape]
+    b = [gen.standard_normal(size) for size in shape]
+    kernel = np.zeros(shape)
+    for mode in range(4):
+        vectors = [b[m] if m == mode else a[m] for m in range(4)]
+        kernel += np.einsum("o,c,i,j->ocij", *vectors)
+    return kernel
+
+
+def rel_error(approx: np.ndarray, exact: np.ndarray) -> float:
+    return float(np.linalg.norm(approx - exact) / np.linalg.norm(exact))
+
+
+def conv2d(
+    x: np.ndarray, w: np.ndarray, stride: tuple[int, int] = (1, 1), groups: int = 1
+) -> np.ndarray:
+    """Reference NCHW convolution without padding: dense (groups=1) or depthwise."""
+    kh, kw = w.shape[2:]
+    windows = sliding_window_view(x, (kh, kw), axis=(2, 3))[:, :, :: stride[0], :: stride[1]]
+    if groups == 1:
+        return np.einsum("nchwij,ocij->nohw", windows, w)
+    assert groups == x.shape[1] == w.shape[0] and w.shape[1] == 1
+    return np.einsum("nchwij,cij->nchw", windows, w[:, 0])
+
+
+def macs_of(output: np.ndarray, w: np.ndarray) -> int:
+    """MACs of a conv that produced ``output`` with weight ``w`` (any groups)."""
+    return int(output[0].size * np.prod(w.shape[1:]))
+
+
+# ---------------------------------------------------------------------------- CP
+
+
+@pytest.mark.parametrize(
+    ("shape", "rank"),
+    [((16, 8, 3, 3), 4), ((12, 6, 1, 3), 3), ((10, 5, 3, 1), 2), ((32, 16, 5, 5), 6)],
+)
+def test_cp_recovers_exact_rank_kernel(shape: Shape4, rank: int) -> None:
+    kernel = cp_kernel(shape, rank)
+    result = cp_conv(kernel, rank)
+    assert result.rel_error <= 1e-6
+    assert rel_error(result.reconstruct(), kernel) <= 1e-6
+    assert result.rel_error == pytest.approx(rel_error(result.reconstruct(), kernel), abs=1e-9)
+    assert result.converged
+    assert not result.degenerate and result.degenerate_reason == ""
+    assert result.cancellation == pytest.approx(1.0, abs=0.1)
+    out, inp, kh, kw = shape
+    assert result.A.shape == (out, rank) and result.B.shape == (inp, rank)
+    assert result.Kh.shape == (kh, rank) and result.Kw.shape == (kw, rank)
+    assert all(f.dtype == np.float64 for f in (result.A, result.B, result.Kh, result.Kw))
+
+
+def test_cp_factors_are_balanced_and_sorted() -> None:
+    result = cp_conv(cp_kernel((16, 8, 3, 3), 4, seed=3), 4)
+    norms = np.stack(
+        [np.linalg.norm(f, axis=0) for f in (result.A, result.B, result.Kh, result.Kw)]
+    )
+    np.testing.assert_allclose(norms, np.broadcast_to(norms[0], norms.shape), rtol=1e-12)
+    np.testing.assert_allclose(np.prod(norms, axis=0), result.component_norms, rtol=1e-12)
+    assert np.all(np.diff(result.component_norms) <= 0)
+
+
+def test_cp_3way_kernels() -> None:
+    kernel = cp_kernel((12, 6, 1, 3), 3)
+    result = cp_conv_3way(kernel, 3)
+    assert result.rel_error <= 1e-6
+    assert result.Kh.shape == (1, 3)
+    with pytest.raises(ValueError, match="kh == 1 or kw == 1"):
+        cp_conv_3way(cp_kernel((4, 4, 3, 3), 2), 2)
+
+
+def test_cp_chain_equals_conv_with_stride() -> None:
+    kernel = cp_kernel((6, 5, 3, 2), 3, seed=1)
+    result = cp_conv(kernel, 3)
+    first, vertical, horizontal, last = result.conv_weights()
+    assert first.shape == (3, 5, 1, 1) and last.shape == (6, 3, 1, 1)
+    assert vertical.shape == (3, 1, 3, 1) and horizontal.shape == (3, 1, 1, 2)
+    x = rng(7).standard_normal((2, 5, 11, 9))
+    y1 = conv2d(x, first)
+    y2 = conv2d(y1, vertical, stride=(2, 1), groups=3)
+    y3 = conv2d(y2, horizontal, stride=(1, 3), groups=3)
+    y4 = conv2d(y3, last)
+    expected = conv2d(x, kernel, stride=(2, 3))
+    np.testing.assert_allclose(y4, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
+    # The staged cost model counts exactly the MACs of these four convs.
+    in_hw, out_hw = x.shape[2:], expected.shape[2:]
+    assert y2.shape[2:] == (out_hw[0], in_hw[1])
+    counted = sum(
+        macs_of(y, w) for y, w in [(y1, first), (y2, vertical), (y3, horizontal), (y4, last)]
+    )
+    assert cp_macs(6, 5, 3, 2, 3, in_hw, out_hw) == counted
+
+
+def test_cp_error_decreases_with_rank() -> None:
+    kernel = rng(1).standard_normal((16, 12, 3, 3))
+    errors = [cp_conv(kernel, rank, max_iter=60).rel_error for rank in (1, 4, 16, 48, 96)]
+    assert errors[0] < 1.0
+    for lower, higher in zip(errors, errors[1:], strict=False):
+        assert higher <= lower + 1e-3
+    assert errors[-1] < 0.5 * errors[0]
+
+
+def test_cp_flags_two_factor_degeneracy() -> None:
+    kernel = classic_degenerate((6, 5, 3, 3), seed=1)
+    early = cp_conv(kernel, 2, max_iter=50, tol=0.0)
+    late = cp_conv(kernel, 2, max_iter=400, tol=0.0)
+    assert late.degenerate
+    assert "cancelling pair" in late.degenerate_reason
+    # The signature of degeneracy: the error creeps down while the two terms grow apart.
+    assert late.rel_error < early.rel_error
+    assert late.component_norms[0] > 1.5 * early.component_norms[0]
+    assert late.component_norms[0] > np.linalg.norm(kernel)
+
+
+def test_cp_not_degenerate_on_well_conditioned_kernels() -> None:
+    for seed in range(3):
+        result = cp_conv(cp_kernel((16, 8, 3, 3), 5, seed=seed), 5)
+        assert not result.degenerate, result.degenerate_reason
+
+
+def test_cp_is_deterministic() -> None:
+    kernel = rng(2).standard_normal((8, 6, 3, 3))
+    first = cp_conv(kernel, 12, max_iter=20, seed=5)
+    second = cp_conv(kernel, 12, max_iter=20, seed=5)
+    for name in ("A", "B", "Kh", "Kw"):
+        np.testing.assert_array_equal(getattr(first, name), getattr(second, name))
+    assert first.rel_error == second.rel_error
+
+
+def test_cp_zero_kernel_and_bad_input() -> None:
+    result = cp_conv(np.zeros((4, 3, 3, 3)), 2)
+    assert result.rel_error == 0.0 and result.converged
+    assert np.all(result.reconstruct() == 0.0)
+    with pytest.raises(ValueError, match="4-D"):
+        cp_conv(np.ones((4, 3, 3)), 2)
+    with pytest.raises(ValueError, match="non-finite"):
+        cp_conv(np.full((2, 2, 1, 1), np.nan), 1)
+    with pytest.raises(ValueError, match="at least 1"):
+        cp_conv(np.ones((2, 2, 1, 1)), 0)
+
+
+def test_cp_time_budget_stops_the_sweeps() -> None:
+    result = cp_conv(rng(3).standard_normal((32, 32, 3, 3)), 40, tol=0.0, max_seconds=0.0)
+    assert result.iterations == 1 and not result.converged
+
+
+def test_cp_als_speed_256x256x3x3_rank64() -> None:
+    # tensorly.parafac takes 0.3-13 s per sweep here; 20 sweeps plus the SVD start must fit in 5 s.
+    # Wall time on a shared 2-core machine is noisy (other jobs, a process's first LAPACK calls
+    # seen taking 0.5 s each under pytest): warm up, then the best of up to three tries counts.
+    kernel = rng(4).standard_normal((256, 256, 3, 3))
+    cp_conv(kernel[:64, :64], 16, max_iter=2)
+    seconds: list[float] = []
+    while len(seconds) < 3 and sum(seconds) < 10.0:
+        result = cp_conv(kernel, 64, max_iter=20, tol=0.0, max_seconds=60.0)
+        assert result.iterations == 20
+        assert np.isfinite(result.rel_error) and result.rel_error < 1.0
+        seconds.append(result.seconds)
+        if result.seconds < 5.0:
+            break
+    assert min(seconds) < 5.0, seconds
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    out=st.integers(1, 6),
+    inp=st.integers(1, 6),
+    kh=st.integers(1, 3),
+    kw=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_cp_property_finite_and_shaped(out: int, inp: int, kh: int, kw: int, seed: int) -> None:
+    kernel = rng(seed).standard_normal((out, inp, kh, kw)).astype(np.float32)
+    rank = min(full_rank_cp(kernel), 12)
+    result = cp_conv(kernel, rank, max_iter=40, seed=seed)
+    factors = (result.A, result.B, result.Kh, result.Kw)
+    assert [f.shape for f in factors] == [(out, rank), (inp, rank), (kh, rank), (kw, rank)]
+    assert all(np.all(np.isfinite(f)) for f in factors)
+    assert 0.0 <= result.rel_error <= 1.0
+    assert result.rel_error == pytest.approx(
+        rel_error(result.reconstruct(), kernel.astype(np.float64)), abs=1e-7
+    )
+
+
+# ---------------------------------------------------------------------------- Tucker-2
+
+
+@pytest.mark.parametrize(
+    ("shape", "ranks"),
+    [
+        ((12, 8, 3, 3), (5, 3)),
+        ((10, 6, 1, 3), (4, 6)),
+        ((9, 7, 1, 1), (2, 2)),
+        ((8, 4, 5, 2), (8, 1)),
+    ],
+)
+def test_tucker2_recovers_exact_multilinear_ranks(shape: Shape4, ranks: tuple[int, int]) -> None:
+    rank_out, rank_in = ranks
+    gen = rng(1)
+    core = gen.standard_normal((rank_out, rank_in, *shape[2:]))
+    kernel = np.einsum(
+        "pqij,op,cq->ocij",
+        core,
+        gen.standard_normal((shape[0], rank_out)),
+        gen.standard_normal((shape[1], rank_in)),
+    )
+    result = tucker2_conv(kernel, rank_out, rank_in)
+    assert result.rel_error <= 1e-10
+    assert rel_error(result.reconstruct(), kernel) <= 1e-10
+    assert result.U_out.shape == (shape[0], rank_out) and result.U_in.shape == (shape[1], rank_in)
+    assert result.core.shape == (rank_out, rank_in, *shape[2:])
+    np.testing.assert_allclose(result.U_out.T @ result.U_out, np.eye(rank_out), atol=1e-12)
+    np.testing.assert_allclose(result.U_in.T @ result.U_in, np.eye(rank_in), atol=1e-12)
+
+
+def test_tucker2_hooi_improves_on_hosvd_and_error_falls_with_rank() -> None:
+    kernel = rng(2).standard_normal((24, 16, 3, 3))
+    hosvd = tucker2_conv(kernel, 8, 6, n_iter=0)
+    hooi = tucker2_conv(kernel, 8, 6)
+    assert hosvd.iterations == 0 and hooi.iterations >= 1
+    assert hooi.rel_error <= hosvd.rel_error
+    assert hooi.rel_error == pytest.approx(rel_error(hooi.reconstruct(), kernel), abs=1e-12)
+    errors = [tucker2_conv(kernel, r, r).rel_error for r in (2, 4, 8, 16)]
+    assert errors == sorted(errors, reverse=True)
+    assert tucker2_conv(kernel, 24, 16).rel_error <= 1e-12
+
+
+def test_tucker2_chain_equals_conv() -> None:
+    gen = rng(3)
+    kernel = np.einsum(
+        "pqij,op,cq->ocij",
+        gen.standard_normal((4, 3, 3, 3)),
+        gen.standard_normal((7, 4)),
+        gen.standard_normal((5, 3)),
+    )
+    first, core, last = tucker2_conv(kernel, 4, 3).conv_weights()
+    x = gen.standard_normal((1, 5, 10, 8))
+    y1 = conv2d(x, first)
+    y2 = conv2d(y1, core, stride=(2, 2))
+    y3 = conv2d(y2, last)
+    expected = conv2d(x, kernel, stride=(2, 2))
+    np.testing.assert_allclose(y3, expected, atol=1e-9 * np.abs(expected).max())
+    counted = sum(macs_of(y, w) for y, w in [(y1, first), (y2, core), (y3, last)])
+    assert tucker2_macs(7, 5, 3, 3, 3, 4, x.shape[2:], expected.shape[2:]) == counted
+
+
+def test_tucker2_rejects_bad_ranks() -> None:
+    with pytest.raises(ValueError, match="rank_out"):
+        tucker2_conv(np.ones((4, 3, 3, 3)), 5, 2)
+    with pytest.raises(ValueError, match="rank_in"):
+        tucker2_conv(np.ones((4, 3, 3, 3)), 2, 0)
+
+
+# ---------------------------------------------------------------------------- spatial SVD
+
+
+def test_spatial_svd_exact_at_full_rank_and_for_low_rank_kernels() -> None:
+    kernel = rng(4).standard_normal((6, 4, 3, 3))
+    full = spatial_svd_conv(kernel, 12)
+    assert full.rel_error <= 1e-12 and rel_error(full.reconstruct(), kernel) <= 1e-12
+
+    # M[(c, i), (o, j)] of rank 2.
+    matrix = rng(5).standard_normal((4 * 3, 2)) @ rng(6).standard_normal((2, 6 * 5))
+    low = matrix.reshape(4, 3, 6, 5).transpose(2, 0, 1, 3)
+    result = spatial_svd_conv(low, 2)
+    assert result.V.shape == (2, 4, 3, 1) and result.H.shape == (6, 2, 1, 5)
+    assert result.rel_error <= 1e-12 and rel_error(result.reconstruct(), low) <= 1e-12
+
+
+def test_spatial_svd_error_is_the_measured_one_and_falls_with_rank() -> None:
+    kernel = rng(7).standard_normal((8, 6, 3, 3))
+    errors = []
+    for rank in (1, 3, 6, 12, 18):
+        result = spatial_svd_conv(kernel, rank)
+        assert result.rel_error == pytest.approx(rel_error(result.reconstruct(), kernel), abs=1e-12)
+        errors.append(result.rel_error)
+    assert errors == sorted(errors, reverse=True) and errors[-1] <= 1e-12
+    with pytest.raises(ValueError, match="at most 18"):
+        spatial_svd_conv(kernel, 19)
+
+
+def test_spatial_svd_chain_equals_conv() -> None:
+    kernel = rng(8).standard_normal((5, 4, 3, 2))
+    result = spatial_svd_conv(kernel, 10)  # full rank min(4*3, 5*2)
+    x = rng(9).standard_normal((2, 4, 9, 7))
+    y1 = conv2d(x, result.V, stride=(2, 1))
+    y2 = conv2d(y1, result.H, stride=(1, 2))
+    expected = conv2d(x, kernel, stride=(2, 2))
+    np.testing.assert_allclose(y2, expected, atol=1e-9 * np.abs(expected).max())
+    counted = macs_of(y1, result.V) + macs_of(y2, result.H)
+    assert spatial_svd_macs(5, 4, 3, 2, 10, x.shape[2:], expected.shape[2:]) == counted
+
+
+# ---------------------------------------------------------------------------- matrix SVD
+
+
+def test_svd_matrix_exact_optimal_and_balanced() -> None:
+    low = rng(10).standard_normal((9, 3)) @ rng(11).standard_normal((3, 7))
+    U, V, error = svd_matrix(low, 3)
+    assert U.shape == (9, 3) and V.shape == (3, 7)
+    assert error <= 1e-12 and rel_error(U @ V, low) <= 1e-12
+    np.testing.assert_allclose(np.linalg.norm(U, axis=0), np.linalg.norm(V, axis=1), rtol=1e-12)
+
+    dense = rng(12).standard_normal((9, 7))
+    values = np.linalg.svd(dense, compute_uv=False)
+    U, V, error = svd_matrix(dense, 4)
+    assert error == pytest.approx(rel_error(U @ V, dense), abs=1e-12)
+    assert error == pytest.approx(np.sqrt(np.sum(values[4:] ** 2) / np.sum(values**2)))
+    with pytest.raises(ValueError, match="2-D"):
+        svd_matrix(np.ones((2, 2, 2)), 1)
+    with pytest.raises(ValueError, match="at most 7"):
+        svd_matrix(dense, 8)
+
+
+# ---------------------------------------------------------------------------- ranks and costs
+
+
+def test_rank_helpers() -> None:
+    assert full_rank_cp(np.zeros((64, 32, 3, 3))) == 32 * 9
+    assert full_rank_cp(np.zeros((4, 3, 1, 1))) == 3
+    assert cp_break_even_rank(64, 32, 3, 3) == pytest.approx(18432 / 102)
+    # The chain at the break-even rank costs what the conv does.
+    assert cp_costs(64, 32, 3, 3, 1).params * cp_break_even_rank(64, 32, 3, 3) == pytest.approx(
+        conv_costs(64, 32, 3, 3).params
+    )
+    assert cp_rank_for_fraction(64, 32, 3, 3, 0.25) == 48  # 45.2 -> 48
+    assert tucker2_ranks_for_fraction(64, 32, 0.25) == (16, 8)
+    assert svd_rank_for_fraction(100, 50, 0.3) == 16  # 15 -> 16
+    assert svd_rank_for_fraction(5, 4, 0.5) == 4  # minimum 8, capped at the full rank 4
+    with pytest.raises(ValueError, match="fraction"):
+        cp_rank_for_fraction(8, 8, 3, 3, 1.5)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ((19.0,), 16),  # nearest multiple
+        ((20.0,), 24),  # halves round up
+        ((3.0,), 8),  # at least one multiple
+        ((0.2,), 8),  # never 0
+        ((3.0, 8, 1), 1),  # explicit minimum 1: round(3/8) = 0 -> 1
+        ((13.0, 4, 4), 12),
+        ((100.0, 8, 8, 20), 20),  # the cap wins, even off the grid
+        ((3.0, 8, 8, 5), 5),  # cap below the minimum
+        ((5.0, 1), 5),
+        ((5.5, 1), 6),
+    ],
+)
+def test_round_rank(args: tuple, expected: int) -> None:
+    assert round_rank(*args) == expected
+
+
+@pytest.mark.parametrize(
+    "args",
+    [(0.0,), (-1.0,), (float("nan"),), (float("inf"),), (4.0, 0), (4.0, 8, 0), (4.0, 8, 8, 0)],
+)
+def test_round_rank_rejects(args: tuple) -> None:
+    with pytest.raises(ValueError):
+        round_rank(*args)
+
+
+def test_costs_match_hand_counts() -> None:
+    # O=64, C=32, 3x3: CP R=16, Tucker R1=8 R2=16, spatial SVD R=16, stride 2 from 32x32 to 16x16.
+    assert conv_costs(64, 32, 3, 3) == FactorCost(params=18432, macs=18432)
+    assert cp_costs(64, 32, 3, 3, 16) == FactorCost(params=1632, macs=1632)  # 16*(32+3+3+64)
+    assert tucker2_costs(64, 32, 3, 3, 8, 16) == FactorCost(2432, 2432)  # 256 + 1152 + 1024
+    assert spatial_svd_costs(64, 32, 3, 3, 16) == FactorCost(4608, 4608)  # 1536 + 3072
+    assert svd_matrix_costs(100, 50, 10) == FactorCost(1500, 1500)
+    assert conv_macs(64, 32, 3, 3, (16, 16)) == 18432 * 256
+    # 16*32*32*32 + 16*3*16*32 + 16*3*16*16 + 64*16*16*16
+    assert cp_macs(64, 32, 3, 3, 16, (32, 32), (16, 16)) == 524288 + 24576 + 12288 + 262144
+    # 32*8*32*32 + (16*8*9 + 64*16)*16*16
+    assert tucker2_macs(64, 32, 3, 3, 8, 16, (32, 32), (16, 16)) == 262144 + 557056
+    # 16*32*3*16*32 + 64*16*3*16*16
+    assert spatial_svd_macs(64, 32, 3, 3, 16, (32, 32), (16, 16)) == 786432 + 786432
+    # Without stride every stage runs at one resolution: per-pixel costs times pixels.
+    assert cp_macs(64, 32, 3, 3, 16, (8, 8), (8, 8)) == 1632 * 64
+    assert tucker2_macs(64, 32, 3, 3, 8, 16, (8, 8), (8, 8)) == 2432 * 64
+    assert spatial_svd_macs(64, 32, 3, 3, 16, (8, 8), (8, 8)) == 4608 * 64
+    with pytest.raises(ValueError, match="positive"):
+        cp_macs(64, 32, 3, 3, 16, (0, 8), (8, 8))
+
+
+# ---------------------------------------------------------------------------- least squares
+
+
+def chunks(n_rows: int, size: int) -> list[slice]:
+    return [slice(start, min(start + size, n_rows)) for start in range(0, n_rows, size)]
+
+
+@pytest.mark.parametrize("fit_bias", [True, False])
+def test_ridge_accumulator_recovers_exact_map_from_chunks(fit_bias: bool) -> None:
+    gen = rng(13)
+    Z = gen.standard_normal((1000, 7))
+    true_w = gen.standard_normal((7, 4))
+    true_b = gen.standard_normal(4) if fit_bias else np.zeros(4)
+    Y = Z @ true_w + true_b
+    acc = RidgeAccumulator(7, 4, fit_bias=fit_bias)
+    for rows in chunks(1000, 137):
+        acc.add(Z[rows], Y[rows])
+    assert acc.count == 1000
+    Wt, b = acc.solve(ridge=0.0)
+    design = np.concatenate([Z, np.ones((1000, 1))], axis=1) if fit_bias else Z
+    reference = np.linalg.lstsq(design, Y, rcond=None)[0]
+    np.testing.assert_allclose(Wt, reference[:7], atol=1e-8)
+    np.testing.assert_allclose(b, reference[7] if fit_bias else np.zeros(4), atol=1e-8)
+    np.testing.assert_allclose(Wt, true_w, atol=1e-8)
+    assert acc.residual(Wt, b) <= 1e-12
+
+
+@pytest.mark.parametrize("fit_bias", [True, False])
+def test_ridge_accumulator_residual_equals_direct(fit_bias: bool) -> None:
+    gen = rng(14)
+    Z = gen.standard_normal((500, 6)) + 0.5
+    Y = Z @ gen.standard_normal((6, 3)) + 2.0 + 0.3 * gen.standard_normal((500, 3))
+    acc = RidgeAccumulator(6, 3, fit_bias=fit_bias)
+    for rows in chunks(500, 64):
+        acc.add(Z[rows], Y[rows])
+    Wt, b = acc.solve(ridge=1e-4)
+    for weights, bias in [(Wt, b), (gen.standard_normal((6, 3)), gen.standard_normal(3))]:
+        direct = np.sum((Z @ weights + bias - Y) ** 2) / np.sum(Y**2)
+        assert acc.residual(weights, bias) == pytest.approx(direct, rel=1e-9)
+    assert acc.residual(np.zeros((6, 3))) == pytest.approx(1.0)
+
+
+def test_ridge_is_relative_to_the_feature_scale() -> None:
+    gen = rng(15)
+    Z = gen.standard_normal((200, 5))
+    Y = Z @ gen.standard_normal((5, 2)) + 0.1 * gen.standard_normal((200, 2))
+    small, large = RidgeAccumulator(5, 2), RidgeAccumulator(5, 2)
+    small.add(Z, Y)
+    large.add(10.0 * Z, Y)
+    w_small, b_small = small.solve(ridge=0.5)
+    w_large, b_large = large.solve(ridge=0.5)
+    np.testing.assert_allclose(w_large * 10.0, w_small, rtol=1e-9)
+    np.testing.assert_allclose(b_large, b_small, rtol=1e-9)
+    unregularized, _ = small.solve(ridge=0.0)
+    assert np.linalg.norm(w_small) < np.linalg.norm(unregularized)
+
+
+def test_ridge_accumulator_memory_does_not_grow() -> None:
+    acc = RidgeAccumulator(8, 3)
+    gen = rng(16)
+    for _ in range(20):
+        acc.add(gen.standard_normal((5000, 8)), gen.standard_normal((5000, 3)))
+    assert acc.count == 100_000
+    stored = [v for v in vars(acc).values() if isinstance(v, np.ndarray)]
+    assert stored and sum(v.size for v in stored) <= 9 * 9 + 9 * 3 + 3 + 8 + 3
+
+
+def test_ridge_accumulator_rejects_bad_input() -> None:
+    acc = RidgeAccumulator(3, 2)
+    with pytest.raises(ValueError, match="no data"):
+        acc.solve()
+    with pytest.raises(ValueError, match="Z must be"):
+        acc.add(np.ones((4, 2)), np.ones((4, 2)))
+    with pytest.raises(ValueError, match="Y must be"):
+        acc.add(np.ones((4, 3)), np.ones((5, 2)))
+    with pytest.raises(ValueError, match="non-finite"):
+        acc.add(np.full((1, 3), np.inf), np.ones((1, 2)))
+
+
+def test_conv_io_to_rows() -> None:
+    x = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)
+    rows = conv_io_to_rows(x)
+    assert rows.shape == (2 * 4 * 5, 3) and rows.dtype == np.float32
+    n, h, w = 1, 2, 3
+    np.testing.assert_array_equal(rows[n * 20 + h * 5 + w], x[n, :, h, w])
+    # A 1x1 conv is the row-wise matrix product.
+    weight = rng(17).standard_normal((6, 3, 1, 1))
+    expected = conv_io_to_rows(conv2d(x.astype(np.float64), weight))
+    np.testing.assert_allclose(rows @ weight[:, :, 0, 0].T, expected, rtol=1e-5)
+
+
+def test_results_are_frozen_dataclasses() -> None:
+    result = cp_conv(cp_kernel((4, 3, 2, 2), 2), 2)
+    assert isinstance(result, CPResult)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        result.rank = 3  # type: ignore[misc]

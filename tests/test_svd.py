@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from builders import assert_equivalent, calibration, conv_model, make_model, op_count, tensor
+from onnx import helper
+
+from onnxcomp.decompose import LowRankConfig
+from onnxcomp.passbase import SkipReason
+from onnxcomp.passes import REGISTRY
+
+svd = REGISTRY["svd"]
+EXACT = {"latency_check": False, "min_macs": 0}
+
+
+def spatial_kernel(o: int, c: int, kh: int, kw: int, rank: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    v = rng.standard_normal([rank, c, kh])
+    h = rng.standard_normal([o, rank, kw])
+    return np.einsum("orj,rci->ocij", h, v).astype(np.float32)
+
+
+def low_rank(m: int, n: int, rank: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal([m, rank]) @ rng.standard_normal([rank, n])).astype(np.float32)
+
+
+@pytest.mark.parametrize("attrs", [
+    {"pads": [1, 1, 1, 1]},
+    {"strides": [2, 1], "pads": [1, 0, 1, 2]},
+    {"dilations": [2, 2], "pads": [2, 2, 2, 2]},
+    {"auto_pad": "SAME_UPPER", "strides": [2, 2]},
+])
+def test_exact_spatial_rank(attrs):
+    model = conv_model(spatial_kernel(32, 32, 3, 3, rank=8), **attrs)
+    result = svd(model, LowRankConfig(rank=8, **EXACT), calibration(model))
+    assert op_count(result.model, "Conv") == 2
+    assert result.report.applied[0].details["form"] == "spatial"
+    assert_equivalent(model, result.model, rtol=1e-4, atol=1e-4)
+
+
+def test_exact_pointwise_rank():
+    w = low_rank(64, 48, 8).reshape(64, 48, 1, 1)
+    model = conv_model(w, strides=[2, 2])
+    result = svd(model, LowRankConfig(rank=8, **EXACT), calibration(model))
+    assert result.report.applied[0].details["form"] == "pointwise"
+    assert_equivalent(model, result.model, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("op", "trans_b"), [("Gemm", 0), ("Gemm", 1), ("MatMul", 0)])
+def test_exact_fc_rank(op, trans_b):
+    rng = np.random.default_rng(3)
+    w = low_rank(96, 80, 8)  # [K, N]
+    inits = {"W": w.T.copy() if trans_b else w}
+    inputs = ["x", "W"]
+    attrs = {}
+    if op == "Gemm":
+        inits["C"] = rng.standard_normal(80).astype(np.float32)
+        inputs.append("C")
+        attrs = {"transB": trans_b, "alpha": 0.5, "beta": 2.0}
+    nodes = [helper.make_node(op, inputs, ["y"], name="fc", **attrs)]
+    model = make_model(nodes, [tensor("x", [4, 96])], [tensor("y", [4, 80])], inits)
+    result = svd(model, LowRankConfig(rank=8, **EXACT), calibration(model, batch=4))
+    assert result.report.applied[0].details["form"] == "fc"
+    assert_equivalent(model, result.model, rtol=1e-4, atol=1e-4, batch=4)
+
+
+def test_batched_matmul_rows():
+    w = low_rank(64, 48, 4)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")]
+    model = make_model(nodes, [tensor("x", ["N", 10, 64])], [tensor("y", ["N", 10, 48])],
+                       {"W": w})
+    result = svd(model, LowRankConfig(rank=4, **EXACT), calibration(model))
+    assert op_count(result.model, "MatMul") == 2
+    assert_equivalent(model, result.model, rtol=1e-4, atol=1e-4)
+
+
+def test_grouped_conv_skipped():
+    model = conv_model(np.ones([8, 2, 3, 3], np.float32), group=4, pads=[1] * 4)
+    result = svd(model, LowRankConfig(rank=2, **EXACT), calibration(model))
+    assert [s.reason for s in result.report.skipped] == [SkipReason.GROUPED]
