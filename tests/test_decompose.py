@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from builders import calibration, conv_model, run
+
+from onnxcomp import decompose
+from onnxcomp.decompose import LowRankConfig, Moments
+from onnxcomp.graph import Graph
+from onnxcomp.passbase import Report
+
+
+def _layer(model, calib):
+    shapes = decompose._static_shapes(model, calib)
+    layers = decompose.find_layers(Graph(model), shapes, ("Conv",), LowRankConfig(min_macs=0),
+                                   Report("t"))
+    return layers[0]
+
+
+@pytest.mark.parametrize("attrs", [
+    {"pads": [1, 1, 1, 1]}, {"strides": [2, 2], "pads": [1, 0, 0, 1]},
+    {"dilations": [2, 1], "pads": [2, 1, 2, 1]}, {"auto_pad": "SAME_UPPER", "strides": [2, 2]},
+])
+def test_im2col_rows_reproduce_the_conv(attrs):
+    rng = np.random.default_rng(0)
+    model = conv_model(rng.standard_normal([6, 4, 3, 3]).astype(np.float32), size=9, **attrs)
+    calib = calibration(model, n=1, batch=1)
+    layer = _layer(model, calib)
+    x = calib.batches[0]["x"][0]
+    y = run(model, calib.batches[0])[0][0]
+    pos = np.arange(layer.rows_per_sample)
+    rows = decompose.im2col_rows(x, layer, pos)
+    got = rows @ layer.matrix.T + layer.bias_vector
+    np.testing.assert_allclose(got, decompose.output_rows(y, layer, pos), rtol=1e-4, atol=1e-4)
+
+
+def test_moment_errors_match_direct_computation():
+    rng = np.random.default_rng(1)
+    model = conv_model(rng.standard_normal([8, 4, 3, 3]).astype(np.float32), pads=[1] * 4)
+    calib = calibration(model)
+    config = LowRankConfig(rank=3, min_macs=0, latency_check=False)
+    layer = _layer(model, calib)
+    plan = decompose.Plan("t", (3,), [], {}, (8, 3, 1, 1),
+                          prefix=rng.standard_normal([3, 36]), last=rng.standard_normal([8, 3]),
+                          weight_error=0.0, macs=0, params=0)
+    (m,), (targets,) = (lambda r: ([r[0][0]], [r[1][0]]))(
+        decompose.collect_original(model, [layer], calib, config))
+    xx, _, yy = m.normalized()
+    ab = decompose.refit_solution(layer, plan, xx, None, 0.0)
+    # Direct: features z = P x on every row, least squares against y.
+    xs, ys = [], []
+    for batch in calib.batches:
+        for s in range(batch["x"].shape[0]):
+            pos = np.arange(layer.rows_per_sample)
+            xs.append(decompose.im2col_rows(batch["x"][s], layer, pos))
+            ys.append(xs[-1] @ layer.matrix.T + layer.bias_vector)
+    x, y = np.vstack(xs), np.vstack(ys)
+    z = np.hstack([x @ plan.prefix.T, np.ones([len(x), 1])])
+    sol = np.linalg.lstsq(z, y, rcond=None)[0].T
+    np.testing.assert_allclose(ab, sol, rtol=1e-6, atol=1e-8)
+    direct = np.linalg.norm(z @ sol.T - y) / np.linalg.norm(y)
+    assert decompose.plan_error(layer, plan, ab, xx, None, yy) == pytest.approx(direct, rel=1e-6)
+    # The asymmetric form with x_c = x reduces to the same answer.
+    xt = np.hstack([x, np.ones([len(x), 1])])
+    asym = Moments(xt.T @ xt, xt.T @ y, float(np.sum(y * y)), len(x))
+    xx2, xy2, yy2 = asym.normalized()
+    ab2 = decompose.refit_solution(layer, plan, xx2, xy2, 0.0)
+    np.testing.assert_allclose(ab2, sol, rtol=1e-6, atol=1e-8)
+    assert decompose.plan_error(layer, plan, ab2, xx2, xy2, yy2) == pytest.approx(direct, rel=1e-6)
+    assert len(targets) == calib.num_samples
+
+
+def test_rank_ladder():
+    assert decompose.rank_ladder(64, 8, 4) == [8, 16, 32, 64]
+    assert decompose.rank_ladder(5, 8) == [5]
+    assert all(r % 8 == 0 for r in decompose.rank_ladder(500, 8))

@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+from rich.console import Console
+
+from onnxcomp import report
+from onnxcomp.cost import ModelCost, NodeCost
+
+
+def test_human_and_ratio():
+    assert report.human(1234567) == "1.23 M"
+    assert report.human(999) == "999"
+    assert report.human(2.5e9, "B") == "2.5 GB"
+    assert report.ratio(200, 100) == "2.00x"
+    assert report.ratio(1, 0) == "-"
+
+
+def test_markdown_table():
+    text = report.markdown_table(["a", "b"], [[1, 2], ["x", "y"]])
+    assert text.splitlines() == ["| a | b |", "|---|---|", "| 1 | 2 |", "| x | y |"]
+
+
+def test_layer_table_renders_totals():
+    nodes = (NodeCost("conv", "Conv", 100, 1000, 400, (1, 4, 5, 5)),
+             NodeCost("relu", "Relu", 0, 0, 0, (1, 4, 5, 5)))
+    cost = ModelCost(nodes, 100, 1000, 400)
+    console = Console(width=120, record=True)
+    console.print(report.layer_table(cost, "m"))
+    text = console.export_text()
+    assert "conv" in text and "relu" not in text and "total" in text
