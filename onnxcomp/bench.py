@@ -360,7 +360,7 @@ def _check_feeds(label: str, model: onnx.ModelProto, feeds: Mapping[str, np.ndar
                 f"{label}: input '{value.name}' has rank {len(dims)}, the data has shape {shape}"
             )
         for axis, (dim, size) in enumerate(zip(dims, shape, strict=True)):
-            if not dim.HasField("dim_value") or dim.dim_value == size:
+            if not dim.HasField("dim_value") or dim.dim_value in (size, -1):
                 continue
             if axis == 0:
                 raise InputError(

@@ -107,6 +107,8 @@ def _load_calibration(model: Any, kw: dict[str, Any]) -> calibrate.Calibration:
             "refits and fidelity figures are then meaningless", highlight=False)
         return calibrate.synthetic_calibration(
             model, num_samples=kw["num_calib"] or 8, batch_size=kw["calib_batch"])
+    image_given = (kw["size"] is not None or kw["mean"] is not None or kw["std"] is not None
+                   or kw["scale"] != 1 / 255 or kw["layout"] != "nchw" or kw["bgr"])
     options = calibrate.ImageOptions(
         size=_size(kw["size"]),
         mean=_floats(kw["mean"]) or (0.0, 0.0, 0.0),
@@ -115,6 +117,8 @@ def _load_calibration(model: Any, kw: dict[str, Any]) -> calibrate.Calibration:
         layout=kw["layout"],
         bgr=kw["bgr"],
     )
+    if not image_given and not Path(path).is_dir():
+        options = None
     return calibrate.load_calibration(path, model, options, batch_size=kw["calib_batch"],
                                       limit=kw["num_calib"])
 
@@ -199,7 +203,8 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], report_path:
                 model, steps, calib,
                 on_step=lambda n: progress.update(task, description=f"pass {n}"))
             model_io.save(result.model, output)
-            shapes = {k: v.shape for k, v in calib.batches[0].items()}
+            # Costs per sample (batch 1), like the latency figures.
+            shapes = {k: (1, *v.shape[1:]) for k, v in calib.batches[0].items()}
             cost_before = cost.model_cost(model, shapes)
             cost_after = cost.model_cost(result.model, shapes)
             latency = None

@@ -47,7 +47,28 @@ def load(path: str | os.PathLike[str], check: bool = True) -> onnx.ModelProto:
         raise InputError(f"{p}: opset {opset} is not supported (need >= {MIN_OPSET})")
     if check:
         check_model(model, path=p)
+    unknown_negative_dims(model)
     return model
+
+
+def unknown_negative_dims(model: onnx.ModelProto) -> int:
+    """Turn negative ``dim_value``s (some exporters write -1 for "dynamic") into unknown dims.
+
+    ONNX Runtime already treats them as dynamic; clearing them lets the rest of onnxcomp see
+    them the same way. Changes ``model`` in place and returns how many dims were cleared.
+    """
+    cleared = 0
+    graph = model.graph
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        if not value.type.HasField("tensor_type"):
+            continue
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_value") and dim.dim_value < 0:
+                dim.Clear()
+                cleared += 1
+    if cleared:
+        log.debug("cleared %d negative dims (treated as dynamic)", cleared)
+    return cleared
 
 
 def default_opset(model: onnx.ModelProto) -> int | None:

@@ -38,7 +38,7 @@ def summary_rows(
     rows = [
         ["params", human(cost_before.params), human(cost_after.params),
          ratio(cost_before.params, cost_after.params)],
-        ["MACs", human(cost_before.macs), human(cost_after.macs),
+        ["MACs (per sample)", human(cost_before.macs), human(cost_after.macs),
          ratio(cost_before.macs, cost_after.macs)],
         ["file size", human(size_before, "B"), human(size_after, "B"),
          ratio(size_before, size_after)],

