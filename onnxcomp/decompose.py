@@ -56,6 +56,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FLOAT_TYPES = (np.float16, np.float32, np.float64)
+# ``--rank auto`` with no target and no bound: the fastest ranks within this model error.
+DEFAULT_MAX_ERROR = 0.03
+# Closed-loop rounds that re-measure the whole model to reach ``target_speedup``.
+TARGET_ROUNDS = 4
 
 
 # ============================================================================ configuration
@@ -741,15 +745,85 @@ def run_decomposition(
                                    config.latency_check))
         choices.append(LayerChoice(layer, i, options))
 
-    chosen = _allocate(choices, kept, model, config, calib, moments, targets, report)
+    probes = _Probes(model, kept, moments, targets, calib, config)
+    chosen = _allocate(choices, probes, config, report)
     final_model, changes = _build(model, chosen, kept, moments, targets, calib, config,
                                   pass_name, progress)
+    if changes and config.latency_check:
+        if progress:
+            progress(f"{pass_name}: timing the whole model")
+        speedup = probes.speedup_of(final_model)
+        report.metrics["measured_speedup"] = round(speedup, 3)
+        if speedup < 1.0:
+            report.notes.append(
+                f"the rewritten model measured {speedup:.2f}x (slower) as a whole on "
+                f"{config.provider}: nothing applied")
+            for change in changes:
+                report.skip(change.node, change.op_type, SkipReason.NO_LATENCY_WIN,
+                            f"whole model measured {speedup:.2f}x")
+            changes = []
     for change in changes:
         report.apply(change)
     report.metrics["seconds"] = round(time.perf_counter() - start, 2)
     if not changes:
         return PassResult(copy_model(model), report)
     return PassResult(final_model, report)
+
+
+class _Probes:
+    """Candidate models built during the allocation, with measured speedups and errors.
+
+    Probes use the symmetric refit (closed form, no activation capture); results are cached
+    per choice of options.
+    """
+
+    def __init__(self, model: onnx.ModelProto, layers: list[Layer], moments: list[Moments],
+                 targets: list[list[np.ndarray]], calib: Calibration,
+                 config: LowRankConfig) -> None:
+        self.model, self.layers, self.moments, self.targets = model, layers, moments, targets
+        self.calib = calib
+        self.config = dataclasses.replace(config, refit_mode="symmetric")
+        self.feeds = {k: v[:1] for k, v in calib.batches[0].items()}
+        self._built: dict[tuple[Any, ...], onnx.ModelProto] = {}
+        self._speedup: dict[tuple[Any, ...], float] = {}
+        self._error: dict[tuple[Any, ...], float] = {}
+        self._ref: tuple[list[str], list[np.ndarray]] | None = None
+
+    @staticmethod
+    def key(chosen: dict[int, Option]) -> tuple[Any, ...]:
+        return tuple(sorted((i, o.plan.method, o.plan.ranks) for i, o in chosen.items()))
+
+    def build(self, chosen: dict[int, Option]) -> onnx.ModelProto:
+        k = self.key(chosen)
+        if k not in self._built:
+            self._built[k], _ = _build(self.model, chosen, self.layers, self.moments,
+                                       self.targets, self.calib, self.config, "probe", None)
+        return self._built[k]
+
+    def speedup_of(self, candidate: onnx.ModelProto) -> float:
+        cfg = bench.BenchConfig(provider=self.config.provider, threads=self.config.threads,
+                                warmup=5, runs=max(self.config.bench_runs, 30))
+        res = bench.benchmark([self.model, candidate], cfg, inputs=self.feeds)
+        return float(res.speedups[0].median)
+
+    def speedup(self, chosen: dict[int, Option]) -> float:
+        k = self.key(chosen)
+        if k not in self._speedup:
+            self._speedup[k] = 1.0 if not chosen else self.speedup_of(self.build(chosen))
+        return self._speedup[k]
+
+    def error(self, chosen: dict[int, Option]) -> float:
+        k = self.key(chosen)
+        if k not in self._error:
+            if not chosen:
+                self._error[k] = 0.0
+            else:
+                if self._ref is None:
+                    self._ref = _outputs(self.model, self.calib)
+                names, ref = self._ref
+                _, got = _outputs(self.build(chosen), self.calib)
+                self._error[k] = verify.compare_outputs(names, ref, got).rel_l2
+        return self._error[k]
 
 
 def batch1_shapes(model: onnx.ModelProto, calib: Calibration) -> dict[str, tuple[int, ...]]:
@@ -778,9 +852,7 @@ def _static_shapes(model: onnx.ModelProto, calib: Calibration) -> dict[str, tupl
 
 
 def _allocate(
-    choices: list[LayerChoice], layers: list[Layer], model: onnx.ModelProto, config: LowRankConfig,
-    calib: Calibration, moments: list[Moments], targets: list[list[np.ndarray]],
-    report: Report,
+    choices: list[LayerChoice], probes: _Probes, config: LowRankConfig, report: Report,
 ) -> dict[int, Option]:
     """Pick at most one option per layer; record skips for layers left alone."""
     usable: list[LayerChoice] = []
@@ -808,7 +880,7 @@ def _allocate(
         usable.append(LayerChoice(layer, ch.index, wins))
     if not config.auto:
         return {ch.index: ch.options[0] for ch in usable}
-    return _auto_allocate(usable, layers, model, config, calib, moments, targets, report)
+    return _auto_allocate(usable, probes, config, report)
 
 
 def _savings(opt: Option, config: LowRankConfig, layer: Layer) -> float:
@@ -832,76 +904,127 @@ def _pick(usable: list[LayerChoice], lam: float, config: LowRankConfig) -> dict[
 
 
 def _auto_allocate(
-    usable: list[LayerChoice], layers: list[Layer], model: onnx.ModelProto, config: LowRankConfig,
-    calib: Calibration, moments: list[Moments], targets: list[list[np.ndarray]],
-    report: Report,
+    usable: list[LayerChoice], probes: _Probes, config: LowRankConfig, report: Report,
 ) -> dict[int, Option]:
+    """Choose per-layer options: predicted savings first, then whole-model measurements.
+
+    Candidates are the Lagrangian picks for a sweep of trade-offs (least isolated error for a
+    given saving). ``target_speedup``: the least aggressive pick predicted to reach it, then
+    re-measured as a whole model and moved up while the measured speedup falls short (per-layer
+    micro-benchmarks over- or under-predict what a whole model realizes). ``max_error`` (or
+    :data:`DEFAULT_MAX_ERROR` when no target is given): the most aggressive pick, no more
+    aggressive than that, whose measured output error stays within the bound.
+    """
     if not usable:
+        if config.target_speedup is not None or config.target_macs is not None:
+            report.metrics["target_met"] = False
+            report.notes.append("target cannot be met: no layer can be rewritten "
+                                "(see the skip reasons)")
         return {}
-    total_macs = cost.model_cost(model, batch1_shapes(model, calib)).macs
+    model, calib = probes.model, probes.calib
+    layer_of = {c.index: c.layer for c in usable}
     lams = np.concatenate([[0.0], np.geomspace(1e-9, 1e9, 73)])
-    picks = [_pick(usable, float(lam), config) for lam in lams]
+    picks: list[dict[int, Option]] = []
+    for lam in lams:
+        p = _pick(usable, float(lam), config)
+        if not picks or probes.key(p) != probes.key(picks[-1]):
+            picks.append(p)
 
     def saving(p: dict[int, Option]) -> float:
-        return sum(_savings(o, config, next(c.layer for c in usable if c.index == i))
-                   for i, o in p.items())
+        return sum(_savings(o, config, layer_of[i]) for i, o in p.items())
 
-    needed = None
+    savings = [saving(p) for p in picks]
+    index = len(picks) - 1
+    max_error = config.max_error
     if config.target_speedup is not None:
-        base = bench.time_model(model, {k: v[:1] for k, v in calib.batches[0].items()},
-                                config.provider, config.threads, runs=config.bench_runs)
-        needed = base * (1 - 1 / config.target_speedup)
-        report.metrics["model_ms"] = base
+        base = bench.time_model(model, probes.feeds, config.provider, config.threads,
+                                runs=config.bench_runs)
+        report.metrics["model_ms"] = round(base, 4)
+        index = _reach_speedup(picks, savings, base, probes, config, report)
     elif config.target_macs is not None:
+        total_macs = cost.model_cost(model, batch1_shapes(model, calib)).macs
         needed = total_macs * (1 - config.target_macs)
-    chosen = picks[-1]
-    if needed is not None:
-        feasible = [p for p in picks if saving(p) >= needed]
+        feasible = [i for i, v in enumerate(savings) if v >= needed]
         if feasible:
-            chosen = feasible[0]  # smallest lam that meets the target: least error
+            index = feasible[0]
         else:
             report.notes.append(
-                f"target cannot be met: best predicted saving {saving(picks[-1]):.4g} of "
-                f"{needed:.4g} needed; using the most aggressive ranks")
+                f"target cannot be met: at most {savings[-1] / total_macs:.1%} of the MACs can "
+                f"be saved, {1 - config.target_macs:.1%} asked; using the most aggressive ranks")
             report.metrics["target_met"] = False
-    if config.max_error is not None:
-        chosen = _bound_error(picks, chosen, layers, model, config, calib, moments, targets,
-                              report)
-    return chosen
+    elif max_error is None:
+        max_error = DEFAULT_MAX_ERROR
+        report.notes.append(f"no target given: the fastest ranks within a model output error "
+                            f"of {DEFAULT_MAX_ERROR} (the default --max-error)")
+    if max_error is not None:
+        index = _bound_error(picks, index, max_error, probes, report,
+                             explicit=config.max_error is not None)
+    return picks[index]
 
 
-def _bound_error(
-    picks: list[dict[int, Option]], chosen: dict[int, Option], layers: list[Layer],
-    model: onnx.ModelProto,
-    config: LowRankConfig, calib: Calibration, moments: list[Moments],
-    targets: list[list[np.ndarray]], report: Report,
-) -> dict[int, Option]:
-    """Largest-saving pick no more aggressive than ``chosen`` whose model error <= bound."""
-    limit = next(i for i, p in enumerate(picks) if p is chosen or p == chosen)
-    names, ref = _outputs(model, calib)
-    cache: dict[int, float] = {}
+def _reach_speedup(picks: list[dict[int, Option]], savings: list[float], base_ms: float,
+                   probes: _Probes, config: LowRankConfig, report: Report) -> int:
+    """Index of the least aggressive pick measured to reach ``config.target_speedup``."""
+    target = float(config.target_speedup or 1.0)
+    needed = base_ms * (1 - 1 / target)
+    feasible = [i for i, v in enumerate(savings) if v >= needed]
+    index = feasible[0] if feasible else len(picks) - 1
+    if not config.latency_check:
+        if not feasible:
+            report.metrics["target_met"] = False
+            report.notes.append(f"target {target}x cannot be met: best predicted "
+                                f"{base_ms / max(base_ms - savings[-1], 1e-9):.2f}x")
+        return index
+    measured: dict[int, float] = {}
+    for _ in range(TARGET_ROUNDS):
+        measured[index] = probes.speedup(picks[index])
+        if measured[index] >= target:
+            break
+        # Scale what the micro-benchmarks promise by what the whole model realized.
+        predicted = savings[index]
+        realized = base_ms * (1 - 1 / measured[index])
+        efficiency = min(max(realized / predicted, 0.2), 1.0) if predicted > 0 else 1.0
+        want = needed / efficiency
+        later = [i for i in range(index + 1, len(picks)) if savings[i] >= want]
+        nxt = later[0] if later else len(picks) - 1
+        if nxt == index or nxt in measured:
+            if index + 1 < len(picks) and index + 1 not in measured:
+                nxt = index + 1
+            else:
+                break
+        index = nxt
+    met = [i for i, v in measured.items() if v >= target]
+    best = min(met) if met else max(measured, key=lambda i: measured[i])
+    report.metrics["target_rounds"] = len(measured)
+    report.metrics["probe_speedups"] = {str(i): round(v, 3) for i, v in sorted(measured.items())}
+    if not met:
+        report.metrics["target_met"] = False
+        report.notes.append(f"target {target}x not reached: best measured "
+                            f"{measured[best]:.2f}x, using it")
+    return best
 
-    def error(i: int) -> float:
-        if i not in cache:
-            built, _ = _build(model, picks[i], layers, moments, targets, calib, config,
-                              "probe", None)
-            _, got = _outputs(built, calib)
-            cache[i] = verify.compare_outputs(names, ref, got).rel_l2
-        return cache[i]
 
+def _bound_error(picks: list[dict[int, Option]], limit: int, bound: float, probes: _Probes,
+                 report: Report, explicit: bool) -> int:
+    """Index of the most aggressive pick up to ``limit`` whose model error is within bound.
+
+    Errors are measured on the calibration data with probe builds (symmetric refit, which
+    errs high: the final asymmetric refit is at least as good on average).
+    """
+    if probes.error(picks[limit]) <= bound:
+        return limit
     lo, hi = 0, limit  # picks[0] is "nothing" (lam 0): error 0
-    if error(hi) <= config.max_error:
-        return picks[hi]
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if error(mid) <= config.max_error:
+        if probes.error(picks[mid]) <= bound:
             lo = mid
         else:
             hi = mid
-    report.metrics["max_error_bound_active"] = True
-    report.notes.append(f"--max-error {config.max_error} limits the ranks "
-                        f"(measured model error {error(lo):.4g})")
-    return picks[lo]
+    if explicit:
+        report.metrics["max_error_bound_active"] = True
+        report.notes.append(f"--max-error {bound} limits the ranks (measured model error "
+                            f"{probes.error(picks[lo]):.4g})")
+    return lo
 
 
 def _outputs(model: onnx.ModelProto, calib: Calibration) -> tuple[list[str], list[np.ndarray]]:

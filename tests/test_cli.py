@@ -189,3 +189,52 @@ def test_mismatched_calibration(runner, model_file, tmp_path, arrays, needle):
     result = _invoke(runner, ["optimize", model_file, "-o", tmp_path / "o.onnx", *FOLD,
                               "--calib", calib])
     _assert_clean_failure(result, 1, needle, tmp_path, ["in.onnx", "c.npz"])
+
+
+@pytest.fixture
+def conv_file(tmp_path):
+    from builders import conv_model, cp_kernel
+
+    path = tmp_path / "conv.onnx"
+    w = cp_kernel(48, 32, 3, 3, rank=12) + 0.01 * np.random.default_rng(1).standard_normal(
+        [48, 32, 3, 3]).astype(np.float32)
+    onnx.save(conv_model(w, size=32, pads=[1, 1, 1, 1]), path)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal([4, 32, 32, 32]).astype("f4"))
+    return path, calib
+
+
+@pytest.mark.parametrize(("rank", "needle"), [
+    ("0", "--rank must be >= 1"), ("-2", "--rank"), ("1.5", "fraction must be in (0, 1)"),
+    ("abc", "'auto', an integer or a fraction"),
+])
+def test_rank_out_of_range(runner, conv_file, tmp_path, rank, needle):
+    src, calib = conv_file
+    result = _invoke(runner, ["optimize", src, "-o", tmp_path / "o.onnx", "--pass", "cp",
+                              "--rank", rank, "--calib", calib])
+    _assert_clean_failure(result, 2, needle, tmp_path, ["conv.onnx", "calib.npz"])
+
+
+def test_rank_auto_without_calib_warns_loudly(runner, conv_file, tmp_path):
+    src, _ = conv_file
+    out = tmp_path / "o.onnx"
+    result = _invoke(runner, ["optimize", src, "-o", out, "--pass", "cp", "--rank", "auto",
+                              "--target-macs", "0.7", "--no-latency-check", "--no-bench"])
+    assert result.exit_code == 0, result.output
+    assert "ranks are chosen from weights alone" in result.output
+    assert out.exists()
+
+
+def test_unreachable_target_warns_and_exits_zero(runner, conv_file, tmp_path):
+    src, calib = conv_file
+    out = tmp_path / "o.onnx"
+    report = tmp_path / "r.json"
+    result = _invoke(runner, ["optimize", src, "-o", out, "--pass", "cp", "--rank", "auto",
+                              "--target-macs", "0.001", "--no-latency-check", "--calib", calib,
+                              "--no-bench", "--report", report])
+    assert result.exit_code == 0, result.output
+    assert "warning:" in result.output and "cannot be met" in result.output
+    doc = json.loads(report.read_text())
+    step = doc["steps"][0]["report"]
+    assert step["metrics"]["target_met"] is False
+    assert step["applied"]  # the best achievable is applied

@@ -171,3 +171,75 @@ def test_same_seed_same_bytes():
     a = cp(model, LowRankConfig(rank=4, **EXACT), calib)
     b = cp(model, LowRankConfig(rank=4, **EXACT), calib)
     assert a.model.SerializeToString() == b.model.SerializeToString()
+
+
+def _two_layer_model():
+    rng = np.random.default_rng(5)
+    w1 = rng.standard_normal([32, 16, 3, 3]).astype(np.float32)
+    w2 = cp_kernel(32, 32, 3, 3, rank=8, seed=6) + 0.05 * rng.standard_normal(
+        [32, 32, 3, 3]).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["a"], name="c1", pads=[1] * 4),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "W2"], ["y"], name="c2", pads=[1] * 4)]
+    return make_model(nodes, [tensor("x", [1, 16, 12, 12])], [tensor("y", [1, 32, 12, 12])],
+                      {"W1": w1, "W2": w2})
+
+
+def _fake_latency(monkeypatch, whole_model_speedup):
+    """Per-layer micro-benchmarks: saving proportional to MACs; whole model: a fixed ratio."""
+    def measure(layer, plan, model, config):
+        return layer.macs * 1e-6, plan.macs * 1e-6
+    monkeypatch.setattr(decompose, "measure_plan", measure)
+    monkeypatch.setattr(decompose._Probes, "speedup_of",
+                        lambda self, candidate: whole_model_speedup)
+    monkeypatch.setattr(decompose.bench, "time_model", lambda *a, **k: 1.0)
+
+
+def test_whole_model_slower_applies_nothing(monkeypatch):
+    _fake_latency(monkeypatch, 0.9)
+    model = _two_layer_model()
+    before = model.SerializeToString()
+    result = cp(model, LowRankConfig(rank=8, min_macs=0), calibration(model))
+    assert not result.report.applied
+    assert {s.reason for s in result.report.skipped} == {SkipReason.NO_LATENCY_WIN}
+    assert any("slower" in n for n in result.report.notes)
+    assert result.model.SerializeToString() == before
+
+
+def test_unreachable_speedup_target_uses_best_measured(monkeypatch):
+    _fake_latency(monkeypatch, 1.3)
+    model = _two_layer_model()
+    result = cp(model, LowRankConfig(target_speedup=3.0, min_macs=0), calibration(model))
+    assert result.report.metrics["target_met"] is False
+    assert any("not reached" in n and "1.30x" in n for n in result.report.notes)
+    assert result.report.applied  # the best achievable is still applied
+    assert result.report.metrics["measured_speedup"] == 1.3
+
+
+def test_reachable_speedup_target_stops_at_least_aggressive(monkeypatch):
+    _fake_latency(monkeypatch, 5.0)
+    model = _two_layer_model()
+    result = cp(model, LowRankConfig(target_speedup=1.2, min_macs=0), calibration(model))
+    assert "target_met" not in result.report.metrics
+    assert result.report.metrics["target_rounds"] == 1
+
+
+def test_auto_without_target_uses_default_error_bound(monkeypatch):
+    _fake_latency(monkeypatch, 2.0)
+    model = _two_layer_model()
+    calib = calibration(model)
+    result = cp(model, LowRankConfig(min_macs=0), calib)
+    assert any("default --max-error" in n for n in result.report.notes)
+    assert result.report.applied
+    assert relative_error(model, result.model, calib) <= decompose.DEFAULT_MAX_ERROR
+
+
+def test_explicit_max_error_is_respected(monkeypatch):
+    _fake_latency(monkeypatch, 2.0)
+    model = _two_layer_model()
+    calib = calibration(model)
+    loose = cp(model, LowRankConfig(min_macs=0, max_error=0.5), calib)
+    tight = cp(model, LowRankConfig(min_macs=0, max_error=0.005), calib)
+    assert relative_error(model, tight.model, calib) <= 0.005
+    assert tight.report.totals["macs_after"] >= loose.report.totals["macs_after"] or \
+        not tight.report.applied
