@@ -109,7 +109,7 @@ def _load_calibration(model: Any, kw: dict[str, Any]) -> calibrate.Calibration:
             model, num_samples=kw["num_calib"] or 8, batch_size=kw["calib_batch"])
     image_given = (kw["size"] is not None or kw["mean"] is not None or kw["std"] is not None
                    or kw["scale"] != 1 / 255 or kw["layout"] != "nchw" or kw["bgr"])
-    options = calibrate.ImageOptions(
+    options: calibrate.ImageOptions | None = calibrate.ImageOptions(
         size=_size(kw["size"]),
         mean=_floats(kw["mean"]) or (0.0, 0.0, 0.0),
         std=_floats(kw["std"]) or (1.0, 1.0, 1.0),

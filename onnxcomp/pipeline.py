@@ -91,7 +91,9 @@ def run_pipeline(
     :class:`PassError`; a lossy pass's error is recorded.
     """
     if registry is None:
-        from onnxcomp.passes import REGISTRY as registry  # noqa: N811
+        from onnxcomp.passes import REGISTRY
+
+        registry = REGISTRY
     names, original = model_outputs(model, calib)
     previous = original
     current = model

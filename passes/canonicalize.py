@@ -162,8 +162,8 @@ def _pad_amounts(graph: Graph, node: Node) -> np.ndarray | None:
     rank = len(shape)
     full = np.zeros(2 * rank, dtype=np.int64)
     k = len(axes)
-    for i, ax in enumerate(axes.astype(np.int64).reshape(-1)):
-        ax = int(ax) % rank
+    for i, value in enumerate(axes.astype(np.int64).reshape(-1)):
+        ax = int(value) % rank
         full[ax] = pads[i]
         full[rank + ax] = pads[k + i]
     return full
