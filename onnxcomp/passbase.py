@@ -53,6 +53,7 @@ class SkipReason(str, enum.Enum):
     NO_LATENCY_WIN = "no latency win"
     NO_MAC_WIN = "rewrite does not reduce MACs"
     ERROR_TOO_HIGH = "measured error above the bound"
+    NOT_SELECTED = "rank allocation left it alone (error too high for its saving)"
     QUANTIZED = "already quantized"
     UNKNOWN_SHAPE = "shape could not be inferred"
     BLOCKED = "blocked by a coupled node"

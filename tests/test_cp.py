@@ -61,7 +61,14 @@ def test_provenance_and_input_untouched():
 
 def test_refit_error_is_reported_and_measured():
     rng = np.random.default_rng(1)
-    model = conv_model(rng.standard_normal([16, 8, 3, 3]).astype(np.float32), pads=[1, 1, 1, 1])
+    # The decomposed conv sees inputs in a 3-D subspace of its 8 channels: the refit can use
+    # that, the raw decomposition (which fits the weights alone) cannot.
+    mix = (rng.standard_normal([8, 3]) @ rng.standard_normal([3, 8])).astype(np.float32)
+    w = rng.standard_normal([16, 8, 3, 3]).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "M"], ["a"], name="mix"),
+             helper.make_node("Conv", ["a", "W"], ["y"], name="conv", pads=[1] * 4)]
+    model = make_model(nodes, [tensor("x", [1, 8, 12, 12])], [tensor("y", [1, 16, 12, 12])],
+                       {"M": mix[:, :, None, None], "W": w})
     calib = calibration(model)
     raw = cp(model, LowRankConfig(rank=8, refit=False, **EXACT), calib)
     fit = cp(model, LowRankConfig(rank=8, **EXACT), calib)
@@ -243,3 +250,14 @@ def test_explicit_max_error_is_respected(monkeypatch):
     assert relative_error(model, tight.model, calib) <= 0.005
     assert tight.report.totals["macs_after"] >= loose.report.totals["macs_after"] or \
         not tight.report.applied
+
+
+def test_every_candidate_is_applied_or_skipped(monkeypatch):
+    _fake_latency(monkeypatch, 2.0)
+    model = _two_layer_model()
+    result = cp(model, LowRankConfig(min_macs=0, max_error=0.02), calibration(model))
+    applied = {c.node for c in result.report.applied}
+    skipped = {s.node: s.reason for s in result.report.skipped}
+    assert applied | set(skipped) == {"c1", "c2"} and not applied & set(skipped)
+    # The dense random layer cannot be compressed within 2%: the allocation leaves it alone.
+    assert skipped.get("c1") == SkipReason.NOT_SELECTED

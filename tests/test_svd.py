@@ -79,3 +79,31 @@ def test_grouped_conv_skipped():
     model = conv_model(np.ones([8, 2, 3, 3], np.float32), group=4, pads=[1] * 4)
     result = svd(model, LowRankConfig(rank=2, **EXACT), calibration(model))
     assert [s.reason for s in result.report.skipped] == [SkipReason.GROUPED]
+
+
+@pytest.mark.parametrize(("batches", "refit"), [(2, "none"), (60, "asymmetric")])
+def test_fc_refit_needs_enough_rows(batches, refit):
+    """One row per sample for an FC layer: a rank-16 refit needs 10 x 17 rows or is skipped."""
+    from builders import relative_error
+
+    rng = np.random.default_rng(4)
+    w1 = rng.standard_normal([96, 64]).astype(np.float32)
+    w2 = rng.standard_normal([64, 80]).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "W2"], ["y"], name="fc2")]
+    model = make_model(nodes, [tensor("x", ["N", 96])], [tensor("y", ["N", 80])],
+                       {"W1": w1, "W2": w2})
+    calib = calibration(model, n=batches, batch=4)
+    result = svd(model, LowRankConfig(rank=16, **EXACT), calib)
+    details = {c.node: c.details for c in result.report.applied}
+    assert details["fc2"]["refit"].startswith(refit)
+    # Held-out data: the model never gets worse than the raw decomposition.
+    from builders import random_feeds
+
+    from onnxcomp.calibrate import Calibration
+
+    held = Calibration([random_feeds(model, 500 + s, 4) for s in range(20)], False, "held")
+    raw = svd(model, LowRankConfig(rank=16, refit=False, **EXACT), calib)
+    assert relative_error(model, result.model, held) <= 1.05 * relative_error(
+        model, raw.model, held)
