@@ -71,7 +71,7 @@ def calib_options(func: F) -> F:
     return func
 
 
-LOWRANK = ("cp", "tucker", "svd")
+LOWRANK = ("cp", "tucker", "svd", "kernel_sharing", "depthwise_separable")
 
 
 def lowrank_options(func: F) -> F:
@@ -93,6 +93,14 @@ def lowrank_options(func: F) -> F:
                      help="Rewrite layers even when not measured faster."),
         click.option("--exclude", multiple=True, metavar="NODE", help="Leave this node alone."),
         click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--groups", help="kernel_sharing: shared kernels per layer (like --rank: "
+                                      "auto, N or a fraction)."),
+        click.option("--weighted/--no-weighted", default=True, show_default=True,
+                     help="kernel_sharing: one weight per input channel (WKSC) or plain KSC."),
+        click.option("--depth-multiplier", help="depthwise_separable: auto or N (like --rank)."),
+        click.option("--share-groups", type=click.IntRange(min=1),
+                     help="depthwise_separable: fold input channels into G shared groups "
+                          "first (weighted kernel sharing)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -169,7 +177,8 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], report_path:
              bench: bool, provider: str, threads: int, runs: int, no_fold_pad: bool,
              rank: str, target_speedup: float | None, target_macs: float | None,
              max_error: float | None, no_refit: bool, refit_mode: str, rank_multiple: int,
-             no_latency_check: bool, exclude: Sequence[str], seed: int,
+             no_latency_check: bool, exclude: Sequence[str], seed: int, groups: str | None,
+             weighted: bool, depth_multiplier: str | None, share_groups: int | None,
              **calib_kw: Any) -> None:
     """Rewrite IN.onnx with the given passes, verify, benchmark and write -o OUT.onnx."""
     from onnxcomp.passes import REGISTRY
@@ -184,8 +193,11 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], report_path:
         "target_macs": target_macs, "max_error": max_error, "refit": not no_refit,
         "refit_mode": refit_mode, "rank_multiple": rank_multiple,
         "latency_check": not no_latency_check, "exclude": tuple(exclude), "seed": seed,
-        "provider": provider, "threads": threads,
+        "provider": provider, "threads": threads, "weighted": weighted,
+        "share_groups": share_groups,
     }
+    # Per-pass names for the rank: --groups, --depth-multiplier (else --rank).
+    rank_alias = {"kernel_sharing": groups, "depthwise_separable": depth_multiplier}
 
     def body() -> None:
         model = model_io.load(model_path)
@@ -196,7 +208,10 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], report_path:
         steps = []
         for name in passes:
             config_cls = REGISTRY[name].config_cls
-            steps.append(pipeline.Step(name, config_cls.from_options(options)))
+            step_options = dict(options)
+            if rank_alias.get(name) is not None:
+                step_options["rank"] = rank_alias[name]
+            steps.append(pipeline.Step(name, config_cls.from_options(step_options)))
         with _progress() as progress:
             task = progress.add_task("optimizing", total=None)
             result = pipeline.run_pipeline(

@@ -5,7 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from onnxcomp.passbase import Pass
-from onnxcomp.passes import canonicalize, cp, fold_bn, svd, tucker
+from onnxcomp.passes import (
+    canonicalize,
+    cp,
+    depthwise_separable,
+    fold_bn,
+    kernel_sharing,
+    svd,
+    tucker,
+)
 
 REGISTRY: dict[str, Pass[Any]] = {
     canonicalize.PASS.name: canonicalize.PASS,
@@ -13,4 +21,6 @@ REGISTRY: dict[str, Pass[Any]] = {
     cp.PASS.name: cp.PASS,
     tucker.PASS.name: tucker.PASS,
     svd.PASS.name: svd.PASS,
+    kernel_sharing.PASS.name: kernel_sharing.PASS,
+    depthwise_separable.PASS.name: depthwise_separable.PASS,
 }

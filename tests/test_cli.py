@@ -238,3 +238,30 @@ def test_unreachable_target_warns_and_exits_zero(runner, conv_file, tmp_path):
     step = doc["steps"][0]["report"]
     assert step["metrics"]["target_met"] is False
     assert step["applied"]  # the best achievable is applied
+
+
+@pytest.mark.parametrize(("args", "convs"), [
+    (["--pass", "kernel_sharing", "--groups", "8"], 2),
+    (["--pass", "kernel_sharing", "--groups", "8", "--no-weighted"], 2),
+    (["--pass", "depthwise_separable", "--depth-multiplier", "2"], 2),
+    (["--pass", "depthwise_separable", "--depth-multiplier", "1", "--share-groups", "8"], 3),
+])
+def test_sharing_passes_from_the_cli(runner, conv_file, tmp_path, args, convs):
+    src, calib = conv_file
+    out = tmp_path / "o.onnx"
+    report = tmp_path / "r.json"
+    result = _invoke(runner, ["optimize", src, "-o", out, *args, "--no-latency-check",
+                              "--calib", calib, "--no-bench", "--report", report])
+    assert result.exit_code == 0, result.output
+    assert op_count(onnx.load(out), "Conv") == convs
+    applied = json.loads(report.read_text())["steps"][0]["report"]["applied"]
+    assert applied[0]["details"]["weighted" if "kernel_sharing" in args else
+                                  "depth_multiplier"] == (
+        ("--no-weighted" not in args) if "kernel_sharing" in args else int(args[3]))
+
+
+def test_bad_groups_is_a_usage_error(runner, conv_file, tmp_path):
+    src, calib = conv_file
+    result = _invoke(runner, ["optimize", src, "-o", tmp_path / "o.onnx", "--pass",
+                              "kernel_sharing", "--groups", "0", "--calib", calib])
+    _assert_clean_failure(result, 2, "--rank must be >= 1", tmp_path, ["conv.onnx", "calib.npz"])
