@@ -2,6 +2,7 @@
 
     python benchmarks/lowrank.py                       # every row (about 15 minutes here)
     python benchmarks/lowrank.py --only fashion_mnist_vgg --methods cp
+    python benchmarks/lowrank.py --sharing             # kernel sharing vs separable vs cp
 
 Writes benchmarks/results/lowrank.md and .json. Every row: canonicalize + fold_bn + the method
 with ``--rank auto`` and the row's setting, calibrated on the model's ``calib`` inputs; fidelity
@@ -32,6 +33,18 @@ ROWS: list[tuple[str, str, dict[str, Any], int]] = [
     *[(name, "svd", {"max_error": e}, 64) for name in ("efficientnet_lite0", "mobilenetv2")
       for e in (0.1, 0.3)],
     *[("mtcnn_onet", m, {}, 64) for m in ("cp", "svd")],
+]
+
+# Kernel sharing vs depthwise-separable vs cp at the same measured-speedup target.
+SHARING: list[tuple[str, str, dict[str, Any], int]] = [
+    (name, method, {**opts, "target_speedup": target}, n)
+    for name, target, n in (("fashion_mnist_vgg", 2.0, 256), ("mtcnn_rnet", 1.5, 64),
+                            ("mtcnn_onet", 1.5, 64))
+    for method, opts in (("kernel_sharing", {"weighted": False}),
+                         ("kernel_sharing", {"weighted": True}),
+                         ("depthwise_separable", {}),
+                         ("depthwise_separable", {"share_groups": 16}),
+                         ("cp", {}))
 ]
 
 
@@ -87,9 +100,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=60)
     parser.add_argument("--only", nargs="*", help="model names")
     parser.add_argument("--methods", nargs="*")
+    parser.add_argument("--sharing", action="store_true",
+                        help="the kernel-sharing comparison (results/sharing.md) instead")
     args = parser.parse_args()
     rows, docs = [], []
-    for name, method, opts, n in ROWS:
+    for name, method, opts, n in (SHARING if args.sharing else ROWS):
         if (args.only and name not in args.only) or (args.methods and method not in args.methods):
             continue
         row, doc = bench_row(name, method, opts, n, args.runs)
@@ -99,9 +114,10 @@ def main() -> None:
     pre = ("Low-rank passes with `--rank auto`, after canonicalize + fold_bn. Fidelity on "
            "held-out inputs; latency ORT CPU 1 thread batch 1, interleaved, "
            f"{args.runs} rounds; {platform.machine()} ({platform.processor() or 'cpu'}).\n\n")
-    path = write("lowrank", ["model", "method", "setting", "layers", "speedup (p10-p90)",
-                             "MACs ratio", "realized model / layers", "fidelity (held-out)",
-                             "rel L2 (held-out)", "compile s"], rows, docs, pre)
+    headers = ["model", "method", "setting", "layers", "speedup (p10-p90)", "MACs ratio",
+               "realized model / layers", "fidelity (held-out)", "rel L2 (held-out)",
+               "compile s"]
+    path = write("sharing" if args.sharing else "lowrank", headers, rows, docs, pre)
     print(path.read_text())
 
 

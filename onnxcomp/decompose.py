@@ -58,6 +58,8 @@ FLOAT_TYPES = (np.float16, np.float32, np.float64)
 DEFAULT_MAX_ERROR = 0.03
 # Closed-loop rounds that re-measure the whole model to reach ``target_speedup``.
 TARGET_ROUNDS = 4
+# Extra whole-model measurements spent looking for a milder pick that still meets the target.
+MILDER_ROUNDS = 2
 # Relative speed difference treated as measurement noise when comparing whole models.
 NOISE = 0.03
 # A refit needs this many sampled rows per unknown of each output (see refit_rows_needed).
@@ -777,7 +779,10 @@ def run_decomposition(
     if changes and config.latency_check:
         if progress:
             progress(f"{pass_name}: timing the whole model")
-        speedup = probes.speedup_of(final_model)
+        # The same structure as a measured probe (only refit weights differ): reuse its time.
+        speedup = probes.measured(chosen)
+        if speedup is None:
+            speedup = probes.speedup_of(final_model)
         report.metrics["measured_speedup"] = round(speedup, 3)
         if speedup < 1.0:
             report.notes.append(
@@ -830,6 +835,10 @@ class _Probes:
                                 warmup=5, runs=max(self.config.bench_runs, 30))
         res = bench.benchmark([self.model, candidate], cfg, inputs=self.feeds)
         return float(res.speedups[0].median)
+
+    def measured(self, chosen: dict[int, Option]) -> float | None:
+        """The whole-model speedup already measured for ``chosen``, if any."""
+        return self._speedup.get(self.key(chosen))
 
     def speedup(self, chosen: dict[int, Option]) -> float:
         k = self.key(chosen)
@@ -928,7 +937,9 @@ def _allocate(
 
 
 def _savings(opt: Option, config: LowRankConfig, layer: Layer) -> float:
-    if config.target_macs is not None and config.target_speedup is None:
+    """What an option saves: measured ms, or MACs for a MAC target or without timings."""
+    if not config.latency_check or (config.target_macs is not None
+                                    and config.target_speedup is None):
         return float(layer.macs - opt.plan.macs)
     return opt.saved_ms
 
@@ -980,48 +991,61 @@ def _auto_allocate(
     savings = [saving(p) for p in picks]
     index = len(picks) - 1
     max_error = config.max_error
-    if config.target_speedup is not None:
+    target_macs = config.target_macs
+    if config.target_speedup is not None and not config.latency_check:
+        target_macs = 1 / config.target_speedup
+        report.notes.append(f"no latency measurements (--no-latency-check): the speed target "
+                            f"is read as keeping {target_macs:.1%} of the MACs")
+    if config.target_speedup is not None and config.latency_check:
         base = bench.time_model(model, probes.feeds, config.provider, config.threads,
                                 runs=config.bench_runs)
         report.metrics["model_ms"] = round(base, 4)
         index = _reach_speedup(picks, savings, base, probes, config, report)
-    elif config.target_macs is not None:
+    elif target_macs is not None:
         total_macs = cost.model_cost(model, batch1_shapes(model, calib)).macs
-        needed = total_macs * (1 - config.target_macs)
+        needed = total_macs * (1 - target_macs)
         feasible = [i for i, v in enumerate(savings) if v >= needed]
         if feasible:
             index = feasible[0]
         else:
             report.notes.append(
                 f"target cannot be met: at most {savings[-1] / total_macs:.1%} of the MACs can "
-                f"be saved, {1 - config.target_macs:.1%} asked; using the most aggressive ranks")
+                f"be saved, {1 - target_macs:.1%} asked; using the most aggressive ranks")
             report.metrics["target_met"] = False
     elif max_error is None:
         max_error = DEFAULT_MAX_ERROR
         report.notes.append(f"no target given: the fastest ranks within a model output error "
                             f"of {DEFAULT_MAX_ERROR} (the default --max-error)")
     if max_error is not None:
+        target_index = index
         index = _bound_error(picks, index, max_error, probes, report,
                              explicit=config.max_error is not None)
+        has_target = config.target_speedup is not None or target_macs is not None
+        if has_target and index < target_index and report.metrics.get("target_met") is not False:
+            report.metrics["target_met"] = False
+            report.notes.append(f"target not met: --max-error {max_error} allows only milder "
+                                f"ranks")
     return picks[index]
 
 
 def _reach_speedup(picks: list[dict[int, Option]], savings: list[float], base_ms: float,
                    probes: _Probes, config: LowRankConfig, report: Report) -> int:
-    """Index of the least aggressive pick measured to reach ``config.target_speedup``."""
+    """Index of a mild pick measured (as a whole model) to reach ``config.target_speedup``.
+
+    Start at the mildest pick the micro-benchmarks predict to be enough; while the measured
+    speedup falls short, move up by the realized share of the predicted saving; once one
+    meets the target, bisect toward milder picks (a few more measurements). Out of reach:
+    the mildest pick within noise of the fastest measured, or nothing.
+    """
     target = float(config.target_speedup or 1.0)
     needed = base_ms * (1 - 1 / target)
     feasible = [i for i, v in enumerate(savings) if v >= needed]
     index = feasible[0] if feasible else len(picks) - 1
-    if not config.latency_check:
-        if not feasible:
-            report.metrics["target_met"] = False
-            report.notes.append(f"target {target}x cannot be met: best predicted "
-                                f"{base_ms / max(base_ms - savings[-1], 1e-9):.2f}x")
-        return index
-    measured: dict[int, float] = {}
+    measured: dict[int, float] = {0: 1.0}  # picks[0] changes nothing
+    rounds = 0
     for _ in range(TARGET_ROUNDS):
         measured[index] = probes.speedup(picks[index])
+        rounds += 1
         if measured[index] >= target:
             break
         # Scale what the micro-benchmarks promise by what the whole model realized.
@@ -1039,20 +1063,33 @@ def _reach_speedup(picks: list[dict[int, Option]], savings: list[float], base_ms
         index = nxt
     met = [i for i, v in measured.items() if v >= target]
     if met:
-        best = min(met)
+        hi = min(met)
+        lo = max(i for i, v in measured.items() if v < target and i < hi)
+        for _ in range(MILDER_ROUNDS):
+            if hi - lo <= 1:
+                break
+            mid = (lo + hi) // 2
+            measured[mid] = probes.speedup(picks[mid])
+            rounds += 1
+            if measured[mid] >= target:
+                hi = mid
+            else:
+                lo = mid
+        best = hi
     else:
         # Out of reach: measure a few milder picks too and take the mildest one within
         # noise of the fastest, so error is not spent on speed that does not show.
         top = max(measured, key=lambda i: measured[i])
         for frac in (0.5, 0.25):
-            i = max(1, int(round(top * frac)))
-            if i not in measured and i < len(picks):
+            i = int(round(top * frac))
+            if 0 < i < len(picks) and i not in measured:
                 measured[i] = probes.speedup(picks[i])
-        measured.setdefault(0, 1.0)  # picks[0] changes nothing
+                rounds += 1
         fastest = max(measured.values())
         best = min(i for i, v in measured.items() if v >= fastest - NOISE * fastest)
-    report.metrics["target_rounds"] = len(measured)
-    report.metrics["probe_speedups"] = {str(i): round(v, 3) for i, v in sorted(measured.items())}
+    report.metrics["target_rounds"] = rounds
+    report.metrics["probe_speedups"] = {str(i): round(v, 3) for i, v in sorted(measured.items())
+                                        if i}
     if not met:
         report.metrics["target_met"] = False
         if best == 0:
@@ -1101,10 +1138,8 @@ def _build(
     """Rewrite the chosen layers in graph order, refitting each on the compressed upstream."""
     current = model
     changes: list[Change] = []
-    order = {n.name: i for i, n in enumerate(model.graph.node)}
-    by_name = {layer.name: i for i, layer in enumerate(layers)}
-    for name in sorted((layers[i].name for i in chosen), key=lambda n: order.get(n, 0)):
-        index = by_name[name]
+    for index in sorted(chosen):  # layers are in graph order
+        name = layers[index].name
         opt = chosen[index]
         plan = opt.plan
         graph = Graph(current)
@@ -1117,8 +1152,9 @@ def _build(
         raw_ab = plan_ab(layer, plan)
         refit_note = config.refit_mode if config.refit else "none"
         if config.refit and m0.rows < refit_rows_needed(plan):
-            refit_note = (f"none: {m0.rows} calibration rows, a refit at this rank needs "
-                          f"{refit_rows_needed(plan)} (give more --calib samples)")
+            refit_note = (f"none: {m0.rows} sampled rows, a refit at this rank needs "
+                          f"{refit_rows_needed(plan)} (more --calib samples help, up to "
+                          f"{config.max_rows} rows per layer)")
         if refit_note != config.refit_mode:
             ab = raw_ab
             err_before = err_after = plan_error(layer, plan, ab, xx0, None, yy0)

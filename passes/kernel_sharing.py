@@ -90,7 +90,8 @@ class KernelSharingMethod:
         if isinstance(config.rank, int):
             return (min(config.rank, c),)
         assert isinstance(config.rank, float)
-        return (min(c, round_up(config.rank * self.max_groups(layer), config.rank_multiple)),)
+        top = self.max_groups(layer)
+        return (min(top, round_up(config.rank * top, config.rank_multiple)),)
 
     def plan(self, layer: Layer, ranks: tuple[int, ...], config: LowRankConfig) -> Plan:
         """Fit the shared kernels and build the 1x1 -> kxk chain."""

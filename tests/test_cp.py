@@ -261,3 +261,45 @@ def test_every_candidate_is_applied_or_skipped(monkeypatch):
     assert applied | set(skipped) == {"c1", "c2"} and not applied & set(skipped)
     # The dense random layer cannot be compressed within 2%: the allocation leaves it alone.
     assert skipped.get("c1") == SkipReason.NOT_SELECTED
+
+
+def test_auto_without_latency_check_uses_mac_savings():
+    model = _two_layer_model()
+    calib = calibration(model)
+    result = cp(model, LowRankConfig(min_macs=0, latency_check=False, max_error=0.2), calib)
+    assert result.report.applied
+    speed = cp(model, LowRankConfig(min_macs=0, latency_check=False, target_speedup=1.5), calib)
+    assert any("read as keeping" in n for n in speed.report.notes)
+    t = speed.report.totals
+    total = (32 * 16 + 32 * 32) * 9 * 144
+    assert total - t["macs_before"] + t["macs_after"] <= total / 1.5
+
+
+def test_speed_target_search_goes_back_to_milder_ranks(monkeypatch):
+    """Whole-model speedup = MAC ratio: the search must end on a pick that meets the target,
+    and with the bisection not on the most aggressive one."""
+    from onnxcomp import cost
+
+    def measure(layer, plan, model, config):
+        return layer.macs * 1e-6, plan.macs * 1e-6
+    monkeypatch.setattr(decompose, "measure_plan", measure)
+    model = _two_layer_model()
+    base = cost.model_cost(model).macs
+    monkeypatch.setattr(decompose._Probes, "speedup_of",
+                        lambda self, cand: base / cost.model_cost(cand).macs)
+    # Micro-benchmarks claim 4x more time than the model takes: the first guess overshoots.
+    monkeypatch.setattr(decompose.bench, "time_model", lambda *a, **k: base * 1e-6 / 4)
+    result = cp(model, LowRankConfig(target_speedup=1.3, min_macs=0), calibration(model))
+    got = result.report.metrics["measured_speedup"]
+    assert got >= 1.3
+    probes = result.report.metrics["probe_speedups"]
+    assert got < max(probes.values()) or len(probes) == 1
+
+
+def test_error_bound_below_the_target_is_reported(monkeypatch):
+    _fake_latency(monkeypatch, 5.0)
+    model = _two_layer_model()
+    result = cp(model, LowRankConfig(target_macs=0.3, max_error=0.001, min_macs=0,
+                                     latency_check=False), calibration(model))
+    assert result.report.metrics["target_met"] is False
+    assert any("--max-error" in n for n in result.report.notes)
