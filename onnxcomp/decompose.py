@@ -227,7 +227,7 @@ def find_layers(
     """Candidate layers of the given op types; every other candidate is recorded as skipped."""
     layers: list[Layer] = []
     for node in graph.nodes_of(*ops):
-        layer_or_skip = _layer(graph, shapes, node, config)
+        layer_or_skip = make_layer(graph, shapes, node, config)
         if isinstance(layer_or_skip, Skip):
             report.add_skip(layer_or_skip)
         else:
@@ -235,8 +235,10 @@ def find_layers(
     return layers
 
 
-def _layer(graph: Graph, shapes: dict[str, tuple[int, ...]], node: Node,
-           config: LowRankConfig) -> Layer | Skip:
+def make_layer(graph: Graph, shapes: dict[str, tuple[int, ...]], node: Node,
+               config: LowRankConfig) -> Layer | Skip:
+    """``node`` as a :class:`Layer` (``y = W x + b``), or why it cannot be one."""
+
     def skip(reason: SkipReason, detail: str = "") -> Skip:
         return Skip(node.name, node.op, reason, detail)
 
@@ -740,7 +742,7 @@ def run_decomposition(
     if calib.synthetic:
         report.notes.append("synthetic calibration: ranks and refits come from random inputs "
                             "(weights alone); give --calib for meaningful results")
-    shapes = _static_shapes(model, calib)
+    shapes = static_shapes(model, calib)
     graph = Graph(model)
     layers = find_layers(graph, shapes, method.ops, config, report)
     kept: list[Layer] = []
@@ -874,7 +876,7 @@ def batch1_shapes(model: onnx.ModelProto, calib: Calibration) -> dict[str, tuple
     return out
 
 
-def _static_shapes(model: onnx.ModelProto, calib: Calibration) -> dict[str, tuple[int, ...]]:
+def static_shapes(model: onnx.ModelProto, calib: Calibration) -> dict[str, tuple[int, ...]]:
     """Static shapes of every tensor at batch 1 (input dims from the calibration data)."""
     shaped = cost.shaped_copy(model, batch1_shapes(model, calib))
     out: dict[str, tuple[int, ...]] = {}
@@ -1108,15 +1110,25 @@ def _bound_error(picks: list[dict[int, Option]], limit: int, bound: float, probe
     Errors are measured on the calibration data with probe builds (symmetric refit, which
     errs high: the final asymmetric refit is at least as good on average).
     """
-    if probes.error(picks[limit]) <= bound:
-        return limit
+    tried: dict[int, float] = {}
+
+    def error(i: int) -> float:
+        tried[i] = probes.error(picks[i])
+        return tried[i]
+
     lo, hi = 0, limit  # picks[0] is "nothing" (lam 0): error 0
+    if error(limit) <= bound:
+        lo = hi = limit
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if probes.error(picks[mid]) <= bound:
+        if error(mid) <= bound:
             lo = mid
         else:
             hi = mid
+    report.metrics["error_probes"] = {f"{i} ({len(picks[i])} layers)": round(e, 4)
+                                      for i, e in sorted(tried.items())}
+    if lo == limit:
+        return limit
     if explicit:
         report.metrics["max_error_bound_active"] = True
         report.notes.append(f"--max-error {bound} limits the ranks (measured model error "

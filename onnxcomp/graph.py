@@ -172,6 +172,19 @@ class Graph:
         self._provenance[node.name] = meta
         return node
 
+    def set_input_constant(self, node: gs.Node, index: int, values: np.ndarray) -> gs.Constant:
+        """Make input ``index`` of ``node`` a constant with ``values``.
+
+        The new initializer keeps the old one's name when only ``node`` read it (so diffs of
+        the graph stay readable); otherwise it gets a fresh unique name.
+        """
+        old = node.inputs[index]
+        alone = isinstance(old, gs.Constant) and all(c is node for c in old.outputs)
+        name = old.name if alone else self.unique_name(old.name)
+        const = gs.Constant(name, np.ascontiguousarray(values))
+        node.inputs[index] = const
+        return const
+
     def replace_with_constant(self, tensor: gs.Tensor, values: np.ndarray) -> gs.Constant:
         """Make ``tensor``'s readers read a new initializer of the same name instead."""
         const = gs.Constant(tensor.name, np.ascontiguousarray(values))

@@ -11,6 +11,7 @@ from onnxcomp.passes import (
     depthwise_separable,
     fold_bn,
     kernel_sharing,
+    prune_channels,
     svd,
     tucker,
 )
@@ -23,4 +24,5 @@ REGISTRY: dict[str, Pass[Any]] = {
     svd.PASS.name: svd.PASS,
     kernel_sharing.PASS.name: kernel_sharing.PASS,
     depthwise_separable.PASS.name: depthwise_separable.PASS,
+    prune_channels.PASS.name: prune_channels.PASS,
 }

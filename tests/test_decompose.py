@@ -11,7 +11,7 @@ from onnxcomp.passbase import Report
 
 
 def _layer(model, calib):
-    shapes = decompose._static_shapes(model, calib)
+    shapes = decompose.static_shapes(model, calib)
     layers = decompose.find_layers(Graph(model), shapes, ("Conv",), LowRankConfig(min_macs=0),
                                    Report("t"))
     return layers[0]
