@@ -98,6 +98,15 @@ def lowrank_options(func: F) -> F:
         click.option("--weighted/--no-weighted", default=True, show_default=True,
                      help="kernel_sharing: one weight per input channel (WKSC) or plain KSC."),
         click.option("--depth-multiplier", help="depthwise_separable: auto or N (like --rank)."),
+        click.option("--ratio", type=float,
+                     help="prune_channels: share of every group's channels to remove "
+                          "(default 0.3 without --target-speedup)."),
+        click.option("--criterion", type=click.Choice(
+            ["reconstruction", "l1", "l2", "bn_scale", "activation"]),
+                     default="reconstruction", show_default=True,
+                     help="prune_channels: channel importance."),
+        click.option("--round-to", type=click.IntRange(min=1), default=8, show_default=True,
+                     help="prune_channels: keep channel counts a multiple of this."),
         click.option("--share-groups", type=click.IntRange(min=1),
                      help="depthwise_separable: fold input channels into G shared groups "
                           "first (weighted kernel sharing)."),
@@ -179,6 +188,7 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], report_path:
              max_error: float | None, no_refit: bool, refit_mode: str, rank_multiple: int,
              no_latency_check: bool, exclude: Sequence[str], seed: int, groups: str | None,
              weighted: bool, depth_multiplier: str | None, share_groups: int | None,
+             ratio: float | None, criterion: str, round_to: int,
              **calib_kw: Any) -> None:
     """Rewrite IN.onnx with the given passes, verify, benchmark and write -o OUT.onnx."""
     from onnxcomp.passes import REGISTRY
@@ -194,7 +204,8 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], report_path:
         "refit_mode": refit_mode, "rank_multiple": rank_multiple,
         "latency_check": not no_latency_check, "exclude": tuple(exclude), "seed": seed,
         "provider": provider, "threads": threads, "weighted": weighted,
-        "share_groups": share_groups,
+        "share_groups": share_groups, "ratio": ratio, "criterion": criterion,
+        "round_to": round_to,
     }
     # Per-pass names for the rank: --groups, --depth-multiplier (else --rank).
     rank_alias = {"kernel_sharing": groups, "depthwise_separable": depth_multiplier}

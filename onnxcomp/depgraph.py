@@ -138,7 +138,11 @@ class DepGraph:
             self._opaque(node, "ignored by the user")
             return
         op = node.op
-        if all(lay is None for lay in ins):  # constants / shape computations only
+        if all(lay is None for lay in ins):
+            # Constants and shape computations have no channels; anything else that reads
+            # tensors of unknown layout (e.g. an NHWC input's Transpose) starts blocked ones.
+            if any(g.const_value(t) is None and not _is_shape_like(g, t) for t in node.inputs):
+                self._opaque(node, "reads tensors of unknown channel layout")
             return
         if op == "Conv":
             self._conv(node)
@@ -340,6 +344,37 @@ class DepGraph:
             m = lay.multiplier
             idx = (idx[:, None] * m + np.arange(m)[None, :]).reshape(-1)
         return idx
+
+
+def channel_features(dep: DepGraph, tensor: str, group_id: int) -> np.ndarray | None:
+    """Where each channel of a group sits in ``tensor``'s features, or None if absent.
+
+    Returns ``[group size, places * multiplier]`` feature indices (the multiplier of a
+    flattened tensor expands each channel into consecutive features).
+
+    A group present in several segments (e.g. ``Concat(x, x)``) lists all its places.
+    """
+    lay = dep.layouts.get(tensor)
+    if lay is None:
+        return None
+    places, offset = [], 0
+    for s, n in lay.segments:
+        if dep.find(s) == group_id:
+            places.append(np.arange(n) + offset)
+        offset += n
+    if not places:
+        return None
+    ch = np.stack(places, axis=1)  # [n, places]
+    m = lay.multiplier
+    return (ch[:, :, None] * m + np.arange(m)[None, None, :]).reshape(ch.shape[0], -1)
+
+
+def _is_shape_like(graph: Graph, tensor: Any) -> bool:
+    """A small integer tensor (shape arithmetic), not a feature map."""
+    shape = graph.shape(tensor)
+    dtype = getattr(tensor, "dtype", None)
+    return bool(shape is not None and len(shape) <= 1) or (
+        dtype is not None and np.dtype(dtype).kind in "iub")
 
 
 def _channels(graph: Graph, tensor: Any) -> int | None:

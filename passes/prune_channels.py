@@ -53,7 +53,11 @@ from onnxcomp.passbase import (
     SkipReason,
 )
 
-CRITERIA = ("l1", "l2", "bn_scale", "activation")
+CRITERIA = ("l1", "l2", "bn_scale", "activation", "reconstruction")
+DEFAULT_RATIO = 0.3
+# Global allocation never removes more than this share of one group's channels: per-channel
+# importances ignore redundancy between channels, which removing many at once exposes.
+MAX_GROUP_RATIO = 0.5
 FOLLOWERS = frozenset({"BatchNormalization", "Relu", "Clip", "LeakyRelu", "HardSwish",
                        "Sigmoid", "PRelu", "Identity"})
 
@@ -63,10 +67,11 @@ class PruneConfig(PassConfig):
     """Options of ``prune_channels``."""
 
     ratio: float | None = None
-    criterion: str = "l2"
+    criterion: str = "reconstruction"
     round_to: int = 8
     target_speedup: float | None = None
     refit: bool = True
+    refit_mode: str = "asymmetric"
     exclude: tuple[str, ...] = ()
     provider: str = "cpu"
     threads: int = 1
@@ -76,11 +81,9 @@ class PruneConfig(PassConfig):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.ratio is None and self.target_speedup is None:
-            object.__setattr__(self, "ratio", 0.3)
         if self.ratio is not None and not 0 <= self.ratio < 1:
             raise ConfigError(f"--ratio must be in [0, 1), got {self.ratio}")
-        if self.ratio is not None and self.target_speedup is not None and self.ratio != 0.3:
+        if self.ratio is not None and self.target_speedup is not None:
             raise ConfigError("give --ratio or --target-speedup, not both")
         if self.target_speedup is not None and self.target_speedup <= 1:
             raise ConfigError(f"--target-speedup must be > 1, got {self.target_speedup}")
@@ -89,6 +92,9 @@ class PruneConfig(PassConfig):
                               f"got '{self.criterion}'")
         if self.round_to < 1:
             raise ConfigError("--round-to must be >= 1")
+        if self.refit_mode not in ("asymmetric", "symmetric"):
+            raise ConfigError(f"refit mode must be asymmetric or symmetric, got "
+                              f"'{self.refit_mode}'")
 
 
 @dataclasses.dataclass
@@ -97,8 +103,10 @@ class _Prepared:
 
     groups: list[Group]
     scores: dict[int, np.ndarray]
-    layers: dict[str, Layer]
+    macs_per_channel: dict[int, float]  # MACs one channel of the group costs (batch 1)
+    layers: dict[str, Layer]  # consumers of prunable groups, in graph order
     moments: dict[str, decompose.Moments]
+    targets: dict[str, list[np.ndarray]]  # sampled original output rows per consumer
 
 
 class PruneChannels:
@@ -124,15 +132,17 @@ class PruneChannels:
             report.notes.append("no prunable channel group")
             return PassResult(copy_model(model), report)
         if config.target_speedup is None:
-            ratio = float(config.ratio or 0.0)
+            ratio = DEFAULT_RATIO if config.ratio is None else config.ratio
+            keep = uniform_keep(prep.scores, ratio, config.round_to)
         else:
-            ratio = _search_ratio(model, prep, config, calib, report)
-        if ratio <= 0:
-            return PassResult(copy_model(model), report)
-        pruned, changes = _build(model, prep, ratio, config, calib)
+            keep = _search_speed(model, prep, config, calib, report)
+        pruned, changes = _build(model, prep, keep, config, calib)
         for change in changes:
             report.apply(change)
-        report.metrics["ratio"] = round(ratio, 4)
+        kept = sum(len(k) for k in keep.values())
+        total = sum(len(prep.scores[g]) for g in keep)
+        if total:
+            report.metrics["channels_removed"] = f"{total - kept} of {total}"
         if not changes:
             return PassResult(copy_model(model), report)
         return PassResult(pruned, report)
@@ -159,20 +169,57 @@ def _prepare(model: onnx.ModelProto, config: PruneConfig, calib: Calibration,
                                  f"{group.size} channels <= --round-to {config.round_to}"))
         else:
             scores[group.id] = np.zeros(group.size)
+    layers, moments, targets = _consumer_moments(model, graph, dep, scores, config, calib)
     if scores:
-        _score(graph, dep, scores, config, calib, report)
-    layers, moments = _refit_moments(model, graph, dep, scores, config, calib)
-    return _Prepared(dep.groups, scores, layers, moments)
+        _score(graph, dep, scores, config, calib, report, layers, moments)
+    per_channel = _macs_per_channel(model, graph, dep, list(scores), calib)
+    return _Prepared(dep.groups, scores, per_channel, layers, moments, targets)
+
+
+def _macs_per_channel(model: onnx.ModelProto, graph: Graph, dep: DepGraph,
+                      group_ids: list[int], calib: Calibration) -> dict[int, float]:
+    """MACs attributable to one channel of each group (batch 1).
+
+    Every node reading or writing the group's channels counts, pro rata of the group's share
+    of that tensor's channels.
+    """
+    if not group_ids:
+        return {}
+    costs = cost.model_cost(model, decompose.batch1_shapes(model, calib)).by_name()
+    out = dict.fromkeys(group_ids, 0.0)
+    sizes = {g.id: g.size for g in dep.groups}
+    for node in graph.nodes:
+        macs = costs[node.name].macs if node.name in costs else 0
+        if not macs:
+            continue
+        for gid in group_ids:
+            share = 0.0
+            for t in (*node.inputs[:1], *node.outputs[:1]):
+                lay = dep.layouts.get(t.name)
+                if lay is None or not lay.channels:
+                    continue
+                mine = sum(n for sp, n in lay.segments if dep.find(sp) == gid)
+                share = max(share, mine / lay.channels)
+            if share:
+                out[gid] += macs * share / max(sizes[gid], 1)
+    return out
 
 
 def _score(graph: Graph, dep: DepGraph, scores: dict[int, np.ndarray], config: PruneConfig,
-           calib: Calibration, report: Report) -> None:
+           calib: Calibration, report: Report, layers: dict[str, Layer],
+           moments: dict[str, decompose.Moments]) -> None:
     nodes = {n.name: n for n in graph.nodes}
     watch: dict[str, tuple[int, str]] = {}
     fallback = 0
     for group in dep.groups:
         if group.id not in scores:
             continue
+        if config.criterion == "reconstruction":
+            s = _contributions(dep, group.id, layers, moments)
+            if s is not None:
+                scores[group.id] += s
+                continue
+            fallback += 1
         for name in group.producers:
             node = nodes[name]
             if config.criterion == "activation":
@@ -185,9 +232,12 @@ def _score(graph: Graph, dep: DepGraph, scores: dict[int, np.ndarray], config: P
             if s is None:
                 s = _filter_norms(graph, node, 1 if config.criterion == "l1" else 2)
             scores[group.id] += s / max(float(np.mean(s)), 1e-30)
-    if fallback:
+    if fallback and config.criterion == "bn_scale":
         report.notes.append(f"bn_scale: {fallback} producer(s) have no BatchNormalization "
                             f"after them (folded?): scored by l2 instead")
+    if fallback and config.criterion == "reconstruction":
+        report.notes.append(f"reconstruction: {fallback} group(s) feed no refittable "
+                            f"consumer: scored by l2 instead")
     if watch:
         sums = {t: np.zeros(0) for t in watch}
         for batch in calibrate.iter_capture(graph.source, list(watch), calib):
@@ -198,6 +248,36 @@ def _score(graph: Graph, dep: DepGraph, scores: dict[int, np.ndarray], config: P
         for t, (gid, _) in watch.items():
             s = sums[t]
             scores[gid] += s / max(float(np.mean(s)), 1e-30)
+
+
+def _contributions(dep: DepGraph, group_id: int, layers: dict[str, Layer],
+                   moments: dict[str, decompose.Moments]) -> np.ndarray | None:
+    """Per channel: how much the consumers' outputs change if it alone is removed.
+
+    ``E||W[:, c] (x_c - E x_c)||^2 / E||y||^2`` summed over the consumers (centered: the
+    refit or the mean compensation puts the channel's mean back through the bias), after
+    He et al. 2017's criterion without its LASSO search.
+    """
+    total: np.ndarray | None = None
+    for name, layer in layers.items():
+        feats = depgraph.channel_features(dep, layer.node.inputs[0].name, group_id)
+        if feats is None:
+            continue
+        xx, _, _ = moments[name].normalized()
+        d = layer.matrix.shape[1]
+        mean = xx[d, :d]
+        cov = xx[:d, :d] - np.outer(mean, mean)
+        t = layer.matrix
+        energy = float(np.sum((t @ xx[:d, :d]) * t)) + 1e-30
+        if layer.is_conv:
+            k = int(np.prod(layer.weight.shape[2:]))
+            cols = (feats[:, :, None] * k + np.arange(k)[None, None, :]).reshape(len(feats), -1)
+        else:
+            cols = feats
+        contrib = np.array([float(np.sum((t[:, c] @ cov[np.ix_(c, c)]) * t[:, c]))
+                            for c in cols]) / energy
+        total = contrib if total is None else total + contrib
+    return total
 
 
 def _after_followers(graph: Graph, tensor: Any) -> str:
@@ -247,11 +327,13 @@ def _consumers_to_refit(graph: Graph, dep: DepGraph, group_ids: Sequence[int]) -
     return out
 
 
-def _refit_moments(model: onnx.ModelProto, graph: Graph, dep: DepGraph,
-                   scores: dict[int, np.ndarray], config: PruneConfig, calib: Calibration
-                   ) -> tuple[dict[str, Layer], dict[str, decompose.Moments]]:
-    if not config.refit or not scores:
-        return {}, {}
+def _consumer_moments(model: onnx.ModelProto, graph: Graph, dep: DepGraph,
+                      scores: dict[int, np.ndarray], config: PruneConfig, calib: Calibration
+                      ) -> tuple[dict[str, Layer], dict[str, decompose.Moments],
+                                 dict[str, list[np.ndarray]]]:
+    """Input moments and sampled output rows (original model) of every affected consumer."""
+    if not scores or (not config.refit and config.criterion != "reconstruction"):
+        return {}, {}, {}
     shapes = decompose.static_shapes(model, calib)
     lr = LowRankConfig(rank=1, min_macs=0, max_rows=config.max_rows, seed=config.seed)
     layers = []
@@ -260,10 +342,11 @@ def _refit_moments(model: onnx.ModelProto, graph: Graph, dep: DepGraph,
         if isinstance(layer, Layer):
             layers.append(layer)
     if not layers:
-        return {}, {}
-    moments, _ = decompose.collect_original(model, layers, calib, lr)
+        return {}, {}, {}
+    moments, targets = decompose.collect_original(model, layers, calib, lr)
     return ({layer.name: layer for layer in layers},
-            {layer.name: m for layer, m in zip(layers, moments, strict=True)})
+            {layer.name: m for layer, m in zip(layers, moments, strict=True)},
+            {layer.name: t for layer, t in zip(layers, targets, strict=True)})
 
 
 # ====================================================================== building
@@ -274,26 +357,66 @@ def keep_count(size: int, ratio: float, round_to: int) -> int:
     return int(min(size, max(round_to, k)))
 
 
-def _build(model: onnx.ModelProto, prep: _Prepared, ratio: float, config: PruneConfig,
-           calib: Calibration) -> tuple[onnx.ModelProto, list[Change]]:
-    graph = Graph(model)
-    dep = DepGraph(graph, ignore=config.exclude)
-    keep: dict[int, np.ndarray] = {}
-    sizes: dict[int, int] = {}
-    for gid, s in prep.scores.items():
-        count = keep_count(len(s), ratio, config.round_to)
+def uniform_keep(scores: dict[int, np.ndarray], ratio: float, round_to: int
+                 ) -> dict[int, np.ndarray]:
+    """The most important channels of every group, ``ratio`` of them removed (rounded)."""
+    keep = {}
+    for gid, s in scores.items():
+        count = keep_count(len(s), ratio, round_to)
         if count < len(s):
             keep[gid] = np.sort(np.argsort(-s, kind="stable")[:count])
-            sizes[gid] = len(s)
+    return keep
+
+
+def global_keep(scores: dict[int, np.ndarray], macs_per_channel: dict[int, float],
+                fraction: float, round_to: int) -> dict[int, np.ndarray]:
+    """Channels to keep when ``fraction`` of the groups' MACs are removed.
+
+    Blocks of ``round_to`` channels go, least importance per MAC saved first, so per-group
+    ratios follow from sensitivity and cost.
+    """
+    order = {gid: np.argsort(s, kind="stable") for gid, s in scores.items()}  # least first
+    removed = dict.fromkeys(scores, 0)
+    budget = fraction * sum(len(s) * macs_per_channel.get(g, 0.0) for g, s in scores.items())
+    saved = 0.0
+    while saved < budget:
+        best, best_ratio = None, np.inf
+        for gid, s in scores.items():
+            n = removed[gid]
+            if len(s) - n - round_to < max(round_to, (1 - MAX_GROUP_RATIO) * len(s)):
+                continue
+            block = order[gid][n:n + round_to]
+            gain = round_to * macs_per_channel.get(gid, 0.0)
+            if gain <= 0:
+                continue
+            ratio = float(np.sum(s[block])) / gain
+            if ratio < best_ratio:
+                best, best_ratio = gid, ratio
+        if best is None:
+            break
+        removed[best] += round_to
+        saved += round_to * macs_per_channel[best]
+    return {gid: np.sort(order[gid][n:]) for gid, n in removed.items() if n}
+
+
+def _build(model: onnx.ModelProto, prep: _Prepared, keep: dict[int, np.ndarray],
+           config: PruneConfig, calib: Calibration) -> tuple[onnx.ModelProto, list[Change]]:
     if not keep:
         return model, []
+    graph = Graph(model)
+    dep = DepGraph(graph, ignore=config.exclude)
+    sizes = {gid: len(prep.scores[gid]) for gid in keep}
     before = cost.model_cost(model, decompose.batch1_shapes(model, calib)).by_name()
     owner = _owners(graph, dep, keep)
-    refits = _refits(graph, dep, keep, prep, config)
+    refits = _refits(graph, dep, keep, prep, config) if config.refit else {}
+    out_keeps = {name: dep.keep_indices(prep.layers[name].node.outputs[0].name, keep)
+                 for name in refits}
     depgraph.apply(dep, keep)
     for name, (w_new, b_new, _) in refits.items():
         _write_refit(graph, name, w_new, b_new)
     pruned = graph.export()
+    if config.refit and config.refit_mode == "asymmetric":
+        pruned = _asymmetric(pruned, prep, refits, out_keeps, config, calib)
     after = cost.model_cost(pruned, decompose.batch1_shapes(pruned, calib)).by_name()
     changes = []
     for gid, k in keep.items():
@@ -385,6 +508,44 @@ def _refits(graph: Graph, dep: DepGraph, keep: dict[int, np.ndarray], prep: _Pre
     return out
 
 
+def _asymmetric(model: onnx.ModelProto, prep: _Prepared,
+                refits: dict[str, tuple[np.ndarray, np.ndarray | None, str]],
+                out_keeps: dict[str, np.ndarray | None], config: PruneConfig,
+                calib: Calibration) -> onnx.ModelProto:
+    """Refit consumers again, in graph order, on the pruned network's own activations.
+
+    Targets are the original network's outputs, so errors of earlier layers are corrected
+    instead of accumulated (Zhang et al. 2016's asymmetric reconstruction). Consumers whose
+    symmetric refit was replaced by mean compensation (too few rows) are left as they are.
+    """
+    lr = LowRankConfig(rank=1, min_macs=0, max_rows=config.max_rows, seed=config.seed)
+    order = list(prep.layers)
+    current = model
+    for name in order:
+        if name not in refits or not refits[name][2].startswith("least squares"):
+            continue
+        shapes = decompose.static_shapes(current, calib)
+        graph = Graph(current)
+        node = next(n for n in graph.nodes if n.name == name)
+        layer = decompose.make_layer(graph, shapes, node, lr)
+        if not isinstance(layer, Layer):
+            continue
+        keep_out = out_keeps[name]
+        targets = [t if keep_out is None else t[:, keep_out] for t in prep.targets[name]]
+        m = decompose.collect_compressed(current, order.index(name), layer, targets, calib, lr)
+        xx, xy, _ = m.normalized()
+        assert xy is not None
+        use_bias = layer.op != "MatMul"
+        d = layer.matrix.shape[1]
+        sel = np.arange(d + 1) if use_bias else np.arange(d)
+        gram = xx[np.ix_(sel, sel)]
+        reg = config.ridge * float(np.trace(gram)) / max(len(sel), 1)
+        sol = np.linalg.solve(gram + reg * np.eye(len(sel)), xy[sel]).T
+        _write_refit(graph, name, sol[:, :d], sol[:, d] if use_bias else None)
+        current = graph.export()
+    return current
+
+
 def _write_refit(graph: Graph, name: str, w_cols: np.ndarray, bias: np.ndarray | None,
                  *_: Any) -> None:
     """Write a refit (canonical [Y, X] columns) into the already sliced node."""
@@ -404,41 +565,51 @@ def _write_refit(graph: Graph, name: str, w_cols: np.ndarray, bias: np.ndarray |
         return
     b = (bias / (beta if beta else 1.0)).astype(dtype)
     if graph.input(node, 2) is None:
-        node.inputs[2:] = [graph.constant(f"{name}_bias", b)]
+        const = graph.constant(f"{name}_bias", b)
+        if len(node.inputs) > 2:  # an empty optional input
+            node.inputs[2] = const
+        else:
+            node.inputs.append(const)
     else:
         graph.set_input_constant(node, 2, b)
 
 
 # ====================================================================== speed target
-def _search_ratio(model: onnx.ModelProto, prep: _Prepared, config: PruneConfig,
-                  calib: Calibration, report: Report) -> float:
-    """The smallest ratio (bisection, whole-model timing) reaching ``target_speedup``."""
+def _search_speed(model: onnx.ModelProto, prep: _Prepared, config: PruneConfig,
+                  calib: Calibration, report: Report) -> dict[int, np.ndarray]:
+    """The least pruning measured (whole model) to be ``target_speedup`` faster.
+
+    Bisection on the fraction of MACs removed, allocated across groups by :func:`global_keep`.
+    """
     target = float(config.target_speedup or 1.0)
     feeds = {k: v[:1] for k, v in calib.batches[0].items()}
     cfg = bench.BenchConfig(provider=config.provider, threads=config.threads, warmup=5,
                             runs=config.bench_runs)
     measured: dict[float, float] = {}
 
-    def speed(r: float) -> float:
-        if r not in measured:
-            pruned, _ = _build(model, prep, r, config, calib)
+    def keep_at(f: float) -> dict[int, np.ndarray]:
+        return global_keep(prep.scores, prep.macs_per_channel, f, config.round_to)
+
+    def speed(f: float) -> float:
+        if f not in measured:
+            pruned, _ = _build(model, prep, keep_at(f), config, calib)
             res = bench.benchmark([model, pruned], cfg, inputs=feeds)
-            measured[r] = float(res.speedups[0].median)
-        return measured[r]
+            measured[f] = float(res.speedups[0].median)
+        return measured[f]
 
     lo, hi = 0.0, 0.9
     if speed(hi) < target:
         report.metrics["target_met"] = False
-        report.notes.append(f"target {target}x not reached: {speed(hi):.2f}x at ratio {hi}; "
-                            f"using it")
-        best = hi
+        report.notes.append(f"target {target}x not reached: {speed(hi):.2f}x with "
+                            f"{hi:.0%} of the prunable MACs removed; using it")
     else:
-        for _ in range(6):
+        for _ in range(7):
             mid = round((lo + hi) / 2, 4)
             if speed(mid) >= target:
                 hi = mid
             else:
                 lo = mid
-        best = hi
-    report.metrics["ratio_search"] = {str(k): round(v, 3) for k, v in sorted(measured.items())}
-    return best
+    report.metrics["macs_fraction_search"] = {str(k): round(v, 3)
+                                              for k, v in sorted(measured.items())}
+    report.metrics["macs_fraction"] = hi
+    return keep_at(hi)

@@ -265,3 +265,27 @@ def test_bad_groups_is_a_usage_error(runner, conv_file, tmp_path):
     result = _invoke(runner, ["optimize", src, "-o", tmp_path / "o.onnx", "--pass",
                               "kernel_sharing", "--groups", "0", "--calib", calib])
     _assert_clean_failure(result, 2, "--rank must be >= 1", tmp_path, ["conv.onnx", "calib.npz"])
+
+
+def test_prune_channels_from_the_cli(runner, tmp_path):
+    from test_prune_channels import Net
+
+    net = Net()
+    a = net.conv("x", 4, 16)
+    a = net.op("Relu", [a])
+    a = net.conv(a, 16, 6)
+    src = tmp_path / "p.onnx"
+    onnx.save(net.model(a, [6, 8, 8]), src)
+    calib = tmp_path / "c.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal([8, 4, 8, 8]).astype("f4"))
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    result = _invoke(runner, ["optimize", src, "-o", out, "--pass", "prune_channels",
+                              "--ratio", "0.5", "--round-to", "4", "--criterion", "l1",
+                              "--calib", calib, "--no-bench", "--report", report])
+    assert result.exit_code == 0, result.output
+    step = json.loads(report.read_text())["steps"][0]["report"]
+    assert step["applied"][0]["what"] == "kept 8 of 16 channels"
+    bad = _invoke(runner, ["optimize", src, "-o", tmp_path / "b.onnx", "--pass",
+                           "prune_channels", "--ratio", "0.5", "--target-speedup", "2",
+                           "--calib", calib])
+    _assert_clean_failure(bad, 2, "not both", tmp_path, ["p.onnx", "c.npz", "o.onnx", "r.json"])
