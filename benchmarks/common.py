@@ -71,6 +71,6 @@ def write(name: str, headers: Sequence[str], rows: Sequence[Sequence[Any]],
     """Write ``results/<name>.md`` (a table) and ``results/<name>.json``."""
     RESULTS.mkdir(exist_ok=True)
     md = RESULTS / f"{name}.md"
-    md.write_text(preamble + markdown_table(headers, rows))
+    md.write_text(preamble + (markdown_table(headers, rows) if headers else ""))
     (RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=2, default=str))
     return md

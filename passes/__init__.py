@@ -12,6 +12,7 @@ from onnxcomp.passes import (
     fold_bn,
     kernel_sharing,
     prune_channels,
+    prune_layers,
     svd,
     tucker,
 )
@@ -25,4 +26,5 @@ REGISTRY: dict[str, Pass[Any]] = {
     kernel_sharing.PASS.name: kernel_sharing.PASS,
     depthwise_separable.PASS.name: depthwise_separable.PASS,
     prune_channels.PASS.name: prune_channels.PASS,
+    prune_layers.PASS.name: prune_layers.PASS,
 }

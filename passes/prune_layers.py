@@ -1,0 +1,380 @@
+"""Whole-layer pruning: drop residual branches and identity-shaped convs (lossy).
+
+Source: the "Compressing ConvNets Using Pruning Filters and Layers" thesis this project is
+seeded with (layer importance, then removal of the least important layers); the refit of the
+next layer is Zhang et al. 2016's asymmetric reconstruction (arXiv:1505.06798).
+
+Removable units::
+
+    residual branch:   y = x + f(x)          =>  y = x          (the Add becomes identity)
+    identity-shaped:   x -> Conv(C->C, stride 1, same size) [-> BN -> activation] -> z
+                                             =>  z = x          (the chain is dropped)
+
+Each unit's importance is measured on the calibration data as the relative change of the
+model's outputs when it alone is removed. The least important units go (``--layers N``, or
+one at a time until ``--target-speedup`` is measured on the provider); then every Conv / Gemm
+/ MatMul that reads a replaced tensor is refit by least squares, in graph order, on the pruned
+network's activations with the original network's outputs as targets.
+
+Skipped units (listed in the report): the ones not selected (with their importance), and
+graph outputs or weights that are not constant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx
+
+from onnxcomp import bench, calibrate, cost, decompose, verify
+from onnxcomp.calibrate import Calibration
+from onnxcomp.decompose import Layer, LowRankConfig
+from onnxcomp.graph import Graph
+from onnxcomp.model import copy_model
+from onnxcomp.passbase import (
+    Change,
+    ConfigError,
+    PassConfig,
+    PassResult,
+    Report,
+    SkipReason,
+)
+
+# Up to this many candidates, importance is measured with the next layers refit (what the
+# removal really costs); beyond, without (one model run per candidate).
+REFIT_SCORING_UNITS = 24
+FOLLOWERS = frozenset({"BatchNormalization", "Relu", "Clip", "LeakyRelu", "HardSwish",
+                       "Sigmoid", "PRelu", "Identity", "Dropout"})
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneLayersConfig(PassConfig):
+    """Options of ``prune_layers``."""
+
+    layers: int | None = None
+    target_speedup: float | None = None
+    refit: bool = True
+    exclude: tuple[str, ...] = ()
+    provider: str = "cpu"
+    threads: int = 1
+    bench_runs: int = 30
+    max_rows: int = 16384
+    ridge: float = 1e-9
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.layers is not None and self.layers < 1:
+            raise ConfigError(f"--layers must be >= 1, got {self.layers}")
+        if self.layers is not None and self.target_speedup is not None:
+            raise ConfigError("give --layers or --target-speedup, not both")
+        if self.target_speedup is not None and self.target_speedup <= 1:
+            raise ConfigError(f"--target-speedup must be > 1, got {self.target_speedup}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """A removable piece of the graph: ``nodes`` go, readers of ``out`` read ``src`` instead."""
+
+    kind: str  # "residual branch" | "identity-shaped conv"
+    head: str  # the node named in the report (the Add or the Conv)
+    op: str
+    nodes: tuple[str, ...]
+    src: str
+    out: str
+
+
+class PruneLayers:
+    """The ``prune_layers`` pass."""
+
+    name: ClassVar[str] = "prune_layers"
+    lossless: ClassVar[bool] = False
+    config_cls: ClassVar[type[PassConfig]] = PruneLayersConfig
+
+    def __call__(self, model: onnx.ModelProto, config: PassConfig,
+                 calib: Calibration | None = None) -> PassResult:
+        """Remove the least important units of a copy of ``model``."""
+        if not isinstance(config, PruneLayersConfig):
+            raise ConfigError("prune_layers needs a PruneLayersConfig")
+        report = Report(self.name)
+        if calib is None:
+            calib = calibrate.synthetic_calibration(model, num_samples=8)
+        if calib.synthetic:
+            report.notes.append("synthetic calibration: importances and refits come from "
+                                "random inputs; give --calib")
+        units = find_units(Graph(model), config.exclude, report)
+        if not units:
+            report.notes.append("no removable layer")
+            return PassResult(copy_model(model), report)
+        names, ref = verify_outputs(model, calib)
+        importance = {}
+        with_refit = config.refit and len(units) <= REFIT_SCORING_UNITS
+        for unit in units:
+            alone = _finish(model, [unit], config, calib) if with_refit else remove(model, [unit])
+            _, got = verify_outputs(alone, calib)
+            importance[unit.head] = verify.compare_outputs(names, ref, got).rel_l2
+        report.metrics["importance"] = "after refit" if with_refit else "without refit"
+        before = cost.model_cost(model, decompose.batch1_shapes(model, calib)).by_name()
+
+        def saved(u: Unit) -> int:
+            return sum(before[n].macs for n in u.nodes if n in before)
+
+        # Least important first; among equals (e.g. exact zeros), the one saving most.
+        ranked = sorted(units, key=lambda u: (round(importance[u.head], 9), -saved(u)))
+        if config.target_speedup is None:
+            chosen = _disjoint(ranked, config.layers or 1)
+            pruned = _finish(model, chosen, config, calib)
+        else:
+            chosen, pruned = _to_speed(model, ranked, config, calib, report)
+        for unit in ranked:
+            if unit in chosen:
+                report.apply(Change(
+                    node=unit.head, op_type=unit.op, what=f"removed {unit.kind}",
+                    params_before=sum(before[n].params for n in unit.nodes if n in before),
+                    params_after=0, macs_before=saved(unit),
+                    macs_after=0, error=round(importance[unit.head], 6),
+                    details={"nodes": list(unit.nodes), "importance": importance[unit.head],
+                             "refit": "asymmetric" if config.refit else "none"}))
+            else:
+                report.skip(unit.head, unit.op, SkipReason.NOT_SELECTED,
+                            f"{unit.kind}; output change if removed {importance[unit.head]:.4g}")
+        if not chosen:
+            return PassResult(copy_model(model), report)
+        return PassResult(pruned, report)
+
+
+PASS = PruneLayers()
+
+
+def verify_outputs(model: onnx.ModelProto, calib: Calibration
+                   ) -> tuple[list[str], list[np.ndarray]]:
+    """Output names and outputs on the calibration data."""
+    return [o.name for o in model.graph.output], calibrate.run_model(model, calib)
+
+
+# ====================================================================== finding units
+def find_units(graph: Graph, exclude: Sequence[str], report: Report) -> list[Unit]:
+    """Residual branches and identity-shaped convs of ``graph``."""
+    units: list[Unit] = []
+    for node in graph.nodes:
+        if node.name in exclude:
+            report.skip(node.name, node.op, SkipReason.USER_EXCLUDED, "--exclude")
+            continue
+        unit = None
+        if node.op == "Add":
+            unit = _residual(graph, node)
+        elif node.op == "Conv":
+            unit = _identity_conv(graph, node, report)
+        if unit is not None:
+            units.append(unit)
+    return units
+
+
+def _residual(graph: Graph, add: Any) -> Unit | None:
+    if len(add.inputs) != 2 or any(graph.const_value(t) is not None for t in add.inputs):
+        return None
+    if graph.is_graph_output(add.outputs[0]):
+        return None
+    for skip_i in (0, 1):
+        skip, branch_out = add.inputs[skip_i], add.inputs[1 - skip_i]
+        if graph.shape(skip) != graph.shape(add.outputs[0]):
+            continue
+        nodes = _branch(graph, skip, branch_out, add)
+        if nodes:
+            return Unit("residual branch", add.name, "Add", (*nodes, add.name),
+                        skip.name, add.outputs[0].name)
+    return None
+
+
+def _branch(graph: Graph, src: Any, out: Any, add: Any) -> list[str] | None:
+    """Nodes computing ``out`` from ``src`` (and constants) only, used only inside; or None."""
+    nodes: dict[str, Any] = {}
+    stack = [out]
+    while stack:
+        t = stack.pop()
+        if t is src or graph.const_value(t) is not None:
+            continue
+        prod = graph.producer(t)
+        if prod is None or graph.is_graph_output(t):
+            return None
+        if prod.name in nodes:
+            continue
+        nodes[prod.name] = prod
+        stack.extend(prod.inputs)
+    if not nodes:
+        return None
+    inside = set(nodes) | {add.name}
+    for node in nodes.values():
+        for t in node.outputs:
+            if graph.is_graph_output(t) or any(c.name not in inside for c in t.outputs):
+                return None
+    order = {n.name: i for i, n in enumerate(graph.nodes)}
+    return sorted(nodes, key=lambda n: order[n])
+
+
+def _identity_conv(graph: Graph, conv: Any, report: Report) -> Unit | None:
+    w = graph.const_value(graph.input(conv, 1))
+    x, y = conv.inputs[0], conv.outputs[0]
+    if w is None or w.ndim != 4 or w.shape[0] != w.shape[1]:
+        return None
+    if int(conv.attrs.get("group", 1)) != 1 or graph.shape(x) != graph.shape(y):
+        return None
+    if any(int(s) != 1 for s in conv.attrs.get("strides", [1, 1])):
+        return None
+    nodes, t = [conv.name], y
+    while (len(t.outputs) == 1 and not graph.is_graph_output(t)
+           and t.outputs[0].op in FOLLOWERS and t.outputs[0].inputs[0] is t):
+        nodes.append(t.outputs[0].name)
+        t = t.outputs[0].outputs[0]
+    if graph.is_graph_output(t):
+        report.skip(conv.name, "Conv", SkipReason.GRAPH_OUTPUT, "its chain ends at a graph output")
+        return None
+    return Unit("identity-shaped conv", conv.name, "Conv", tuple(nodes), x.name, t.name)
+
+
+def _disjoint(ranked: list[Unit], count: int) -> list[Unit]:
+    """The first ``count`` units of ``ranked`` that share no node with an earlier pick."""
+    chosen: list[Unit] = []
+    used: set[str] = set()
+    for unit in ranked:
+        if len(chosen) == count:
+            break
+        if used.isdisjoint(unit.nodes) and all(u.src not in unit.nodes for u in chosen):
+            chosen.append(unit)
+            used.update(unit.nodes)
+    return chosen
+
+
+# ====================================================================== removing
+def remove(model: onnx.ModelProto, units: Sequence[Unit]) -> onnx.ModelProto:
+    """``model`` without ``units`` (no refit)."""
+    graph = Graph(model)
+    tensors = graph.gs.tensors()
+    by_name = {n.name: n for n in graph.nodes}
+    for unit in units:
+        src, out = tensors[unit.src], tensors[unit.out]
+        for consumer in list(out.outputs):
+            for i, t in enumerate(consumer.inputs):
+                if t is out:
+                    consumer.inputs[i] = src
+        graph.retire(by_name[n] for n in unit.nodes)
+    return graph.export()
+
+
+def _finish(model: onnx.ModelProto, units: Sequence[Unit], config: PruneLayersConfig,
+            calib: Calibration) -> onnx.ModelProto:
+    """Remove ``units`` and refit the layers that read what they replaced."""
+    pruned = remove(model, units)
+    if not config.refit or not units:
+        return pruned
+    graph = Graph(model)
+    readers: list[str] = []
+    for unit in units:
+        readers += _next_linear(graph, graph.gs.tensors()[unit.out])
+    if not readers:
+        return pruned
+    lr = LowRankConfig(rank=1, min_macs=0, max_rows=config.max_rows, seed=config.seed)
+    shapes = decompose.static_shapes(model, calib)
+    layers = [decompose.make_layer(graph, shapes, n, lr) for n in graph.nodes
+              if n.name in readers]
+    layers = [layer for layer in layers if isinstance(layer, Layer)]
+    if not layers:
+        return pruned
+    _, targets = decompose.collect_original(model, layers, calib, lr)
+    current = pruned
+    for index, layer in enumerate(layers):
+        g = Graph(current)
+        node = next(n for n in g.nodes if n.name == layer.name)
+        now = decompose.make_layer(g, decompose.static_shapes(current, calib), node, lr)
+        if not isinstance(now, Layer):
+            continue
+        m = decompose.collect_compressed(current, index, now, targets[index], calib, lr)
+        if m.rows < decompose.REFIT_ROWS_PER_UNKNOWN * (now.matrix.shape[1] + 1):
+            continue
+        xx, xy, _ = m.normalized()
+        assert xy is not None
+        d = now.matrix.shape[1]
+        use_bias = now.op != "MatMul"
+        sel = np.arange(d + 1) if use_bias else np.arange(d)
+        gram = xx[np.ix_(sel, sel)]
+        reg = config.ridge * float(np.trace(gram)) / max(len(sel), 1)
+        sol = np.linalg.solve(gram + reg * np.eye(len(sel)), xy[sel]).T
+        _write(g, node, now, sol[:, :d], sol[:, d] if use_bias else None)
+        current = g.export()
+    return current
+
+
+def _next_linear(graph: Graph, tensor: Any) -> list[str]:
+    """The Conv / Gemm / MatMul nodes first reached downstream of ``tensor``."""
+    found: list[str] = []
+    seen: set[str] = set()
+    stack = [tensor]
+    while stack:
+        t = stack.pop()
+        for c in t.outputs:
+            if c.name in seen:
+                continue
+            seen.add(c.name)
+            if c.op in ("Conv", "Gemm", "MatMul"):
+                found.append(c.name)
+            else:
+                stack.extend(c.outputs)
+    return found
+
+
+def _write(graph: Graph, node: Any, layer: Layer, w: np.ndarray, b: np.ndarray | None) -> None:
+    """Write a canonical ``[Y, X]`` weight and bias back into ``node``'s own layout."""
+    old = graph.const_value(graph.input(node, 1))
+    assert old is not None
+    if node.op == "Conv":
+        new = w.reshape(old.shape)
+        bias = b
+    else:
+        alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
+        trans_b = node.op == "Gemm" and bool(node.attrs.get("transB", 0))
+        new = (w if trans_b else w.T).reshape(old.shape) / alpha
+        beta = float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else 1.0
+        bias = None if b is None else b / (beta or 1.0)
+    graph.set_input_constant(node, 1, new.astype(old.dtype))
+    if bias is None:
+        return
+    if graph.input(node, 2) is None:
+        const = graph.constant(f"{node.name}_bias", bias.astype(old.dtype))
+        if len(node.inputs) > 2:
+            node.inputs[2] = const
+        else:
+            node.inputs.append(const)
+    else:
+        graph.set_input_constant(node, 2, bias.astype(old.dtype))
+
+
+def _to_speed(model: onnx.ModelProto, ranked: list[Unit], config: PruneLayersConfig,
+              calib: Calibration, report: Report) -> tuple[list[Unit], onnx.ModelProto]:
+    """Remove units, least important first, until the whole model is measured fast enough."""
+    target = float(config.target_speedup or 1.0)
+    feeds = {k: v[:1] for k, v in calib.batches[0].items()}
+    cfg = bench.BenchConfig(provider=config.provider, threads=config.threads, warmup=5,
+                            runs=config.bench_runs)
+    chosen: list[Unit] = []
+    pruned = model
+    measured = 1.0
+    for count in range(1, len(ranked) + 1):
+        units = _disjoint(ranked, count)
+        if len(units) < count:
+            break
+        candidate = remove(model, units)
+        res = bench.benchmark([model, candidate], cfg, inputs=feeds)
+        measured = float(res.speedups[0].median)
+        chosen = units
+        if measured >= target:
+            break
+    report.metrics["measured_speedup_before_refit"] = round(measured, 3)
+    if measured < target:
+        report.metrics["target_met"] = False
+        report.notes.append(f"target {target}x not reached: {measured:.2f}x with every "
+                            f"removable layer gone")
+    if chosen:
+        pruned = _finish(model, chosen, config, calib)
+    return chosen, pruned
