@@ -277,9 +277,9 @@ def _finish(model: onnx.ModelProto, units: Sequence[Unit], config: PruneLayersCo
         return pruned
     lr = LowRankConfig(rank=1, min_macs=0, max_rows=config.max_rows, seed=config.seed)
     shapes = decompose.static_shapes(model, calib)
-    layers = [decompose.make_layer(graph, shapes, n, lr) for n in graph.nodes
-              if n.name in readers]
-    layers = [layer for layer in layers if isinstance(layer, Layer)]
+    made = [decompose.make_layer(graph, shapes, n, lr) for n in graph.nodes
+            if n.name in readers]
+    layers = [layer for layer in made if isinstance(layer, Layer)]
     if not layers:
         return pruned
     _, targets = decompose.collect_original(model, layers, calib, lr)
