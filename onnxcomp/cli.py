@@ -107,6 +107,9 @@ def lowrank_options(func: F) -> F:
                      help="prune_channels: channel importance."),
         click.option("--round-to", type=click.IntRange(min=1), default=8, show_default=True,
                      help="prune_channels: keep channel counts a multiple of this."),
+        click.option("--layers", type=click.IntRange(min=1),
+                     help="prune_layers: how many layers to remove (default 1 without "
+                          "--target-speedup)."),
         click.option("--share-groups", type=click.IntRange(min=1),
                      help="depthwise_separable: fold input channels into G shared groups "
                           "first (weighted kernel sharing)."),
@@ -188,7 +191,7 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], report_path:
              max_error: float | None, no_refit: bool, refit_mode: str, rank_multiple: int,
              no_latency_check: bool, exclude: Sequence[str], seed: int, groups: str | None,
              weighted: bool, depth_multiplier: str | None, share_groups: int | None,
-             ratio: float | None, criterion: str, round_to: int,
+             ratio: float | None, criterion: str, round_to: int, layers: int | None,
              **calib_kw: Any) -> None:
     """Rewrite IN.onnx with the given passes, verify, benchmark and write -o OUT.onnx."""
     from onnxcomp.passes import REGISTRY
@@ -205,7 +208,7 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], report_path:
         "latency_check": not no_latency_check, "exclude": tuple(exclude), "seed": seed,
         "provider": provider, "threads": threads, "weighted": weighted,
         "share_groups": share_groups, "ratio": ratio, "criterion": criterion,
-        "round_to": round_to,
+        "round_to": round_to, "layers": layers,
     }
     # Per-pass names for the rank: --groups, --depth-multiplier (else --rank).
     rank_alias = {"kernel_sharing": groups, "depthwise_separable": depth_multiplier}

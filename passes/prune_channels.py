@@ -77,7 +77,7 @@ class PruneConfig(PassConfig):
     threads: int = 1
     bench_runs: int = 30
     max_rows: int = 16384
-    ridge: float = 1e-9
+    ridge: float = 1e-3
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -332,7 +332,7 @@ def _consumer_moments(model: onnx.ModelProto, graph: Graph, dep: DepGraph,
                       ) -> tuple[dict[str, Layer], dict[str, decompose.Moments],
                                  dict[str, list[np.ndarray]]]:
     """Input moments and sampled output rows (original model) of every affected consumer."""
-    if not scores or (not config.refit and config.criterion != "reconstruction"):
+    if not scores:
         return {}, {}, {}
     shapes = decompose.static_shapes(model, calib)
     lr = LowRankConfig(rank=1, min_macs=0, max_rows=config.max_rows, seed=config.seed)
@@ -408,7 +408,7 @@ def _build(model: onnx.ModelProto, prep: _Prepared, keep: dict[int, np.ndarray],
     sizes = {gid: len(prep.scores[gid]) for gid in keep}
     before = cost.model_cost(model, decompose.batch1_shapes(model, calib)).by_name()
     owner = _owners(graph, dep, keep)
-    refits = _refits(graph, dep, keep, prep, config) if config.refit else {}
+    refits = _refits(graph, dep, keep, prep, config)
     out_keeps = {name: dep.keep_indices(prep.layers[name].node.outputs[0].name, keep)
                  for name in refits}
     depgraph.apply(dep, keep)
@@ -489,23 +489,39 @@ def _refits(graph: Graph, dep: DepGraph, keep: dict[int, np.ndarray], prep: _Pre
         use_bias = layer.op != "MatMul"
         sel = np.append(cols, d) if use_bias else cols
         unknowns = len(sel)
-        if m.rows >= decompose.REFIT_ROWS_PER_UNKNOWN * unknowns:
-            gram = xx[np.ix_(sel, sel)]
-            reg = config.ridge * float(np.trace(gram)) / max(len(sel), 1)
-            gram = gram + reg * np.eye(len(sel))
-            sol = np.linalg.solve(gram, xx[sel] @ target.T).T  # [Y, |sel|]
+        # Start: the kept weights, with the removed inputs' means folded into the bias.
+        removed = np.setdiff1d(np.arange(d), cols)
+        mean = xx[d, :d]  # E[x] (x~ = [x; 1])
+        bias = target[:, d] + target[:, removed] @ mean[removed]
+        sol = np.hstack([target[:, cols], bias[:, None]]) if use_bias else target[:, cols]
+        how = "mean compensation"
+        if not config.refit:
+            pass
+        elif m.rows >= decompose.REFIT_ROWS_PER_UNKNOWN * unknowns:
+            sol = shrunk_solve(xx[np.ix_(sel, sel)], target @ xx[:, sel], sol, config.ridge)
             how = "least squares"
-        else:  # too few rows: keep the weights, fold the removed inputs' means into the bias
-            removed = np.setdiff1d(np.arange(d), cols)
-            mean = xx[d, :d]  # E[x] (x~ = [x; 1])
-            bias = target[:, d] + target[:, removed] @ mean[removed]
-            sol = np.hstack([target[:, cols], bias[:, None]]) if use_bias else target[:, cols]
-            how = f"mean compensation ({m.rows} rows < {decompose.REFIT_ROWS_PER_UNKNOWN}x" \
-                  f"{unknowns} for a refit)"
+        else:
+            how = (f"mean compensation ({m.rows} rows < {decompose.REFIT_ROWS_PER_UNKNOWN}x"
+                   f"{unknowns} for a refit)")
         w_cols = sol[:, :len(cols)]
         bias_new = sol[:, len(cols)] if use_bias else None
         out[name] = (w_cols, bias_new, how)
     return out
+
+
+def shrunk_solve(gram: np.ndarray, cross: np.ndarray, start: np.ndarray, ridge: float
+                 ) -> np.ndarray:
+    """Least squares shrunk toward ``start``: ``argmin_A E||A x - y||^2 + lam ||A - start||^2``.
+
+    ``gram = E[x x^T]``, ``cross = E[y x^T]``, ``lam = ridge * mean(diag(gram))``.
+
+    Shrinking toward the starting weights (not toward zero) keeps what calibration data
+    cannot pin down as it was: a few dozen images leave many directions unseen, and a
+    plain least squares fits them to noise.
+    """
+    lam = ridge * float(np.trace(gram)) / max(gram.shape[0], 1)
+    lhs = gram + lam * np.eye(gram.shape[0])
+    return np.asarray(np.linalg.solve(lhs, (cross + lam * start).T).T)
 
 
 def _asymmetric(model: onnx.ModelProto, prep: _Prepared,
@@ -538,9 +554,9 @@ def _asymmetric(model: onnx.ModelProto, prep: _Prepared,
         use_bias = layer.op != "MatMul"
         d = layer.matrix.shape[1]
         sel = np.arange(d + 1) if use_bias else np.arange(d)
-        gram = xx[np.ix_(sel, sel)]
-        reg = config.ridge * float(np.trace(gram)) / max(len(sel), 1)
-        sol = np.linalg.solve(gram + reg * np.eye(len(sel)), xy[sel]).T
+        w0, b0, _ = refits[name]
+        start = np.hstack([w0, b0[:, None]]) if use_bias and b0 is not None else w0
+        sol = shrunk_solve(xx[np.ix_(sel, sel)], xy[sel].T, start, config.ridge)
         _write_refit(graph, name, sol[:, :d], sol[:, d] if use_bias else None)
         current = graph.export()
     return current
