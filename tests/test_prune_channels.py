@@ -211,7 +211,7 @@ def random_nets(draw):
     widths = [8, 16]
     tensors = [(net.conv("x", 4, 8), 8)]
     for _ in range(draw(st.integers(1, 5))):
-        kind = draw(st.sampled_from(["conv", "dw", "add", "concat", "relu", "bn"]))
+        kind = draw(st.sampled_from(["conv", "dw", "add", "concat", "relu", "bn", "split"]))
         x, c = tensors[draw(st.integers(0, len(tensors) - 1))]
         if kind == "conv":
             c2 = draw(st.sampled_from(widths))
@@ -226,6 +226,11 @@ def random_nets(draw):
             same = [t for t in tensors if t[1] == c]
             y, _ = same[draw(st.integers(0, len(same) - 1))]
             tensors.append((net.op("Add", [x, y]), c))
+        elif kind == "split":  # channel Split blocks its groups (not yet remapped)
+            name = net._name("split")
+            net.nodes.append(helper.make_node("Split", [x], [f"{name}_a", f"{name}_b"],
+                                              name=name, axis=1))
+            tensors.append((f"{name}_a", c // 2))
         else:
             y, c2 = tensors[draw(st.integers(0, len(tensors) - 1))]
             tensors.append((net.op("Concat", [x, y], axis=1), c + c2))
