@@ -13,6 +13,7 @@ from onnxcomp.passes import (
     kernel_sharing,
     prune_channels,
     prune_layers,
+    quantize,
     svd,
     tucker,
 )
@@ -27,4 +28,5 @@ REGISTRY: dict[str, Pass[Any]] = {
     depthwise_separable.PASS.name: depthwise_separable.PASS,
     prune_channels.PASS.name: prune_channels.PASS,
     prune_layers.PASS.name: prune_layers.PASS,
+    quantize.PASS.name: quantize.PASS,
 }

@@ -289,3 +289,14 @@ def test_prune_channels_from_the_cli(runner, tmp_path):
                            "prune_channels", "--ratio", "0.5", "--target-speedup", "2",
                            "--calib", calib])
     _assert_clean_failure(bad, 2, "not both", tmp_path, ["p.onnx", "c.npz", "o.onnx", "r.json"])
+
+
+@pytest.mark.parametrize("args", [["--mode", "weight", "--bits", "8"],
+                                  ["--mode", "kmeans", "--bits", "4"]])
+def test_quantize_from_the_cli(runner, conv_file, tmp_path, args):
+    src, calib = conv_file
+    out = tmp_path / "q.onnx"
+    result = _invoke(runner, ["optimize", src, "-o", out, "--pass", "quantize", *args,
+                              "--calib", calib, "--no-bench"])
+    assert result.exit_code == 0, result.output
+    assert out.stat().st_size < src.stat().st_size / 3
