@@ -46,6 +46,9 @@ from onnxcomp.passbase import (
 # Up to this many candidates, importance is measured with the next layers refit (what the
 # removal really costs); beyond, without (one model run per candidate).
 REFIT_SCORING_UNITS = 24
+# Refit the first linear layers downstream of a removed unit and the ones after those (two
+# levels share the work of standing in for what was removed).
+REFIT_DEPTH_FANOUT = 4
 FOLLOWERS = frozenset({"BatchNormalization", "Relu", "Clip", "LeakyRelu", "HardSwish",
                        "Sigmoid", "PRelu", "Identity", "Dropout"})
 
@@ -272,7 +275,12 @@ def _finish(model: onnx.ModelProto, units: Sequence[Unit], config: PruneLayersCo
     graph = Graph(model)
     readers: list[str] = []
     for unit in units:
-        readers += _next_linear(graph, graph.gs.tensors()[unit.out])
+        first = _next_linear(graph, graph.gs.tensors()[unit.out])
+        readers += first
+        for name in first[:REFIT_DEPTH_FANOUT]:  # and the layers after them
+            node = next(n for n in graph.nodes if n.name == name)
+            readers += _next_linear(graph, node.outputs[0])
+    readers = list(dict.fromkeys(readers))
     if not readers:
         return pruned
     lr = LowRankConfig(rank=1, min_macs=0, max_rows=config.max_rows, seed=config.seed)
