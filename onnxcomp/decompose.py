@@ -726,6 +726,23 @@ def _option(layer: Layer, plan: Plan, m: Moments, model: onnx.ModelProto,
     return Option(plan, err, raw, base_ms, ms)
 
 
+def _measure_options(layer: Layer, options: list[Option], model: onnx.ModelProto,
+                     config: LowRankConfig) -> None:
+    """Time the options cheapest first; once one is not faster, costlier ones are not timed.
+
+    A chain's latency grows with its rank, so an option that loses to the original layer
+    means every costlier option would too: they are marked not faster without measuring.
+    """
+    lost, base = False, 0.0
+    for opt in sorted(options, key=lambda o: o.plan.macs):
+        if lost:
+            opt.base_ms, opt.ms = base, float("inf")
+            continue
+        opt.base_ms, opt.ms = measure_plan(layer, opt.plan, model, config)
+        base = opt.base_ms
+        lost = opt.base_ms < config.min_layer_speedup * opt.ms
+
+
 def run_decomposition(
     method: Method,
     model: onnx.ModelProto,
@@ -770,8 +787,9 @@ def run_decomposition(
             plan = method.plan(layer, ranks, config)
             if plan.extra.get("degenerate"):
                 continue
-            options.append(_option(layer, plan, moments[i], model, config,
-                                   config.latency_check))
+            options.append(_option(layer, plan, moments[i], model, config, measure=False))
+        if config.latency_check:
+            _measure_options(layer, options, model, config)
         choices.append(LayerChoice(layer, i, options))
 
     probes = _Probes(model, kept, moments, targets, calib, config)
