@@ -99,8 +99,8 @@ class Quantize:
             report.notes.append(f"int4 initializers need opset >= {INT4_OPSET} (model has "
                                 f"{opset}): 4-bit values are stored as int8")
         if config.mode == "weight" and opset < 13:
-            report.notes.append("per-channel DequantizeLinear needs opset >= 13: per-tensor "
-                                "scales are used")
+            report.notes.append("opset < 13 has no per-channel DequantizeLinear: the "
+                                "per-channel scales are applied by a Mul after it")
         huffman_bits = 0
         int4_names: set[str] = set()
         for node in graph.nodes:
@@ -114,12 +114,11 @@ class Quantize:
             assert w is not None
             axis = _out_axis(node)
             if config.mode == "weight":
-                per_channel = opset >= 13
-                q, scale, err = quantize_symmetric(w, config.bits, axis if per_channel else None)
-                _insert_dq(graph, node, q, scale, axis if per_channel else None, w.dtype,
-                           int4=storage4, int4_names=int4_names)
+                q, scale, err = quantize_symmetric(w, config.bits, axis)
+                _insert_dq(graph, node, q, scale, axis, w.dtype, int4=storage4,
+                           int4_names=int4_names, dq_axis=opset >= 13)
                 after = scale.nbytes + (q.size + 1) // 2 if storage4 else scale.nbytes + q.size
-                details: dict[str, Any] = {"bits": config.bits, "per_channel": per_channel,
+                details: dict[str, Any] = {"bits": config.bits, "per_channel": True,
                                            "storage": "int4" if storage4 else "int8"}
             else:
                 codebook, idx, err = kmeans_quantize(w, config.bits, config.kmeans_iters)
@@ -244,20 +243,35 @@ def huffman_bits_of(symbols: np.ndarray) -> int:
 
 
 # ====================================================================== graph edits
-def _insert_dq(graph: Graph, node: Any, q: np.ndarray, scale: np.ndarray, axis: int | None,
-               dtype: np.dtype[Any], int4: bool, int4_names: set[str]) -> None:
+def _insert_dq(graph: Graph, node: Any, q: np.ndarray, scale: np.ndarray, axis: int,
+               dtype: np.dtype[Any], int4: bool, int4_names: set[str], dq_axis: bool) -> None:
+    """Feed ``node`` ``W = DequantizeLinear(q, scale, axis)``.
+
+    Before opset 13 (no ``axis``): ``W = DequantizeLinear(q, 1) * scale``, the scales shaped
+    to broadcast.
+    """
     w_t = graph.input(node, 1)
     assert w_t is not None
     base = w_t.name
     q_const = graph.constant(f"{base}_q4" if int4 else f"{base}_q", q)
     if int4:
         int4_names.add(q_const.name)
-    s = scale if axis is not None else np.asarray(scale, dtype=np.float32).reshape(())
-    scale_const = graph.constant(f"{base}_scale", s.astype(np.float32))
     out = graph.variable(f"{base}_dq", dtype=np.float32)
-    attrs = {"axis": axis} if axis is not None else {}
-    graph.add_node("DequantizeLinear", [q_const, scale_const], [out], pass_name="quantize",
-                   origin=node.name, attrs=attrs, props={"bits": 4 if int4 else 8})
+    props = {"bits": 4 if int4 else 8}
+    if dq_axis:
+        scale_const = graph.constant(f"{base}_scale", scale.astype(np.float32))
+        graph.add_node("DequantizeLinear", [q_const, scale_const], [out], pass_name="quantize",
+                       origin=node.name, attrs={"axis": axis}, props=props)
+    else:
+        one = graph.constant(f"{base}_unit", np.array(1.0, dtype=np.float32))
+        raw = graph.variable(f"{base}_dq_int", dtype=np.float32)
+        graph.add_node("DequantizeLinear", [q_const, one], [raw], pass_name="quantize",
+                       origin=node.name, props=props)
+        shape = [1] * q.ndim
+        shape[axis] = -1
+        scale_const = graph.constant(f"{base}_scale", scale.astype(np.float32).reshape(shape))
+        graph.add_node("Mul", [raw, scale_const], [out], pass_name="quantize",
+                       origin=node.name, suffix="scale")
     if np.dtype(dtype) != np.float32:
         cast = graph.variable(f"{base}_dq_cast", dtype=dtype)
         to = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))

@@ -105,3 +105,14 @@ def test_tiny_weights_skipped():
 def test_config_validation(kwargs, needle):
     with pytest.raises(ConfigError, match=needle):
         QuantizeConfig(**kwargs)
+
+
+def test_per_channel_before_opset_13_uses_a_mul():
+    w = _on_grid(8)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["y"], name="conv", pads=[1] * 4)]
+    model = make_model(nodes, [tensor("x", [1, 8, 8, 8])], [tensor("y", [1, 16, 8, 8])],
+                       {"W": w}, opset=12, ir_version=7)
+    result = quantize(model, QuantizeConfig(bits=8), calibration(model))
+    assert [n.op_type for n in result.model.graph.node] == ["DequantizeLinear", "Mul", "Conv"]
+    assert result.report.applied[0].details["weight_rel_error"] < 1e-6
+    _outputs_equal(model, result.model)
