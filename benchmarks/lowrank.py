@@ -117,7 +117,10 @@ def main() -> None:
     headers = ["model", "method", "setting", "layers", "speedup (p10-p90)", "MACs ratio",
                "realized model / layers", "fidelity (held-out)", "rel L2 (held-out)",
                "compile s"]
-    path = write("sharing" if args.sharing else "lowrank", headers, rows, docs, pre)
+    name = "sharing" if args.sharing else "lowrank"
+    if args.only or args.methods:
+        name += "_partial"  # a filtered run never replaces the full table
+    path = write(name, headers, rows, docs, pre)
     print(path.read_text())
 
 
