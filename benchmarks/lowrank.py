@@ -16,12 +16,13 @@ untouched layers dilute it) and the median over the rewritten layers' micro-benc
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import time
 from typing import Any
 
 from cases import CASES, fmnist_accuracy, run
-from common import calibration, fixed_batch, macs, optimize, params, speed, write
+from common import RESULTS, calibration, fixed_batch, macs, optimize, params, speed, write
 
 # (model, method, options, calibration samples)
 ROWS: list[tuple[str, str, dict[str, Any], int]] = [
@@ -76,23 +77,30 @@ def bench_row(name: str, method: str, opts: dict[str, Any], n_calib: int,
         "applied": [c.to_dict() for c in report.applied], "notes": report.notes,
         "metrics": report.metrics,
     }
-    fidelity = f"{case.metric} {fid[case.metric]:.1%}"
     if name == "fashion_mnist_vgg":
-        before, after = fmnist_accuracy(model), fmnist_accuracy(result.model)
-        doc["accuracy"] = {"before": before, "after": after}
-        fidelity = f"acc {before:.2%} -> {after:.2%}; {fidelity}"
-    layer_realized = sorted(
+        doc["accuracy"] = {"before": fmnist_accuracy(model),
+                           "after": fmnist_accuracy(result.model)}
+    doc["layer_realized"] = sorted(
         (c.details["latency_before_ms"] / c.details["latency_after_ms"])
         / (c.macs_before / max(c.macs_after, 1))
         for c in report.applied if c.details.get("latency_after_ms"))
-    doc["layer_realized"] = layer_realized
-    median_layer = (f"{layer_realized[len(layer_realized) // 2]:.2f}" if layer_realized
-                    else "-")
-    row = [name, method, _setting(opts), len(report.applied),
-           f"{sp['speedup']:.2f}x ({sp['speedup_p10']:.2f}-{sp['speedup_p90']:.2f})",
-           f"{mac_ratio:.2f}x", f"{doc['realized']:.2f} / {median_layer}", fidelity,
-           f"{fid['rel_l2']:.3f}", f"{compile_s:.0f}"]
-    return row, doc
+    return row_of(doc), doc
+
+
+def row_of(doc: dict[str, Any]) -> list[Any]:
+    """One table row from a result document."""
+    metric = CASES[doc["model"]].metric
+    fidelity = f"{metric} {doc['fidelity'][metric]:.1%}"
+    if "accuracy" in doc:
+        acc = doc["accuracy"]
+        fidelity = f"acc {acc['before']:.2%} -> {acc['after']:.2%}; {fidelity}"
+    lr = doc.get("layer_realized") or []
+    median_layer = f"{lr[len(lr) // 2]:.2f}" if lr else "-"
+    return [doc["model"], doc["method"], _setting(doc["options"]), len(doc["applied"]),
+            f"{doc['speedup']:.2f}x ({doc['speedup_p10']:.2f}-{doc['speedup_p90']:.2f})",
+            f"{doc['macs_ratio']:.2f}x", f"{doc['params_ratio']:.2f}x",
+            f"{doc['realized']:.2f} / {median_layer}", fidelity,
+            f"{doc['fidelity']['rel_l2']:.3f}", f"{doc['compile_s']:.0f}"]
 
 
 def main() -> None:
@@ -102,9 +110,15 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*")
     parser.add_argument("--sharing", action="store_true",
                         help="the kernel-sharing comparison (results/sharing.md) instead")
+    parser.add_argument("--render", action="store_true",
+                        help="re-render the Markdown table from the saved JSON only")
     args = parser.parse_args()
     rows, docs = [], []
-    for name, method, opts, n in (SHARING if args.sharing else ROWS):
+    if args.render:
+        docs = json.loads((RESULTS / f"{'sharing' if args.sharing else 'lowrank'}.json")
+                          .read_text())
+        rows = [row_of(d) for d in docs]
+    for name, method, opts, n in ([] if args.render else SHARING if args.sharing else ROWS):
         if (args.only and name not in args.only) or (args.methods and method not in args.methods):
             continue
         row, doc = bench_row(name, method, opts, n, args.runs)
@@ -115,8 +129,8 @@ def main() -> None:
            "held-out inputs; latency ORT CPU 1 thread batch 1, interleaved, "
            f"{args.runs} rounds; {platform.machine()} ({platform.processor() or 'cpu'}).\n\n")
     headers = ["model", "method", "setting", "layers", "speedup (p10-p90)", "MACs ratio",
-               "realized model / layers", "fidelity (held-out)", "rel L2 (held-out)",
-               "compile s"]
+               "params ratio", "realized model / layers", "fidelity (held-out)",
+               "rel L2 (held-out)", "compile s"]
     name = "sharing" if args.sharing else "lowrank"
     if args.only or args.methods:
         name += "_partial"  # a filtered run never replaces the full table
