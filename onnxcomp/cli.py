@@ -110,9 +110,14 @@ def lowrank_options(func: F) -> F:
         click.option("--layers", type=click.IntRange(min=1),
                      help="prune_layers: how many layers to remove (default 1 without "
                           "--target-speedup)."),
-        click.option("--mode", type=click.Choice(["weight", "kmeans"]), default="weight",
-                     show_default=True, help="quantize: int weights (DequantizeLinear) or "
-                                             "k-means sharing (codebook + Gather)."),
+        click.option("--mode", type=click.Choice(["weight", "kmeans", "static"]),
+                     default="weight", show_default=True,
+                     help="quantize: int weights (DequantizeLinear), k-means sharing "
+                          "(codebook + Gather) or static int8 QDQ with calibrated "
+                          "activations."),
+        click.option("--calibrator", type=click.Choice(["percentile", "minmax"]),
+                     default="percentile", show_default=True,
+                     help="quantize --mode static: activation ranges."),
         click.option("--bits", type=click.IntRange(1, 8), default=8, show_default=True,
                      help="quantize: 8 or 4 (weight), 1..8 (kmeans)."),
         click.option("--share-groups", type=click.IntRange(min=1),
@@ -197,7 +202,7 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], report_path:
              no_latency_check: bool, exclude: Sequence[str], seed: int, groups: str | None,
              weighted: bool, depth_multiplier: str | None, share_groups: int | None,
              ratio: float | None, criterion: str, round_to: int, layers: int | None,
-             mode: str, bits: int, **calib_kw: Any) -> None:
+             mode: str, calibrator: str, bits: int, **calib_kw: Any) -> None:
     """Rewrite IN.onnx with the given passes, verify, benchmark and write -o OUT.onnx."""
     from onnxcomp.passes import REGISTRY
 
@@ -214,6 +219,7 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], report_path:
         "provider": provider, "threads": threads, "weighted": weighted,
         "share_groups": share_groups, "ratio": ratio, "criterion": criterion,
         "round_to": round_to, "layers": layers, "mode": mode, "bits": bits,
+        "calibrator": calibrator,
     }
     # Per-pass names for the rank: --groups, --depth-multiplier (else --rank).
     rank_alias = {"kernel_sharing": groups, "depthwise_separable": depth_multiplier}

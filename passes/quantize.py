@@ -22,7 +22,12 @@ and the report says so. The report gives, per layer, bits, the relative weight e
 bytes before/after, and for k-means the Huffman-coded size of the indices (the storage
 figure Deep Compression quotes).
 
-Static int8 QDQ with calibrated activations (``--mode static``) is not implemented yet.
+``--mode static``: int8 per-channel weights as above, and uint8 activations (asymmetric,
+per tensor) through QuantizeLinear -> DequantizeLinear pairs on every quantized layer's input
+and output (after its Relu/Clip), ranges from the calibration data (``--calibrator minmax``
+or ``percentile``, 99.99 by default). ONNX Runtime fuses the QDQ pattern into integer
+kernels (QLinearConv, ...). Not yet: the entropy calibrator and automatic exclusion of
+sensitive layers.
 
 Supported: Conv, ConvTranspose, Gemm and MatMul with a constant float weight read by that
 node only. Skipped, with a reason: non-constant or shared weights, already quantized models,
@@ -40,12 +45,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxcomp import calibrate
 from onnxcomp.calibrate import Calibration
 from onnxcomp.graph import Graph
 from onnxcomp.model import check_model, copy_model, default_opset
 from onnxcomp.passbase import (
     Change,
     ConfigError,
+    InputError,
     PassConfig,
     PassResult,
     Report,
@@ -53,7 +60,12 @@ from onnxcomp.passbase import (
     SkipReason,
 )
 
-MODES = ("weight", "kmeans")
+MODES = ("weight", "kmeans", "static")
+CALIBRATORS = ("minmax", "percentile")
+# Percentile ranges need enough values to put a tail on; fewer samples is an error.
+MIN_PERCENTILE_SAMPLES = 8
+# Values kept per tensor for percentiles (a seeded subsample bounds the memory).
+PERCENTILE_VALUES = 1_000_000
 INT4_OPSET = 21
 OPS = {"Conv": 0, "ConvTranspose": 1, "Gemm": None, "MatMul": 1}  # output-channel axis
 
@@ -66,13 +78,21 @@ class QuantizeConfig(PassConfig):
     bits: int = 8
     min_params: int = 1024
     kmeans_iters: int = 20
+    calibrator: str = "percentile"
+    percentile: float = 99.99
     exclude: tuple[str, ...] = ()
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            extra = " (static QDQ is not implemented yet)" if self.mode == "static" else ""
-            raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got "
-                              f"'{self.mode}'{extra}")
+            raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got '{self.mode}'")
+        if self.calibrator not in CALIBRATORS:
+            raise ConfigError(f"--calibrator must be one of {', '.join(CALIBRATORS)}, got "
+                              f"'{self.calibrator}'")
+        if self.mode == "static" and self.bits != 8:
+            raise ConfigError(f"static quantization is 8-bit, got --bits {self.bits}")
+        if not 50 < self.percentile <= 100:
+            raise ConfigError(f"--percentile must be in (50, 100], got {self.percentile}")
         if self.mode == "weight" and self.bits not in (4, 8):
             raise ConfigError(f"--bits must be 4 or 8 for weight quantization, got {self.bits}")
         if self.mode == "kmeans" and not 1 <= self.bits <= 8:
@@ -101,8 +121,18 @@ class Quantize:
         if config.mode == "weight" and opset < 13:
             report.notes.append("opset < 13 has no per-channel DequantizeLinear: the "
                                 "per-channel scales are applied by a Mul after it")
+        if config.mode == "static":
+            if calib is None or calib.synthetic:
+                report.notes.append("static quantization without --calib: activation "
+                                    "ranges come from random inputs")
+            if calib is not None and config.calibrator == "percentile" and (
+                    calib.num_samples < MIN_PERCENTILE_SAMPLES):
+                raise InputError(f"the percentile calibrator needs at least "
+                                 f"{MIN_PERCENTILE_SAMPLES} calibration samples, got "
+                                 f"{calib.num_samples} (use --calibrator minmax)")
         huffman_bits = 0
         int4_names: set[str] = set()
+        activations: list[str] = []
         for node in graph.nodes:
             if node.op not in OPS:
                 continue
@@ -113,7 +143,9 @@ class Quantize:
             w = graph.const_value(graph.input(node, 1))
             assert w is not None
             axis = _out_axis(node)
-            if config.mode == "weight":
+            if config.mode == "static":
+                activations += [node.inputs[0].name, _after_activation(graph, node.outputs[0])]
+            if config.mode in ("weight", "static"):
                 q, scale, err = quantize_symmetric(w, config.bits, axis)
                 _insert_dq(graph, node, q, scale, axis, w.dtype, int4=storage4,
                            int4_names=int4_names, dq_axis=opset >= 13)
@@ -136,6 +168,12 @@ class Quantize:
                          "weight_rel_error": round(err, 6)}))
         if not report.applied:
             return PassResult(copy_model(model), report)
+        if config.mode == "static":
+            ranges = activation_ranges(model, list(dict.fromkeys(activations)), calib, config)
+            for name, (lo, hi) in ranges.items():
+                _insert_qdq(graph, name, lo, hi)
+            report.metrics["activations_quantized"] = len(ranges)
+            report.metrics["calibrator"] = config.calibrator
         if config.mode == "kmeans":
             report.metrics["huffman_index_bytes"] = (huffman_bits + 7) // 8
         if not int4_names:
@@ -242,7 +280,86 @@ def huffman_bits_of(symbols: np.ndarray) -> int:
     return int(total)
 
 
+def _after_activation(graph: Graph, tensor: Any) -> str:
+    """The end of a single-reader Relu/Clip chain after ``tensor``, else ``tensor``.
+
+    ONNX Runtime fuses that activation into the quantized conv.
+    """
+    while (len(tensor.outputs) == 1 and not graph.is_graph_output(tensor)
+           and tensor.outputs[0].op in ("Relu", "Clip", "LeakyRelu")):
+        tensor = tensor.outputs[0].outputs[0]
+    return str(tensor.name)
+
+
+def activation_ranges(model: onnx.ModelProto, names: list[str], calib: Calibration | None,
+                      config: QuantizeConfig) -> dict[str, tuple[float, float]]:
+    """(low, high) of each float tensor on the calibration data, per the calibrator."""
+    if calib is None:
+        calib = calibrate.synthetic_calibration(model, num_samples=8)
+    lows = {n: np.inf for n in names}
+    highs = {n: -np.inf for n in names}
+    pools: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    rng = np.random.default_rng(config.seed)
+    per_batch = max(1, PERCENTILE_VALUES // max(len(calib.batches), 1))
+    for batch in calibrate.iter_capture(model, names, calib):
+        for n, x in batch.items():
+            if x.dtype.kind != "f":
+                continue
+            lows[n] = min(lows[n], float(x.min()))
+            highs[n] = max(highs[n], float(x.max()))
+            if config.calibrator == "percentile":
+                flat = x.reshape(-1)
+                if flat.size > per_batch:
+                    flat = flat[rng.choice(flat.size, per_batch, replace=False)]
+                pools[n].append(flat.astype(np.float32))
+    out = {}
+    for n in names:
+        if not np.isfinite(lows[n]):
+            continue
+        lo, hi = lows[n], highs[n]
+        if config.calibrator == "percentile" and pools[n]:
+            values = np.concatenate(pools[n])
+            lo = float(np.percentile(values, 100 - config.percentile))
+            hi = float(np.percentile(values, config.percentile))
+        out[n] = (lo, hi)
+    return out
+
+
 # ====================================================================== graph edits
+def _insert_qdq(graph: Graph, name: str, lo: float, hi: float) -> None:
+    """``t -> QuantizeLinear -> DequantizeLinear`` (uint8, asymmetric) for ``t``'s readers."""
+    tensor = graph.gs.tensors().get(name)
+    if tensor is None:
+        return
+    output = graph.is_graph_output(tensor)
+    if not tensor.outputs and not output:
+        return
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = (hi - lo) / 255.0 if hi > lo else 1.0
+    zero = int(np.clip(np.rint(-lo / scale), 0, 255))
+    s = graph.constant(f"{name}_scale", np.array(scale, dtype=np.float32))
+    z = graph.constant(f"{name}_zero", np.array(zero, dtype=np.uint8))
+    q = graph.variable(f"{name}_q", dtype=np.uint8)
+    dq = graph.variable(f"{name}_dq", dtype=np.float32)
+    readers = list(tensor.outputs)
+    src = tensor
+    if output:  # the graph output keeps its name: the producer writes a new tensor
+        prod = graph.producer(tensor)
+        if prod is None:
+            return
+        src = graph.variable(f"{name}_float", dtype=np.float32)
+        prod.outputs[[i for i, t in enumerate(prod.outputs) if t is tensor][0]] = src
+        dq = tensor
+    graph.add_node("QuantizeLinear", [src, s, z], [q], pass_name="quantize", origin=name,
+                   suffix="q")
+    graph.add_node("DequantizeLinear", [q, s, z], [dq], pass_name="quantize", origin=name,
+                   suffix="dq")
+    if output:
+        return
+    for reader in readers:
+        for i, t in enumerate(reader.inputs):
+            if t is tensor and reader.op != "QuantizeLinear":
+                reader.inputs[i] = dq
 def _insert_dq(graph: Graph, node: Any, q: np.ndarray, scale: np.ndarray, axis: int,
                dtype: np.dtype[Any], int4: bool, int4_names: set[str], dq_axis: bool) -> None:
     """Feed ``node`` ``W = DequantizeLinear(q, scale, axis)``.

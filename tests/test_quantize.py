@@ -98,8 +98,44 @@ def test_tiny_weights_skipped():
     assert [s.reason for s in result.report.skipped] == [SkipReason.TOO_SMALL]
 
 
+def _static_model():
+    rng = np.random.default_rng(4)
+    w1 = rng.standard_normal([16, 8, 3, 3]).astype(np.float32) * 0.2
+    w2 = rng.standard_normal([8, 16, 3, 3]).astype(np.float32) * 0.2
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["a"], name="c1", pads=[1] * 4),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "W2"], ["y"], name="c2", pads=[1] * 4)]
+    return make_model(nodes, [tensor("x", ["N", 8, 8, 8])], [tensor("y", ["N", 8, 8, 8])],
+                      {"W1": w1, "W2": w2})
+
+
+@pytest.mark.parametrize("calibrator", ["minmax", "percentile"])
+def test_static_qdq_runs_and_stays_close(calibrator):
+    from builders import relative_error
+
+    model = _static_model()
+    calib = calibration(model, n=8, batch=2)
+    result = quantize(model, QuantizeConfig(mode="static", calibrator=calibrator,
+                                            min_params=0), calib)
+    ops = [n.op_type for n in result.model.graph.node]
+    assert ops.count("QuantizeLinear") == 3  # x, relu output, y (the graph output keeps its name)
+    assert [o.name for o in result.model.graph.output] == ["y"]
+    assert relative_error(model, result.model, calib) < 0.05
+    assert result.report.metrics["activations_quantized"] == 3
+
+
+def test_static_percentile_needs_enough_samples():
+    from onnxcomp.passbase import InputError
+
+    model = _static_model()
+    with pytest.raises(InputError, match="at least 8"):
+        quantize(model, QuantizeConfig(mode="static", min_params=0),
+                 calibration(model, n=2, batch=2))
+
+
 @pytest.mark.parametrize(("kwargs", "needle"), [
-    ({"mode": "static"}, "not implemented"), ({"bits": 3}, "4 or 8"),
+    ({"mode": "static", "bits": 4}, "8-bit"), ({"calibrator": "entropy"}, "--calibrator"),
+    ({"bits": 3}, "4 or 8"),
     ({"mode": "kmeans", "bits": 9}, "1..8"), ({"mode": "binary"}, "--mode"),
 ])
 def test_config_validation(kwargs, needle):
