@@ -136,6 +136,9 @@ class Quantize:
         huffman_bits = 0
         int4_names: set[str] = set()
         activations: list[str] = []
+        gemm_bias: list[tuple[Any, str]] = []  # (Gemm, its input) for int32 biases
+        # activation output -> (layer output, the Relu/Clip node, its upper bound)
+        folded: dict[str, tuple[str, Any, float]] = {}
         for node in graph.nodes:
             if node.op not in OPS:
                 continue
@@ -147,7 +150,15 @@ class Quantize:
             assert w is not None
             axis = _out_axis(node)
             if config.mode == "static":
-                activations += [node.inputs[0].name, _after_activation(graph, node.outputs[0])]
+                activations.append(node.inputs[0].name)
+                if node.op == "Gemm" and graph.input(node, 2) is not None:
+                    gemm_bias.append((node, graph.input(node, 0).name))
+                act = _clamping_activation(graph, node.outputs[0])
+                if act is not None:
+                    folded[act[0].outputs[0].name] = (node.outputs[0].name, act[0], act[1])
+                    activations.append(act[0].outputs[0].name)
+                else:
+                    activations.append(node.outputs[0].name)
             if config.mode in ("weight", "static"):
                 q, scale, err = quantize_symmetric(w, config.bits, axis)
                 _insert_dq(graph, node, q, scale, axis, w.dtype, int4=storage4,
@@ -173,6 +184,16 @@ class Quantize:
             return PassResult(copy_model(model), report)
         if config.mode == "static":
             ranges = activation_ranges(model, list(dict.fromkeys(activations)), calib, config)
+            for name in list(ranges):
+                if name in folded:  # quantize the layer output, [0, bound]: the Relu/Clip goes
+                    layer_out, act_node, bound = folded[name]
+                    lo, hi = ranges.pop(name)
+                    graph.bypass(act_node)
+                    ranges[layer_out] = (0.0, min(hi, bound))
+            report.metrics["activations_folded"] = len(folded)
+            for node, x_name in gemm_bias:
+                if x_name in ranges:
+                    _quantize_bias(graph, node, *ranges[x_name])
             for name, (lo, hi) in ranges.items():
                 _insert_qdq(graph, name, lo, hi)
             report.metrics["activations_quantized"] = len(ranges)
@@ -221,7 +242,7 @@ def _check(graph: Graph, node: Any, config: QuantizeConfig) -> Skip | None:
         return skip(SkipReason.UNSUPPORTED_DTYPE, str(w.dtype))
     if graph.is_shared(w_t, [node]):
         return skip(SkipReason.SHARED_WEIGHT, f"{w_t.name} is read by another node")
-    if w.size < config.min_params:
+    if w.size < config.min_params and config.mode != "static":  # static: speed, not size
         return skip(SkipReason.TOO_SMALL, f"{w.size} weights < --min-params {config.min_params}")
     if node.op in ("Gemm", "MatMul") and w.ndim != 2:
         return skip(SkipReason.UNSUPPORTED_ATTRIBUTE, f"{w.ndim}-D weight")
@@ -295,15 +316,52 @@ def huffman_bits_of(symbols: np.ndarray) -> int:
     return int(total)
 
 
-def _after_activation(graph: Graph, tensor: Any) -> str:
-    """The end of a single-reader Relu/Clip chain after ``tensor``, else ``tensor``.
+def _quantize_bias(graph: Graph, gemm: Any, lo: float, hi: float) -> None:
+    """Put a Gemm's bias behind DequantizeLinear as int32 (input scale x weight scale).
 
-    ONNX Runtime fuses that activation into the quantized conv.
+    That is the form ONNX Runtime expects of a QDQ Gemm it may fuse into QGemm.
     """
-    while (len(tensor.outputs) == 1 and not graph.is_graph_output(tensor)
-           and tensor.outputs[0].op in ("Relu", "Clip", "LeakyRelu")):
-        tensor = tensor.outputs[0].outputs[0]
-    return str(tensor.name)
+    b = graph.const_value(graph.input(gemm, 2))
+    dq = graph.producer(graph.input(gemm, 1))
+    if b is None or dq is None or dq.op != "DequantizeLinear" or b.ndim != 1:
+        return
+    w_scale = graph.const_value(dq.inputs[1])
+    if w_scale is None or float(gemm.attrs.get("alpha", 1.0)) != 1.0 or float(
+            gemm.attrs.get("beta", 1.0)) != 1.0:
+        return
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    x_scale = (hi - lo) / 255.0 if hi > lo else 1.0
+    scale = (x_scale * np.asarray(w_scale, dtype=np.float64)).astype(np.float32)
+    scale = np.broadcast_to(scale, b.shape).copy()
+    q = np.clip(np.rint(b / scale), -(2**31), 2**31 - 1).astype(np.int32)
+    name = graph.input(gemm, 2).name
+    q_const = graph.constant(f"{name}_q", q)
+    s_const = graph.constant(f"{name}_scale", scale)
+    out = graph.variable(f"{name}_dq", dtype=np.float32)
+    graph.add_node("DequantizeLinear", [q_const, s_const], [out], pass_name="quantize",
+                   origin=gemm.name, attrs={"axis": 0}, suffix="bias")
+    gemm.inputs[2] = out
+
+
+def _clamping_activation(graph: Graph, tensor: Any) -> tuple[Any, float] | None:
+    """A Relu, or a Clip with lower bound 0, reading only ``tensor``: (node, upper bound).
+
+    Quantizing the layer's output to uint8 with range ``[0, hi]`` (zero point 0) clamps
+    exactly like that activation, so the activation can go and ONNX Runtime can fuse the
+    layer into one integer kernel (what its own quantizer does too).
+    """
+    if len(tensor.outputs) != 1 or graph.is_graph_output(tensor):
+        return None
+    act = tensor.outputs[0]
+    if act.op == "Relu":
+        return act, float("inf")
+    if act.op != "Clip":
+        return None
+    lo = graph.const_value(graph.input(act, 1)) if len(act.inputs) > 1 else act.attrs.get("min")
+    hi = graph.const_value(graph.input(act, 2)) if len(act.inputs) > 2 else act.attrs.get("max")
+    if lo is None or float(np.asarray(lo)) != 0.0:
+        return None
+    return act, float(np.asarray(hi)) if hi is not None else float("inf")
 
 
 def activation_ranges(model: onnx.ModelProto, names: list[str], calib: Calibration | None,
