@@ -152,7 +152,7 @@ class Quantize:
             if config.mode == "static":
                 activations.append(node.inputs[0].name)
                 if node.op == "Gemm" and graph.input(node, 2) is not None:
-                    gemm_bias.append((node, graph.input(node, 0).name))
+                    gemm_bias.append((node, node.inputs[0].name))
                 act = _clamping_activation(graph, node.outputs[0])
                 if act is not None:
                     folded[act[0].outputs[0].name] = (node.outputs[0].name, act[0], act[1])
@@ -334,7 +334,7 @@ def _quantize_bias(graph: Graph, gemm: Any, lo: float, hi: float) -> None:
     scale = (x_scale * np.asarray(w_scale, dtype=np.float64)).astype(np.float32)
     scale = np.broadcast_to(scale, b.shape).copy()
     q = np.clip(np.rint(b / scale), -(2**31), 2**31 - 1).astype(np.int32)
-    name = graph.input(gemm, 2).name
+    name = gemm.inputs[2].name
     q_const = graph.constant(f"{name}_q", q)
     s_const = graph.constant(f"{name}_scale", scale)
     out = graph.variable(f"{name}_dq", dtype=np.float32)
