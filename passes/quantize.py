@@ -121,6 +121,9 @@ class Quantize:
         if config.mode == "weight" and config.bits == 4 and not storage4:
             report.notes.append(f"int4 initializers need opset >= {INT4_OPSET} (model has "
                                 f"{opset}): 4-bit values are stored as int8")
+        if config.mode == "static" and opset < 13:
+            report.notes.append("opset < 13: static quantization uses per-tensor weight "
+                                "scales (per-channel needs opset 13 to stay fusable)")
         if config.mode == "weight" and opset < 13:
             report.notes.append("opset < 13 has no per-channel DequantizeLinear: the "
                                 "per-channel scales are applied by a Mul after it")
@@ -160,9 +163,14 @@ class Quantize:
                 else:
                     activations.append(node.outputs[0].name)
             if config.mode in ("weight", "static"):
-                q, scale, err = quantize_symmetric(w, config.bits, axis)
+                # Static before opset 13: per-tensor weights, the only form ONNX Runtime can
+                # fuse there (a per-channel Mul would keep the layer in float).
+                per_tensor = config.mode == "static" and opset < 13
+                q, scale, err = quantize_symmetric(w, config.bits, None if per_tensor else axis)
+                if per_tensor:
+                    scale = np.full(w.shape[axis], float(scale), dtype=np.float32)
                 _insert_dq(graph, node, q, scale, axis, w.dtype, int4=storage4,
-                           int4_names=int4_names, dq_axis=opset >= 13)
+                           int4_names=int4_names, dq_axis=opset >= 13, per_tensor=per_tensor)
                 after = scale.nbytes + (q.size + 1) // 2 if storage4 else scale.nbytes + q.size
                 details: dict[str, Any] = {"bits": config.bits, "per_channel": True,
                                            "storage": "int4" if storage4 else "int8"}
@@ -434,7 +442,8 @@ def _insert_qdq(graph: Graph, name: str, lo: float, hi: float) -> None:
             if t is tensor and reader.op != "QuantizeLinear":
                 reader.inputs[i] = dq
 def _insert_dq(graph: Graph, node: Any, q: np.ndarray, scale: np.ndarray, axis: int,
-               dtype: np.dtype[Any], int4: bool, int4_names: set[str], dq_axis: bool) -> None:
+               dtype: np.dtype[Any], int4: bool, int4_names: set[str], dq_axis: bool,
+               per_tensor: bool = False) -> None:
     """Feed ``node`` ``W = DequantizeLinear(q, scale, axis)``.
 
     Before opset 13 (no ``axis``): ``W = DequantizeLinear(q, 1) * scale``, the scales shaped
@@ -448,7 +457,11 @@ def _insert_dq(graph: Graph, node: Any, q: np.ndarray, scale: np.ndarray, axis: 
         int4_names.add(q_const.name)
     out = graph.variable(f"{base}_dq", dtype=np.float32)
     props = {"bits": 4 if int4 else 8}
-    if dq_axis:
+    if per_tensor:
+        scale_const = graph.constant(f"{base}_scale", np.array(scale[0], dtype=np.float32))
+        graph.add_node("DequantizeLinear", [q_const, scale_const], [out], pass_name="quantize",
+                       origin=node.name, props=props)
+    elif dq_axis:
         scale_const = graph.constant(f"{base}_scale", scale.astype(np.float32))
         graph.add_node("DequantizeLinear", [q_const, scale_const], [out], pass_name="quantize",
                        origin=node.name, attrs={"axis": axis}, props=props)

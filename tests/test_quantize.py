@@ -152,3 +152,16 @@ def test_per_channel_before_opset_13_uses_a_mul():
     assert [n.op_type for n in result.model.graph.node] == ["DequantizeLinear", "Mul", "Conv"]
     assert result.report.applied[0].details["weight_rel_error"] < 1e-6
     _outputs_equal(model, result.model)
+
+
+def test_static_before_opset_13_uses_per_tensor_weights():
+    model = _static_model()
+    model.opset_import[0].version = 12
+    model.ir_version = 7
+    result = quantize(model, QuantizeConfig(mode="static", calibrator="minmax", min_params=0),
+                      calibration(model, n=4, batch=2))
+    ops = [n.op_type for n in result.model.graph.node]
+    assert "Mul" not in ops
+    dqs = [n for n in result.model.graph.node if n.op_type == "DequantizeLinear"]
+    assert all(not any(a.name == "axis" for a in n.attribute) for n in dqs)
+    assert any("per-tensor" in n for n in result.report.notes)
