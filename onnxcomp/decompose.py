@@ -1284,3 +1284,50 @@ def horizontal_attrs(g: ConvGeometry) -> dict[str, Any]:
 def full_attrs(g: ConvGeometry) -> dict[str, Any]:
     """Attributes of a stage taking the whole original geometry."""
     return {"strides": [g.sh, g.sw], "dilations": [g.dh, g.dw], "pads": list(g.pads)}
+
+
+# ============================================================================ refit helpers
+def shrunk_solve(gram: np.ndarray, cross: np.ndarray, start: np.ndarray, ridge: float
+                 ) -> np.ndarray:
+    """Least squares shrunk toward ``start``: ``argmin_A E||A x - y||^2 + lam ||A - start||^2``.
+
+    ``gram = E[x x^T]``, ``cross = E[y x^T]``, ``lam = ridge * mean(diag(gram))``.
+
+    Shrinking toward the starting weights (not toward zero) keeps what calibration data
+    cannot pin down as it was: a few dozen images leave many directions unseen, and a
+    plain least squares fits them to noise.
+    """
+    lam = ridge * float(np.trace(gram)) / max(gram.shape[0], 1)
+    lhs = gram + lam * np.eye(gram.shape[0])
+    return np.asarray(np.linalg.solve(lhs, (cross + lam * start).T).T)
+
+
+def write_linear(graph: Graph, name: str, w_cols: np.ndarray, bias: np.ndarray | None) -> None:
+    """Write canonical ``[Y, X]`` weights (and a bias) into node ``name``'s own layout.
+
+    Conv: ``[O, C, kh, kw]``; MatMul / Gemm: transposed as the node reads them, alpha and beta
+    divided out. A bias is added as a new input when the node has none.
+    """
+    node = next(n for n in graph.nodes if n.name == name)
+    w_t = graph.input(node, 1)
+    w = graph.const_value(w_t)
+    assert w is not None and w_t is not None
+    dtype = w.dtype
+    alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
+    beta = float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else 1.0
+    if node.op == "MatMul" or (node.op == "Gemm" and not node.attrs.get("transB", 0)):
+        new = w_cols.T.reshape(w.shape)
+    else:
+        new = w_cols.reshape(w.shape)
+    graph.set_input_constant(node, 1, (new / alpha).astype(dtype))
+    if bias is None:
+        return
+    b = (bias / (beta if beta else 1.0)).astype(dtype)
+    if graph.input(node, 2) is None:
+        const = graph.constant(f"{name}_bias", b)
+        if len(node.inputs) > 2:  # an empty optional input
+            node.inputs[2] = const
+        else:
+            node.inputs.append(const)
+    else:
+        graph.set_input_constant(node, 2, b)

@@ -413,7 +413,7 @@ def _build(model: onnx.ModelProto, prep: _Prepared, keep: dict[int, np.ndarray],
                  for name in refits}
     depgraph.apply(dep, keep)
     for name, (w_new, b_new, _) in refits.items():
-        _write_refit(graph, name, w_new, b_new)
+        decompose.write_linear(graph, name, w_new, b_new)
     pruned = graph.export()
     if config.refit and config.refit_mode == "asymmetric":
         pruned = _asymmetric(pruned, prep, refits, out_keeps, config, calib)
@@ -498,7 +498,8 @@ def _refits(graph: Graph, dep: DepGraph, keep: dict[int, np.ndarray], prep: _Pre
         if not config.refit:
             pass
         elif m.rows >= decompose.REFIT_ROWS_PER_UNKNOWN * unknowns:
-            sol = shrunk_solve(xx[np.ix_(sel, sel)], target @ xx[:, sel], sol, config.ridge)
+            sol = decompose.shrunk_solve(xx[np.ix_(sel, sel)], target @ xx[:, sel], sol,
+                                         config.ridge)
             how = "least squares"
         else:
             how = (f"mean compensation ({m.rows} rows < {decompose.REFIT_ROWS_PER_UNKNOWN}x"
@@ -507,21 +508,6 @@ def _refits(graph: Graph, dep: DepGraph, keep: dict[int, np.ndarray], prep: _Pre
         bias_new = sol[:, len(cols)] if use_bias else None
         out[name] = (w_cols, bias_new, how)
     return out
-
-
-def shrunk_solve(gram: np.ndarray, cross: np.ndarray, start: np.ndarray, ridge: float
-                 ) -> np.ndarray:
-    """Least squares shrunk toward ``start``: ``argmin_A E||A x - y||^2 + lam ||A - start||^2``.
-
-    ``gram = E[x x^T]``, ``cross = E[y x^T]``, ``lam = ridge * mean(diag(gram))``.
-
-    Shrinking toward the starting weights (not toward zero) keeps what calibration data
-    cannot pin down as it was: a few dozen images leave many directions unseen, and a
-    plain least squares fits them to noise.
-    """
-    lam = ridge * float(np.trace(gram)) / max(gram.shape[0], 1)
-    lhs = gram + lam * np.eye(gram.shape[0])
-    return np.asarray(np.linalg.solve(lhs, (cross + lam * start).T).T)
 
 
 def _asymmetric(model: onnx.ModelProto, prep: _Prepared,
@@ -556,38 +542,10 @@ def _asymmetric(model: onnx.ModelProto, prep: _Prepared,
         sel = np.arange(d + 1) if use_bias else np.arange(d)
         w0, b0, _ = refits[name]
         start = np.hstack([w0, b0[:, None]]) if use_bias and b0 is not None else w0
-        sol = shrunk_solve(xx[np.ix_(sel, sel)], xy[sel].T, start, config.ridge)
-        _write_refit(graph, name, sol[:, :d], sol[:, d] if use_bias else None)
+        sol = decompose.shrunk_solve(xx[np.ix_(sel, sel)], xy[sel].T, start, config.ridge)
+        decompose.write_linear(graph, name, sol[:, :d], sol[:, d] if use_bias else None)
         current = graph.export()
     return current
-
-
-def _write_refit(graph: Graph, name: str, w_cols: np.ndarray, bias: np.ndarray | None,
-                 *_: Any) -> None:
-    """Write a refit (canonical [Y, X] columns) into the already sliced node."""
-    node = next(n for n in graph.nodes if n.name == name)
-    w_t = graph.input(node, 1)
-    w = graph.const_value(w_t)
-    assert w is not None and w_t is not None
-    dtype = w.dtype
-    alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
-    beta = float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else 1.0
-    if node.op == "MatMul" or (node.op == "Gemm" and not node.attrs.get("transB", 0)):
-        new = w_cols.T.reshape(w.shape)
-    else:
-        new = w_cols.reshape(w.shape)
-    graph.set_input_constant(node, 1, (new / alpha).astype(dtype))
-    if bias is None:
-        return
-    b = (bias / (beta if beta else 1.0)).astype(dtype)
-    if graph.input(node, 2) is None:
-        const = graph.constant(f"{name}_bias", b)
-        if len(node.inputs) > 2:  # an empty optional input
-            node.inputs[2] = const
-        else:
-            node.inputs.append(const)
-    else:
-        graph.set_input_constant(node, 2, b)
 
 
 # ====================================================================== speed target

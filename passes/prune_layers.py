@@ -306,10 +306,9 @@ def _finish(model: onnx.ModelProto, units: Sequence[Unit], config: PruneLayersCo
         d = now.matrix.shape[1]
         use_bias = now.op != "MatMul"
         sel = np.arange(d + 1) if use_bias else np.arange(d)
-        gram = xx[np.ix_(sel, sel)]
-        reg = config.ridge * float(np.trace(gram)) / max(len(sel), 1)
-        sol = np.linalg.solve(gram + reg * np.eye(len(sel)), xy[sel]).T
-        _write(g, node, now, sol[:, :d], sol[:, d] if use_bias else None)
+        start = np.hstack([now.matrix, now.bias_vector[:, None]]) if use_bias else now.matrix
+        sol = decompose.shrunk_solve(xx[np.ix_(sel, sel)], xy[sel].T, start, config.ridge)
+        decompose.write_linear(g, node.name, sol[:, :d], sol[:, d] if use_bias else None)
         current = g.export()
     return current
 
@@ -330,32 +329,6 @@ def _next_linear(graph: Graph, tensor: Any) -> list[str]:
             else:
                 stack.extend(c.outputs)
     return found
-
-
-def _write(graph: Graph, node: Any, layer: Layer, w: np.ndarray, b: np.ndarray | None) -> None:
-    """Write a canonical ``[Y, X]`` weight and bias back into ``node``'s own layout."""
-    old = graph.const_value(graph.input(node, 1))
-    assert old is not None
-    if node.op == "Conv":
-        new = w.reshape(old.shape)
-        bias = b
-    else:
-        alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
-        trans_b = node.op == "Gemm" and bool(node.attrs.get("transB", 0))
-        new = (w if trans_b else w.T).reshape(old.shape) / alpha
-        beta = float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else 1.0
-        bias = None if b is None else b / (beta or 1.0)
-    graph.set_input_constant(node, 1, new.astype(old.dtype))
-    if bias is None:
-        return
-    if graph.input(node, 2) is None:
-        const = graph.constant(f"{node.name}_bias", bias.astype(old.dtype))
-        if len(node.inputs) > 2:
-            node.inputs[2] = const
-        else:
-            node.inputs.append(const)
-    else:
-        graph.set_input_constant(node, 2, bias.astype(old.dtype))
 
 
 def _to_speed(model: onnx.ModelProto, ranked: list[Unit], config: PruneLayersConfig,
