@@ -137,7 +137,7 @@ class Graph:
 
     def constant(self, base: str, values: np.ndarray) -> gs.Constant:
         """A new constant (initializer) with a unique name."""
-        return gs.Constant(self.unique_name(base), np.ascontiguousarray(values))
+        return gs.Constant(self.unique_name(base), _contiguous(values))
 
     def variable(
         self, base: str, dtype: Any = np.float32, shape: Sequence[Any] | None = None
@@ -181,13 +181,13 @@ class Graph:
         old = node.inputs[index]
         alone = isinstance(old, gs.Constant) and all(c is node for c in old.outputs)
         name = old.name if alone else self.unique_name(old.name)
-        const = gs.Constant(name, np.ascontiguousarray(values))
+        const = gs.Constant(name, _contiguous(values))
         node.inputs[index] = const
         return const
 
     def replace_with_constant(self, tensor: gs.Tensor, values: np.ndarray) -> gs.Constant:
         """Make ``tensor``'s readers read a new initializer of the same name instead."""
-        const = gs.Constant(tensor.name, np.ascontiguousarray(values))
+        const = gs.Constant(tensor.name, _contiguous(values))
         prod = self.producer(tensor)
         for consumer in list(tensor.outputs):
             for i, t in enumerate(consumer.inputs):
@@ -283,3 +283,13 @@ def attr_ints(node: gs.Node, name: str, default: Sequence[int]) -> list[int]:
     """An integer-list attribute of a node, with a default."""
     value = node.attrs.get(name)
     return list(default) if value is None else [int(v) for v in value]
+
+
+def _contiguous(values: np.ndarray) -> np.ndarray:
+    """A C-contiguous array of the same shape, scalars included.
+
+    ``np.ascontiguousarray`` turns scalars into 1-element vectors, which ONNX Runtime's QDQ
+    fusions do not take as per-tensor scales.
+    """
+    arr = np.asarray(values)
+    return arr.copy(order="C") if arr.ndim == 0 or not arr.flags.c_contiguous else arr

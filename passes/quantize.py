@@ -463,7 +463,10 @@ def _insert_dq(graph: Graph, node: Any, q: np.ndarray, scale: np.ndarray, axis: 
                        origin=node.name, props=props)
     elif dq_axis:
         scale_const = graph.constant(f"{base}_scale", scale.astype(np.float32))
-        graph.add_node("DequantizeLinear", [q_const, scale_const], [out], pass_name="quantize",
+        inputs = [q_const, scale_const]
+        if not int4:  # explicit zero points: ONNX Runtime's QGemm fusion looks for them
+            inputs.append(graph.constant(f"{base}_zero", np.zeros(scale.shape, np.int8)))
+        graph.add_node("DequantizeLinear", inputs, [out], pass_name="quantize",
                        origin=node.name, attrs={"axis": axis}, props=props)
     else:
         one = graph.constant(f"{base}_unit", np.array(1.0, dtype=np.float32))
