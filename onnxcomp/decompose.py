@@ -235,6 +235,37 @@ def find_layers(
     return layers
 
 
+def own_float_weight(graph: Graph, node: Node, exclude: Sequence[str] = ()
+                     ) -> np.ndarray | Skip:
+    """``node``'s weight (input 1), or why it cannot be rewritten.
+
+    The weight must be a constant float read by ``node`` alone, and the node not excluded.
+    """
+    def skip(reason: SkipReason, detail: str) -> Skip:
+        return Skip(node.name, node.op, reason, detail)
+
+    if node.name in exclude:
+        return skip(SkipReason.USER_EXCLUDED, "--exclude")
+    w_t = graph.input(node, 1)
+    w = graph.const_value(w_t)
+    if w is None or w_t is None:
+        return skip(SkipReason.NOT_CONSTANT, "weight is not a constant (already quantized?)")
+    if w.dtype.type not in FLOAT_TYPES:
+        return skip(SkipReason.UNSUPPORTED_DTYPE, str(w.dtype))
+    if graph.is_shared(w_t, [node]):
+        return skip(SkipReason.SHARED_WEIGHT, f"{w_t.name} is read by another node")
+    return w
+
+
+def skip_pointwise(layer: Layer, detail: str = "1x1 kernel: use --pass svd") -> Skip | None:
+    """A skip for 1x1 convs (methods that need a spatial kernel), else None."""
+    g = layer.geom
+    assert g is not None
+    if g.kh * g.kw == 1:
+        return Skip(layer.name, layer.op, SkipReason.UNSUPPORTED_ATTRIBUTE, detail)
+    return None
+
+
 def make_layer(graph: Graph, shapes: dict[str, tuple[int, ...]], node: Node,
                config: LowRankConfig) -> Layer | Skip:
     """``node`` as a :class:`Layer` (``y = W x + b``), or why it cannot be one."""
@@ -242,20 +273,14 @@ def make_layer(graph: Graph, shapes: dict[str, tuple[int, ...]], node: Node,
     def skip(reason: SkipReason, detail: str = "") -> Skip:
         return Skip(node.name, node.op, reason, detail)
 
-    if node.name in config.exclude:
-        return skip(SkipReason.USER_EXCLUDED, "--exclude")
-    w_t = graph.input(node, 1)
-    w = graph.const_value(w_t)
-    if w is None or w_t is None:
-        return skip(SkipReason.NOT_CONSTANT, "weight is not a constant initializer")
-    if w.dtype.type not in FLOAT_TYPES:
-        return skip(SkipReason.UNSUPPORTED_DTYPE, str(w.dtype))
+    weight_skip = own_float_weight(graph, node, config.exclude)
+    if isinstance(weight_skip, Skip):
+        return weight_skip
+    w = weight_skip
     b_t = graph.input(node, 2)
     b = graph.const_value(b_t) if b_t is not None else None
     if b_t is not None and b is None:
         return skip(SkipReason.NOT_CONSTANT, "bias is not constant")
-    if graph.is_shared(w_t, [node]):
-        return skip(SkipReason.SHARED_WEIGHT, f"{w_t.name} is read by another node")
     x_name, y_name = node.inputs[0].name, node.outputs[0].name
     if x_name not in shapes or y_name not in shapes:
         return skip(SkipReason.UNKNOWN_SHAPE, "static shapes unknown (give --calib)")

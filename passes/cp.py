@@ -43,9 +43,10 @@ from onnxcomp.decompose import (
     horizontal_attrs,
     rank_ladder,
     round_up,
+    skip_pointwise,
     vertical_attrs,
 )
-from onnxcomp.passbase import PassConfig, Skip, SkipReason
+from onnxcomp.passbase import PassConfig, Skip
 
 # Phan et al.'s degeneracy shows as rank-one terms far larger than W that cancel. Mild
 # cancellation (a few times ||W||) costs fp32 a digit at most and the refit and the measured
@@ -64,12 +65,7 @@ class CPMethod:
 
     def check(self, layer: Layer) -> Skip | None:
         """Skip 1x1 kernels (nothing spatial to separate)."""
-        g = layer.geom
-        assert g is not None
-        if g.kh == 1 and g.kw == 1:
-            return Skip(layer.name, layer.op, SkipReason.UNSUPPORTED_ATTRIBUTE,
-                        "1x1 kernel: use --pass svd")
-        return None
+        return skip_pointwise(layer)
 
     def max_rank(self, layer: Layer) -> int:
         """The largest rank whose chain costs fewer MACs than the layer."""

@@ -43,8 +43,9 @@ from onnxcomp.decompose import (
     Stage,
     conv_hw,
     full_attrs,
+    skip_pointwise,
 )
-from onnxcomp.passbase import ConfigError, PassConfig, Skip, SkipReason
+from onnxcomp.passbase import ConfigError, PassConfig, Skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,12 +71,7 @@ class SeparableMethod:
 
     def check(self, layer: Layer) -> Skip | None:
         """Skip 1x1 kernels (nothing spatial to separate)."""
-        g = layer.geom
-        assert g is not None
-        if g.kh * g.kw == 1:
-            return Skip(layer.name, layer.op, SkipReason.UNSUPPORTED_ATTRIBUTE,
-                        "1x1 kernel: nothing to separate (use --pass svd)")
-        return None
+        return skip_pointwise(layer, "1x1 kernel: nothing to separate (use --pass svd)")
 
     def _channels(self, layer: Layer) -> int:
         c = layer.weight.shape[1]

@@ -41,8 +41,9 @@ from onnxcomp.decompose import (
     full_attrs,
     rank_ladder,
     round_up,
+    skip_pointwise,
 )
-from onnxcomp.passbase import PassConfig, Skip, SkipReason
+from onnxcomp.passbase import PassConfig, Skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,12 +61,7 @@ class KernelSharingMethod:
 
     def check(self, layer: Layer) -> Skip | None:
         """Skip 1x1 kernels: sharing there is a (worse) low-rank factorization."""
-        g = layer.geom
-        assert g is not None
-        if g.kh * g.kw == 1:
-            return Skip(layer.name, layer.op, SkipReason.UNSUPPORTED_ATTRIBUTE,
-                        "1x1 kernel: use --pass svd")
-        return None
+        return skip_pointwise(layer)
 
     @staticmethod
     def macs(layer: Layer, groups: int) -> int:

@@ -49,6 +49,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxcomp import bench, calibrate
 from onnxcomp.calibrate import Calibration
+from onnxcomp.decompose import own_float_weight
 from onnxcomp.graph import Graph
 from onnxcomp.model import check_model, copy_model, default_opset
 from onnxcomp.passbase import (
@@ -239,16 +240,9 @@ def _check(graph: Graph, node: Any, config: QuantizeConfig) -> Skip | None:
     def skip(reason: SkipReason, detail: str) -> Skip:
         return Skip(node.name, node.op, reason, detail)
 
-    if node.name in config.exclude:
-        return skip(SkipReason.USER_EXCLUDED, "--exclude")
-    w_t = graph.input(node, 1)
-    w = graph.const_value(w_t)
-    if w is None or w_t is None:
-        return skip(SkipReason.NOT_CONSTANT, "weight is not a constant (already quantized?)")
-    if w.dtype not in (np.float32, np.float16, np.float64):
-        return skip(SkipReason.UNSUPPORTED_DTYPE, str(w.dtype))
-    if graph.is_shared(w_t, [node]):
-        return skip(SkipReason.SHARED_WEIGHT, f"{w_t.name} is read by another node")
+    w = own_float_weight(graph, node, config.exclude)
+    if isinstance(w, Skip):
+        return w
     if w.size < config.min_params and config.mode != "static":  # static: speed, not size
         return skip(SkipReason.TOO_SMALL, f"{w.size} weights < --min-params {config.min_params}")
     if node.op in ("Gemm", "MatMul") and w.ndim != 2:

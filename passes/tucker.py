@@ -38,8 +38,9 @@ from onnxcomp.decompose import (
     conv_hw,
     full_attrs,
     round_up,
+    skip_pointwise,
 )
-from onnxcomp.passbase import PassConfig, Skip, SkipReason
+from onnxcomp.passbase import PassConfig, Skip
 
 FRACTIONS = (0.125, 0.1875, 0.25, 0.3125, 0.375, 0.5, 0.625, 0.75)
 
@@ -52,12 +53,7 @@ class TuckerMethod:
 
     def check(self, layer: Layer) -> Skip | None:
         """Skip 1x1 kernels."""
-        g = layer.geom
-        assert g is not None
-        if g.kh * g.kw == 1:
-            return Skip(layer.name, layer.op, SkipReason.UNSUPPORTED_ATTRIBUTE,
-                        "1x1 kernel: use --pass svd")
-        return None
+        return skip_pointwise(layer)
 
     def _ranks(self, layer: Layer, fraction: float, multiple: int) -> tuple[int, int]:
         o, c = layer.weight.shape[:2]
