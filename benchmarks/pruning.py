@@ -1,8 +1,11 @@
 """Channel pruning on real models: speed, size, fidelity, criteria.
 
-    python benchmarks/pruning.py            # every table (about 10 minutes here)
+    python benchmarks/pruning.py                   # every channel table (about 10 minutes)
+    python benchmarks/pruning.py --tables layers    # prune_layers (about 5 minutes)
 
-Writes benchmarks/results/pruning.md and .json with three tables:
+Writes benchmarks/results/pruning.md and .json with three channel-pruning tables, and
+benchmarks/results/prune_layers.md and .json (whole layers removed: Fashion-MNIST VGG test
+accuracy, MobileNetV2 / EfficientNet-Lite0 residual branches on held-out photos):
 
 1. Fashion-MNIST VGG: ``--target-speedup`` 1.5 / 2 / 2.5 and a ratio sweep (test accuracy on
    all 10 000 test images; the model-size ratio reached at <= 2 % accuracy loss);
@@ -27,13 +30,14 @@ from cases import CASES, fmnist_accuracy, run
 from common import calibration, fixed_batch, macs, optimize, params, speed, write
 
 
-def prune_row(name: str, opts: dict[str, Any], n_calib: int, runs: int) -> dict[str, Any]:
+def prune_row(name: str, opts: dict[str, Any], n_calib: int, runs: int,
+              pass_name: str = "prune_channels") -> dict[str, Any]:
     case = CASES[name]
     model = case.load()
     calib = calibration(case.inputs("calib"), n_calib, fixed_batch=fixed_batch(model))
     start = time.perf_counter()
     result, _ = optimize(model, [("canonicalize", {}), ("fold_bn", {}),
-                                 ("prune_channels", opts)], calib)
+                                 (pass_name, opts)], calib)
     seconds = time.perf_counter() - start
     held = case.inputs("heldout")
     fid = case.fidelity(run(model, held), run(result.model, held))
@@ -46,6 +50,7 @@ def prune_row(name: str, opts: dict[str, Any], n_calib: int, runs: int) -> dict[
         "params_ratio": params(model) / max(params(result.model), 1),
         "size_ratio": result.model.ByteSize() / model.ByteSize(),
         "groups_pruned": len(report.applied), "skipped": dict(blocked),
+        "removed": [c.node for c in report.applied],
         "metrics": report.metrics, "notes": report.notes,
     }
     if name == "fashion_mnist_vgg":
@@ -65,7 +70,8 @@ def _setting(opts: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=60)
-    parser.add_argument("--tables", nargs="*", default=["fmnist", "criteria", "all"])
+    parser.add_argument("--tables", nargs="*", default=["fmnist", "criteria", "all"],
+                        help="fmnist, criteria, all (-> pruning.md); layers (-> prune_layers.md)")
     args = parser.parse_args()
     md, docs = [], {}
     if "fmnist" in args.tables:
@@ -122,9 +128,43 @@ def main() -> None:
         md.append("### Every real model at --ratio 0.3 (16 calibration samples)\n\n")
         md.append(_table(["model", "groups pruned", "channels removed", "speedup", "MACs ratio",
                           "fidelity (held-out)", "blocked groups (why)"], rows))
+    if "layers" in args.tables:
+        layers_table(args.runs)
+    if not md:
+        return
     pre = (f"prune_channels after canonicalize + fold_bn; ORT CPU 1 thread batch 1, "
            f"{args.runs} interleaved rounds; {platform.machine()}.\n\n")
     path = write("pruning", [], [], docs, pre + "".join(md))
+    print(path.read_text())
+
+
+def layers_table(runs: int) -> None:
+    """prune_layers: Fashion-MNIST VGG (test accuracy) and residual branches of MobileNetV2 /
+    EfficientNet-Lite0 (top-1 agreement on held-out photos)."""
+    rows, docs = [], []
+    for name, n_calib, opts in (("fashion_mnist_vgg", 256, {"layers": 1}),
+                                ("fashion_mnist_vgg", 256, {"layers": 2}),
+                                ("mobilenetv2", 64, {"layers": 1}),
+                                ("mobilenetv2", 64, {"layers": 2}),
+                                ("efficientnet_lite0", 64, {"layers": 1})):
+        d = prune_row(name, opts, n_calib, runs, pass_name="prune_layers")
+        docs.append(d)
+        metric = CASES[name].metric
+        fidelity = f"{metric} {d['fidelity'][metric]:.1%}"
+        if "accuracy" in d:
+            acc = d["accuracy"]
+            fidelity = (f"acc {acc['before']:.2%} -> {acc['after']:.2%} "
+                        f"({(acc['after'] - acc['before']) * 100:+.2f}); {fidelity}")
+        rows.append([name, _setting(opts), ", ".join(d["removed"]) or "-", _speed(d),
+                     f"{d['macs_ratio']:.2f}x", fidelity, f"{d['compile_s']:.0f}"])
+        print(rows[-1], flush=True)
+    pre = (f"prune_layers after canonicalize + fold_bn (importance measured after the refit; "
+           f"three levels of downstream layers refit); ORT CPU 1 thread batch 1, {runs} "
+           f"interleaved rounds; {platform.machine()}. Fidelity on held-out data (Fashion-MNIST: "
+           f"the 10 000 test images).\n\n")
+    path = write("prune_layers", ["model", "setting", "removed", "speedup (p10-p90)",
+                                  "MACs ratio", "fidelity (held-out)", "compile s"], rows,
+                 docs, pre)
     print(path.read_text())
 
 

@@ -91,6 +91,9 @@ def lowrank_options(func: F) -> F:
                      show_default=True, help="Round ranks to multiples of this."),
         click.option("--no-latency-check", is_flag=True,
                      help="Rewrite layers even when not measured faster."),
+        click.option("--min-realized", type=click.FloatRange(0, 1),
+                     help="--rank auto: use only chains whose measured speedup is at least "
+                          "this share of their MAC reduction (default 0.8)."),
         click.option("--exclude", multiple=True, metavar="NODE", help="Leave this node alone."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--groups", help="kernel_sharing: shared kernels per layer (like --rank: "
@@ -110,14 +113,18 @@ def lowrank_options(func: F) -> F:
         click.option("--layers", type=click.IntRange(min=1),
                      help="prune_layers: how many layers to remove (default 1 without "
                           "--target-speedup)."),
-        click.option("--mode", type=click.Choice(["weight", "kmeans", "static"]),
-                     default="weight", show_default=True,
-                     help="quantize: int weights (DequantizeLinear), k-means sharing "
-                          "(codebook + Gather) or static int8 QDQ with calibrated "
-                          "activations."),
-        click.option("--calibrator", type=click.Choice(["percentile", "minmax"]),
+        click.option("--mode", type=click.Choice(["static", "weight", "kmeans", "binary"]),
+                     default="static", show_default=True,
+                     help="quantize: static int8 QDQ with calibrated activations, int "
+                          "weights (DequantizeLinear), k-means sharing (codebook + Gather) "
+                          "or binary weights (experimental)."),
+        click.option("--calibrator", type=click.Choice(["percentile", "minmax", "entropy"]),
                      default="percentile", show_default=True,
                      help="quantize --mode static: activation ranges."),
+        click.option("--max-drop", type=float,
+                     help="quantize --mode static: leave the most sensitive layers in float "
+                          "until the fidelity drop on the calibration data (1 - top-1 "
+                          "agreement, or relative output error) is at most this."),
         click.option("--bits", type=click.IntRange(1, 8), default=8, show_default=True,
                      help="quantize: 8 or 4 (weight), 1..8 (kmeans)."),
         click.option("--share-groups", type=click.IntRange(min=1),
@@ -202,7 +209,9 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], report_path:
              no_latency_check: bool, exclude: Sequence[str], seed: int, groups: str | None,
              weighted: bool, depth_multiplier: str | None, share_groups: int | None,
              ratio: float | None, criterion: str, round_to: int, layers: int | None,
-             mode: str, calibrator: str, bits: int, **calib_kw: Any) -> None:
+             min_realized: float | None, mode: str, calibrator: str,
+             max_drop: float | None, bits: int,
+             **calib_kw: Any) -> None:
     """Rewrite IN.onnx with the given passes, verify, benchmark and write -o OUT.onnx."""
     from onnxcomp.passes import REGISTRY
 
@@ -219,7 +228,7 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], report_path:
         "provider": provider, "threads": threads, "weighted": weighted,
         "share_groups": share_groups, "ratio": ratio, "criterion": criterion,
         "round_to": round_to, "layers": layers, "mode": mode, "bits": bits,
-        "calibrator": calibrator,
+        "calibrator": calibrator, "max_drop": max_drop, "min_realized": min_realized,
     }
     # Per-pass names for the rank: --groups, --depth-multiplier (else --rank).
     rank_alias = {"kernel_sharing": groups, "depthwise_separable": depth_multiplier}

@@ -84,6 +84,7 @@ class LowRankConfig(PassConfig):
     rank_multiple: int = 8
     latency_check: bool = True
     min_layer_speedup: float = 1.05
+    min_realized: float = 0.8
     min_macs: int = 1_000_000
     max_rows: int = 16384
     ridge: float = 1e-7
@@ -123,6 +124,8 @@ class LowRankConfig(PassConfig):
                               f"'{self.refit_mode}'")
         if self.rank_multiple < 1:
             raise ConfigError("--rank-multiple must be >= 1")
+        if not 0 <= self.min_realized <= 1:
+            raise ConfigError(f"--min-realized must be in [0, 1], got {self.min_realized}")
         if self.rank != "auto" and (self.target_speedup or self.target_macs):
             raise ConfigError("--target-speedup/--target-macs need --rank auto")
 
@@ -967,7 +970,18 @@ def _allocate(
                             f"best measured {best.base_ms / max(best.ms, 1e-9):.2f}x at rank "
                             f"{best.plan.ranks} ({best.base_ms:.3f} -> {best.ms:.3f} ms)")
                 continue
-            wins = fast
+            # --rank auto: only options whose MAC cut shows as time (a fixed rank is the
+            # user's choice).
+            honest = [o for o in fast if not config.auto
+                      or realized(o, layer) >= config.min_realized]
+            if not honest:
+                best = max(fast, key=lambda o: realized(o, layer))
+                report.skip(layer.name, layer.op, SkipReason.NO_LATENCY_WIN,
+                            f"the chains realize at most {realized(best, layer):.2f} of their "
+                            f"MAC cut (< --min-realized {config.min_realized}; rank "
+                            f"{best.plan.ranks}, {best.base_ms:.3f} -> {best.ms:.3f} ms)")
+                continue
+            wins = honest
         usable.append(LayerChoice(layer, ch.index, wins))
     if not config.auto:
         return {ch.index: ch.options[0] for ch in usable}
@@ -979,6 +993,13 @@ def _allocate(
                         f"least-error option: rank {mild.plan.ranks}, isolated error "
                         f"{mild.error:.3g}")
     return chosen
+
+
+def realized(opt: Option, layer: Layer) -> float:
+    """Measured layer speedup over its MAC reduction (1.0: every MAC cut shows as time)."""
+    if opt.ms <= 0 or opt.plan.macs <= 0:
+        return 1.0
+    return (opt.base_ms / opt.ms) / (layer.macs / opt.plan.macs)
 
 
 def _savings(opt: Option, config: LowRankConfig, layer: Layer) -> float:

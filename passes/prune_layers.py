@@ -67,7 +67,10 @@ class PruneLayersConfig(PassConfig):
     provider: str = "cpu"
     threads: int = 1
     bench_runs: int = 30
-    max_rows: int = 16384
+    # Sampled output positions per refit layer. Refits here stand in for a whole missing
+    # layer, so they use many rows: on the Fashion-MNIST VGG every position of 256 images
+    # (50 176) gave -0.96 % test accuracy for one conv removed, 16 384 gave -1.06 %.
+    max_rows: int = 65536
     ridge: float = 1e-9
     seed: int = 0
 

@@ -1,9 +1,21 @@
-"""Weight quantization folded into the graph: int8 / int4 per channel, k-means sharing (lossy).
+"""Quantization folded into the graph: static int8 QDQ, int8 / int4 weights, k-means, binary.
 
 Papers: S. Han, H. Mao, W. Dally, "Deep Compression", ICLR 2016, arXiv:1510.00149 (k-means
 weight sharing, Huffman coding of the indices); B. Jacob et al., "Quantization and Training
 of Neural Networks for Efficient Integer-Arithmetic-Only Inference", CVPR 2018 (symmetric
-per-channel int8 weights).
+per-channel int8 weights, asymmetric uint8 activations); S. Migacz, "8-bit Inference with
+TensorRT", GTC 2017 (entropy calibration); M. Rastegari et al., "XNOR-Net", ECCV 2016 (BWN).
+
+``--mode static`` (the default): int8 per-channel weights and uint8 activations (asymmetric,
+per tensor) through QuantizeLinear -> DequantizeLinear pairs on every quantized layer's input
+and output (after its Relu/Clip, which the uint8 range [0, c] then replaces). Ranges come from
+the calibration data: ``--calibrator percentile`` (99.99, default), ``minmax`` or ``entropy``
+(KL-optimal clipping). ONNX Runtime fuses the pattern into integer kernels (QLinearConv,
+QGemm). ``--max-drop X`` measures every layer's sensitivity (output error with it alone
+quantized) and leaves the most sensitive in float until the fidelity drop on the calibration
+data (1 - top-1 agreement for a classifier, else relative output error) is at most X. Before
+opset 13 weights are per tensor (the only form that stays fusable there), which costs
+fidelity.
 
 Before / after (``--mode weight``)::
 
@@ -15,21 +27,14 @@ Before / after (``--mode weight``)::
     Conv(x, W float32)  =>  Conv(x, Gather(codebook[2^b] float32, Cast(idx uint8 -> int32)))
         2^b centroids per layer (linear initialization, Lloyd iterations on the weights)
 
-The file shrinks ~4x (int8, kmeans) or ~8x (int4); plain ONNX Runtime folds the constant
-dequantization at load, so latency is unchanged: this pass is about size. Int4 initializers
-need opset >= 21 (DequantizeLinear on int4); older models keep 4-bit values in int8 storage
-and the report says so. The report gives, per layer, bits, the relative weight error and the
-bytes before/after, and for k-means the Huffman-coded size of the indices (the storage
-figure Deep Compression quotes).
+``--mode binary`` (experimental, BWN): ``W => DequantizeLinear(sign(W) int8, mean|W_o|)``.
 
-``--mode static``: int8 per-channel weights as above, and uint8 activations (asymmetric,
-per tensor) through QuantizeLinear -> DequantizeLinear pairs on every quantized layer's input
-and output (after its Relu/Clip), ranges from the calibration data (``--calibrator minmax``
-or ``percentile``, 99.99 by default). ONNX Runtime fuses the QDQ pattern into integer
-kernels (QLinearConv, QGemm). A Relu / Clip(0, c) after a layer is folded into the uint8
-range. Measured as fast as ONNX Runtime's own quantizer (within noise) with better fidelity on
-MobileNetV2 / EfficientNet-Lite0; before opset 13 weights are per tensor (still fusable), which
-costs fidelity. Not yet: the entropy calibrator, automatic exclusion of sensitive layers.
+Weight-only modes shrink the file ~4x (int8, kmeans, binary) or ~8x (int4); plain ONNX
+Runtime folds the constant dequantization at load, so latency is unchanged: they are about
+size. Int4 initializers need opset >= 21 (DequantizeLinear on int4); older models keep 4-bit
+values in int8 storage and the report says so. The report gives, per layer, bits, the
+relative weight error and the bytes before/after, and for k-means the Huffman-coded size of
+the indices (the storage figure Deep Compression quotes).
 
 Supported: Conv, ConvTranspose, Gemm and MatMul with a constant float weight read by that
 node only. Skipped, with a reason: non-constant or shared weights, already quantized models,
@@ -45,9 +50,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper, version_converter
 
-from onnxcomp import bench, calibrate
+from onnxcomp import bench, calibrate, verify
 from onnxcomp.calibrate import Calibration
 from onnxcomp.decompose import own_float_weight
 from onnxcomp.graph import Graph
@@ -63,13 +68,22 @@ from onnxcomp.passbase import (
     SkipReason,
 )
 
-MODES = ("weight", "kmeans", "static")
-CALIBRATORS = ("minmax", "percentile")
+MODES = ("static", "weight", "kmeans", "binary")
+CALIBRATORS = ("percentile", "minmax", "entropy")
 # Percentile ranges need enough values to put a tail on; fewer samples is an error.
 MIN_PERCENTILE_SAMPLES = 8
 # Values kept per tensor for percentiles (a seeded subsample bounds the memory).
 PERCENTILE_VALUES = 1_000_000
 INT4_OPSET = 21
+# Entropy calibrator: histogram bins of |x| and the stride of the threshold search.
+ENTROPY_BINS = 2048
+ENTROPY_STRIDE = 16
+# --max-drop: samples each candidate model is judged on, and samples per layer sensitivity.
+DROP_SAMPLES = 256
+SENSITIVITY_SAMPLES = 32
+# Ops whose output values are some of their input's values (moved or picked).
+RANGE_KEEPING = frozenset({"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze",
+                           "Unsqueeze", "Identity"})
 OPS = {"Conv": 0, "ConvTranspose": 1, "Gemm": None, "MatMul": 1}  # output-channel axis
 
 
@@ -77,12 +91,13 @@ OPS = {"Conv": 0, "ConvTranspose": 1, "Gemm": None, "MatMul": 1}  # output-chann
 class QuantizeConfig(PassConfig):
     """Options of ``quantize``."""
 
-    mode: str = "weight"
+    mode: str = "static"
     bits: int = 8
     min_params: int = 1024
     kmeans_iters: int = 20
     calibrator: str = "percentile"
     percentile: float = 99.99
+    max_drop: float | None = None
     exclude: tuple[str, ...] = ()
     seed: int = 0
 
@@ -92,6 +107,10 @@ class QuantizeConfig(PassConfig):
         if self.calibrator not in CALIBRATORS:
             raise ConfigError(f"--calibrator must be one of {', '.join(CALIBRATORS)}, got "
                               f"'{self.calibrator}'")
+        if self.max_drop is not None and self.mode != "static":
+            raise ConfigError("--max-drop applies to --mode static")
+        if self.max_drop is not None and not 0 <= self.max_drop < 1:
+            raise ConfigError(f"--max-drop must be in [0, 1), got {self.max_drop}")
         if self.mode == "static" and self.bits != 8:
             raise ConfigError(f"static quantization is 8-bit, got --bits {self.bits}")
         if not 50 < self.percentile <= 100:
@@ -111,123 +130,358 @@ class Quantize:
 
     def __call__(self, model: onnx.ModelProto, config: PassConfig,
                  calib: Calibration | None = None) -> PassResult:
-        """Quantize the constant weights of a copy of ``model``."""
+        """Quantize the constant weights (and, static, the activations) of a copy of ``model``."""
         if not isinstance(config, QuantizeConfig):
             raise ConfigError("quantize needs a QuantizeConfig")
-        report = Report(self.name)
-        graph = Graph(model)
-        opset = default_opset(model) or 0
-        storage4 = config.mode == "weight" and config.bits == 4 and opset >= INT4_OPSET
-        if config.mode == "weight" and config.bits == 4 and not storage4:
-            report.notes.append(f"int4 initializers need opset >= {INT4_OPSET} (model has "
-                                f"{opset}): 4-bit values are stored as int8")
-        if config.mode == "static" and opset < 13:
-            report.notes.append("opset < 13: static quantization uses per-tensor weight "
-                                "scales (per-channel needs opset 13 to stay fusable)")
-        if config.mode == "weight" and opset < 13:
-            report.notes.append("opset < 13 has no per-channel DequantizeLinear: the "
-                                "per-channel scales are applied by a Mul after it")
         if config.mode == "static":
-            if calib is None or calib.synthetic:
-                report.notes.append("static quantization without --calib: activation "
-                                    "ranges come from random inputs")
-            if calib is not None and config.calibrator == "percentile" and (
-                    calib.num_samples < MIN_PERCENTILE_SAMPLES):
-                raise InputError(f"the percentile calibrator needs at least "
-                                 f"{MIN_PERCENTILE_SAMPLES} calibration samples, got "
-                                 f"{calib.num_samples} (use --calibrator minmax)")
-        huffman_bits = 0
-        int4_names: set[str] = set()
-        activations: list[str] = []
-        gemm_bias: list[tuple[Any, str]] = []  # (Gemm, its input) for int32 biases
-        # activation output -> (layer output, the Relu/Clip node, its upper bound)
-        folded: dict[str, tuple[str, Any, float]] = {}
-        for node in graph.nodes:
-            if node.op not in OPS:
-                continue
-            skip = _check(graph, node, config)
-            if skip is not None:
-                report.add_skip(skip)
-                continue
-            w = graph.const_value(graph.input(node, 1))
-            assert w is not None
-            axis = _out_axis(node)
-            if config.mode == "static":
-                activations.append(node.inputs[0].name)
-                if node.op == "Gemm" and graph.input(node, 2) is not None:
-                    gemm_bias.append((node, node.inputs[0].name))
-                act = _clamping_activation(graph, node.outputs[0])
-                if act is not None:
-                    folded[act[0].outputs[0].name] = (node.outputs[0].name, act[0], act[1])
-                    activations.append(act[0].outputs[0].name)
-                else:
-                    activations.append(node.outputs[0].name)
-            if config.mode in ("weight", "static"):
-                # Static before opset 13: per-tensor weights, the only form ONNX Runtime can
-                # fuse there (a per-channel Mul would keep the layer in float).
-                per_tensor = config.mode == "static" and opset < 13
-                q, scale, err = quantize_symmetric(w, config.bits, None if per_tensor else axis)
-                if per_tensor:
-                    scale = np.full(w.shape[axis], float(scale), dtype=np.float32)
-                _insert_dq(graph, node, q, scale, axis, w.dtype, int4=storage4,
-                           int4_names=int4_names, dq_axis=opset >= 13, per_tensor=per_tensor)
-                after = scale.nbytes + (q.size + 1) // 2 if storage4 else scale.nbytes + q.size
-                details: dict[str, Any] = {"bits": config.bits, "per_channel": True,
-                                           "storage": "int4" if storage4 else "int8"}
-            else:
-                codebook, idx, err = kmeans_quantize(w, config.bits, config.kmeans_iters)
-                _insert_gather(graph, node, codebook, idx, w.dtype)
-                hb = huffman_bits_of(idx)
-                huffman_bits += hb
-                after = codebook.nbytes + idx.size
-                details = {"bits": config.bits, "centroids": int(codebook.size),
-                           "huffman_bytes": (hb + 7) // 8}
-            report.apply(Change(
-                node=node.name, op_type=node.op, what=f"{config.mode} {config.bits}-bit",
-                params_before=int(w.size), params_after=int(w.size), macs_before=0,
-                macs_after=0, error=round(err, 6),
-                details={**details, "bytes_before": int(w.nbytes), "bytes_after": int(after),
-                         "weight_rel_error": round(err, 6)}))
-        if not report.applied:
-            return PassResult(copy_model(model), report)
-        if config.mode == "static":
-            ranges = activation_ranges(model, list(dict.fromkeys(activations)), calib, config)
-            for name in list(ranges):
-                if name in folded:  # quantize the layer output, [0, bound]: the Relu/Clip goes
-                    layer_out, act_node, bound = folded[name]
-                    lo, hi = ranges.pop(name)
-                    graph.bypass(act_node)
-                    ranges[layer_out] = (0.0, min(hi, bound))
-            report.metrics["activations_folded"] = len(folded)
-            for node, x_name in gemm_bias:
-                if x_name in ranges:
-                    _quantize_bias(graph, node, *ranges[x_name])
-            for name, (lo, hi) in ranges.items():
-                _insert_qdq(graph, name, lo, hi)
-            report.metrics["activations_quantized"] = len(ranges)
-            report.metrics["calibrator"] = config.calibrator
-            quantized = graph.export()
-            if calib is not None:
-                feeds = {k: v[:1] for k, v in calib.batches[0].items()}
-                res = bench.benchmark([model, quantized], bench.BenchConfig(runs=20, warmup=3),
-                                      inputs=feeds)
-                speedup = float(res.speedups[0].median)
-                report.metrics["measured_speedup"] = round(speedup, 3)
-                if speedup < 1.0:
-                    report.notes.append(
-                        f"static int8 measured {speedup:.2f}x (slower than float) on cpu: "
-                        f"ONNX Runtime could not fuse enough of the QDQ pattern here")
-            return PassResult(quantized, report)
-        if config.mode == "kmeans":
-            report.metrics["huffman_index_bytes"] = (huffman_bits + 7) // 8
-        if not int4_names:
-            return PassResult(graph.export(), report)
-        out = _to_int4(graph.export(check=False), int4_names)
-        check_model(out, full=True)
-        return PassResult(out, report)
+            return _static(model, config, calib)
+        return _weights_only(model, config)
 
 
 PASS = Quantize()
+
+
+def _weights_only(model: onnx.ModelProto, config: QuantizeConfig) -> PassResult:
+    """``--mode weight | kmeans | binary``: only the constant weights change."""
+    report = Report(PASS.name)
+    graph = Graph(model)
+    opset = default_opset(model) or 0
+    storage4 = config.mode == "weight" and config.bits == 4 and opset >= INT4_OPSET
+    if config.mode == "weight" and config.bits == 4 and not storage4:
+        report.notes.append(f"int4 initializers need opset >= {INT4_OPSET} (model has "
+                            f"{opset}): 4-bit values are stored as int8")
+    if config.mode in ("weight", "binary") and opset < 13:
+        report.notes.append("opset < 13 has no per-channel DequantizeLinear: the "
+                            "per-channel scales are applied by a Mul after it")
+    if config.mode == "binary":
+        report.notes.append("binary weights (BWN) are experimental: without training the "
+                            "error is large (see the fidelity); signs are stored as int8, "
+                            "ONNX Runtime has no 1-bit type (packed_bytes: the 1-bit figure)")
+    huffman_bits = 0
+    int4_names: set[str] = set()
+    for node in graph.nodes:
+        if node.op not in OPS:
+            continue
+        skip = _check(graph, node, config)
+        if skip is not None:
+            report.add_skip(skip)
+            continue
+        w = graph.const_value(graph.input(node, 1))
+        assert w is not None
+        axis = _out_axis(node)
+        details: dict[str, Any]
+        if config.mode in ("weight", "binary"):
+            if config.mode == "binary":
+                q, scale, err = binarize(w, axis)
+                after = scale.nbytes + q.size
+                details = {"bits": 1, "per_channel": True, "storage": "int8",
+                           "packed_bytes": int(scale.nbytes + (q.size + 7) // 8)}
+            else:
+                q, scale, err = quantize_symmetric(w, config.bits, axis)
+                after = scale.nbytes + (q.size + 1) // 2 if storage4 else scale.nbytes + q.size
+                details = {"bits": config.bits, "per_channel": True,
+                           "storage": "int4" if storage4 else "int8"}
+            _insert_dq(graph, node, q, scale, axis, w.dtype, int4=storage4,
+                       int4_names=int4_names, dq_axis=opset >= 13)
+        else:
+            codebook, idx, err = kmeans_quantize(w, config.bits, config.kmeans_iters)
+            _insert_gather(graph, node, codebook, idx, w.dtype)
+            hb = huffman_bits_of(idx)
+            huffman_bits += hb
+            after = codebook.nbytes + idx.size
+            details = {"bits": config.bits, "centroids": int(codebook.size),
+                       "huffman_bytes": (hb + 7) // 8}
+        bits = 1 if config.mode == "binary" else config.bits
+        report.apply(Change(
+            node=node.name, op_type=node.op, what=f"{config.mode} {bits}-bit",
+            params_before=int(w.size), params_after=int(w.size), macs_before=0,
+            macs_after=0, error=round(err, 6),
+            details={**details, "bytes_before": int(w.nbytes), "bytes_after": int(after),
+                     "weight_rel_error": round(err, 6)}))
+    if not report.applied:
+        return PassResult(copy_model(model), report)
+    if config.mode == "kmeans":
+        report.metrics["huffman_index_bytes"] = (huffman_bits + 7) // 8
+    if not int4_names:
+        return PassResult(graph.export(), report)
+    out = _to_int4(graph.export(check=False), int4_names)
+    check_model(out, full=True)
+    return PassResult(out, report)
+
+
+# ====================================================================== static int8
+def _static(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibration | None
+            ) -> PassResult:
+    """``--mode static``: int8 weights and uint8 activations in QDQ form.
+
+    Activation ranges are measured once on the float model for every layer that could be
+    quantized; each candidate model (all layers, or all but the most sensitive ones for
+    ``--max-drop``) is then built from those ranges.
+    """
+    notes = []
+    opset = default_opset(model) or 0
+    if opset < 13:
+        upgraded = _to_opset13(model)
+        if upgraded is None:
+            notes.append(f"opset {opset}: static quantization uses per-tensor weight scales "
+                         f"(per-channel needs opset 13 to stay fusable, and the onnx version "
+                         f"converter could not upgrade this model)")
+        else:
+            notes.append(f"opset {opset} -> 13 (onnx version converter), for per-channel "
+                         f"int8 weights")
+            model = upgraded
+    if calib is None or calib.synthetic:
+        notes.append("static quantization without --calib: activation ranges come from "
+                     "random inputs")
+    if calib is not None and config.calibrator in ("percentile", "entropy") and (
+            calib.num_samples < MIN_PERCENTILE_SAMPLES):
+        raise InputError(f"the {config.calibrator} calibrator needs at least "
+                         f"{MIN_PERCENTILE_SAMPLES} calibration samples, got "
+                         f"{calib.num_samples} (use --calibrator minmax)")
+    if calib is None:
+        calib = calibrate.synthetic_calibration(model, num_samples=8)
+    graph = Graph(model)
+    candidates = [n.name for n in graph.nodes
+                  if n.op in OPS and _check(graph, n, config) is None]
+    names = [t for n in graph.nodes if n.name in candidates
+             for t in _static_tensors(graph, n)]
+    ranges = activation_ranges(model, list(dict.fromkeys(names)), calib, config)
+    quantized, report = _build_static(model, config, ranges, set())
+    report.notes[:0] = notes
+    if config.max_drop is not None and report.applied:
+        quantized, report = _meet_max_drop(model, config, calib, ranges, quantized, report,
+                                           notes)
+    if not report.applied:
+        return PassResult(copy_model(model), report)
+    feeds = {k: v[:1] for k, v in calib.batches[0].items()}
+    res = bench.benchmark([model, quantized], bench.BenchConfig(runs=20, warmup=3),
+                          inputs=feeds)
+    speedup = float(res.speedups[0].median)
+    report.metrics["measured_speedup"] = round(speedup, 3)
+    if speedup < 1.0:
+        report.notes.append(
+            f"static int8 measured {speedup:.2f}x (slower than float) on cpu: "
+            f"ONNX Runtime could not fuse enough of the QDQ pattern here")
+    return PassResult(quantized, report)
+
+
+def _to_opset13(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """``model`` converted to opset 13 by onnx's version converter, or None if it cannot be.
+
+    Per-channel DequantizeLinear (the ``axis`` attribute) needs opset 13; per-tensor weights
+    cost much fidelity (PP-OCRv4 rec: 8.8 % of strings kept, vs far more per channel). The
+    converted model is checked here; the pipeline verifies its outputs after the pass.
+    """
+    try:
+        out = version_converter.convert_version(model, 13)
+        check_model(out)
+    except Exception:  # noqa: BLE001 - any converter failure means: stay per tensor
+        return None
+    return out
+
+
+def _static_tensors(graph: Graph, node: Any) -> list[str]:
+    """The activations static quantization puts QDQ pairs on for ``node``: input, output.
+
+    The output is taken after a Relu / Clip(0, c) that follows the layer (it is folded).
+    """
+    act = _clamping_activation(graph, node.outputs[0])
+    return [node.inputs[0].name, act[0].outputs[0].name if act else node.outputs[0].name]
+
+
+def _build_static(model: onnx.ModelProto, config: QuantizeConfig,
+                  all_ranges: dict[str, tuple[float, float]], excluded: set[str],
+                  sensitivity: dict[str, float] | None = None
+                  ) -> tuple[onnx.ModelProto, Report]:
+    """The QDQ model with every candidate layer quantized except ``excluded``.
+
+    ``sensitivity`` (layer -> output error with it alone quantized) goes into the report.
+    """
+    sensitivity = sensitivity or {}
+    report = Report(PASS.name)
+    graph = Graph(model)
+    opset = default_opset(model) or 0
+    per_tensor = opset < 13  # the only weight form ONNX Runtime fuses before opset 13
+    activations: list[str] = []
+    gemm_bias: list[tuple[Any, str]] = []  # (Gemm, its input) for int32 biases
+    # activation output -> (layer output, the Relu/Clip node, its upper bound)
+    folded: dict[str, tuple[str, Any, float]] = {}
+    for node in graph.nodes:
+        if node.op not in OPS:
+            continue
+        skip = _check(graph, node, config)
+        if skip is None and node.name in excluded:
+            skip = Skip(node.name, node.op, SkipReason.ERROR_TOO_HIGH,
+                        f"left in float for --max-drop {config.max_drop}: output error "
+                        f"{sensitivity.get(node.name, float('nan')):.3g} with this layer "
+                        f"alone quantized")
+        if skip is not None:
+            report.add_skip(skip)
+            continue
+        w = graph.const_value(graph.input(node, 1))
+        assert w is not None
+        axis = _out_axis(node)
+        activations.extend(_static_tensors(graph, node))
+        if node.op == "Gemm" and graph.input(node, 2) is not None:
+            gemm_bias.append((node, node.inputs[0].name))
+        act = _clamping_activation(graph, node.outputs[0])
+        if act is not None:
+            folded[act[0].outputs[0].name] = (node.outputs[0].name, act[0], act[1])
+        q, scale, err = quantize_symmetric(w, 8, None if per_tensor else axis)
+        if per_tensor:
+            scale = np.full(w.shape[axis], float(scale), dtype=np.float32)
+        _insert_dq(graph, node, q, scale, axis, w.dtype, int4=False, int4_names=set(),
+                   dq_axis=opset >= 13, per_tensor=per_tensor)
+        report.apply(Change(
+            node=node.name, op_type=node.op, what="static 8-bit",
+            params_before=int(w.size), params_after=int(w.size), macs_before=0,
+            macs_after=0, error=round(err, 6),
+            details={"bits": 8, "per_channel": not per_tensor, "storage": "int8",
+                     "bytes_before": int(w.nbytes), "bytes_after": int(scale.nbytes + q.size),
+                     "weight_rel_error": round(err, 6),
+                     **({"sensitivity": round(sensitivity[node.name], 6)}
+                        if node.name in sensitivity else {})}))
+    if not report.applied:
+        return copy_model(model), report
+    ranges = {n: all_ranges[n] for n in dict.fromkeys(activations) if n in all_ranges}
+    for name in list(ranges):
+        if name in folded:  # quantize the layer output, [0, bound]: the Relu/Clip goes
+            layer_out, act_node, bound = folded[name]
+            lo, hi = ranges.pop(name)
+            graph.bypass(act_node)
+            ranges[layer_out] = (0.0, min(hi, bound))
+    report.metrics["activations_folded"] = len(folded)
+    report.metrics["ranges_shared"] = _share_ranges(graph, ranges)
+    for node, x_name in gemm_bias:
+        if x_name in ranges:
+            _quantize_bias(graph, node, *ranges[x_name])
+    for name, (lo, hi) in ranges.items():
+        _insert_qdq(graph, name, lo, hi)
+    report.metrics["activations_quantized"] = len(ranges)
+    report.metrics["calibrator"] = config.calibrator
+    return graph.export(), report
+
+
+def _share_ranges(graph: Graph, ranges: dict[str, tuple[float, float]]) -> int:
+    """Give a tensor behind MaxPool / Reshape / Flatten / ... its source's range: how many.
+
+    These ops only move or pick values, so the source's uint8 grid holds their output too;
+    with equal scale and zero point on both sides ONNX Runtime drops the DequantizeLinear /
+    QuantizeLinear pair around them and runs them on uint8 (as its own quantizer arranges).
+    """
+    shared = 0
+    for node in graph.nodes:
+        if node.op not in RANGE_KEEPING or node.outputs[0].name not in ranges:
+            continue
+        t = node.inputs[0]
+        while t.name not in ranges:
+            prod = graph.producer(t)
+            if prod is None or prod.op not in RANGE_KEEPING or len(t.outputs) != 1:
+                break
+            t = prod.inputs[0]
+        if t.name in ranges and ranges[node.outputs[0].name] != ranges[t.name]:
+            ranges[node.outputs[0].name] = ranges[t.name]
+            shared += 1
+    return shared
+
+
+def fidelity_drop(reference: list[np.ndarray], names: list[str], model: onnx.ModelProto,
+                  calib: Calibration) -> tuple[float, float]:
+    """(drop, relative output error) of ``model`` against the float outputs ``reference``.
+
+    The drop is 1 - top-1 agreement for a classifier-like output (2-D, several classes),
+    else the relative L2 error of the outputs. Run with ONNX Runtime's optimizations, so the
+    QDQ pattern is fused as it will be when deployed.
+    """
+    got = calibrate.run_model(model, calib, optimize=True)
+    fid = verify.compare_outputs(names, reference, got)
+    top1 = fid.top1_agreement
+    return (1.0 - top1 if top1 is not None else fid.rel_l2), fid.rel_l2
+
+
+def _subset(calib: Calibration, samples: int) -> Calibration:
+    """The first ``samples`` samples of ``calib`` (whole batches, the last one cut)."""
+    out: list[dict[str, np.ndarray]] = []
+    left = samples
+    for batch, size in zip(calib.batches, calib.batch_sizes(), strict=True):
+        if left <= 0:
+            break
+        out.append({k: v[:left] for k, v in batch.items()} if size > left else batch)
+        left -= size
+    return Calibration(out, calib.synthetic, f"{calib.source} (first {samples})")
+
+
+def _meet_max_drop(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibration,
+                   ranges: dict[str, tuple[float, float]], quantized: onnx.ModelProto,
+                   report: Report, notes: list[str]) -> tuple[onnx.ModelProto, Report]:
+    """Leave the most sensitive layers in float until the drop is within ``--max-drop``.
+
+    Sensitivity of a layer: the output error with that layer alone quantized (on at most
+    ``SENSITIVITY_SAMPLES`` calibration samples). The count left in float is found by
+    doubling, then bisection; each count is judged on up to ``DROP_SAMPLES`` samples.
+    """
+    assert config.max_drop is not None
+    check = _subset(calib, DROP_SAMPLES)
+    names = [o.name for o in model.graph.output]
+    reference = calibrate.run_model(model, check, optimize=True)
+    drop, err = fidelity_drop(reference, names, quantized, check)
+    report.metrics["drop_all_layers"] = round(drop, 5)
+    if drop <= config.max_drop:
+        report.metrics["drop"] = round(drop, 5)
+        report.metrics["layers_left_in_float"] = 0
+        return quantized, report
+    probe = _subset(check, SENSITIVITY_SAMPLES)
+    if all(r.ndim and r.shape[0] == check.num_samples for r in reference):
+        probe_ref = [r[:probe.num_samples] for r in reference]  # batch-first outputs
+    else:
+        probe_ref = calibrate.run_model(model, probe, optimize=True)
+    layers = [c.node for c in report.applied]
+    sensitivity = {}
+    for name in layers:
+        alone, _ = _build_static(model, config, ranges, {n for n in layers if n != name})
+        sensitivity[name] = fidelity_drop(probe_ref, names, alone, probe)[1]
+    ranked = sorted(layers, key=lambda n: -sensitivity[n])
+    tried: dict[int, tuple[onnx.ModelProto, Report, float]] = {}
+
+    def attempt(k: int) -> float:
+        if k not in tried:
+            m, r = _build_static(model, config, ranges, set(ranked[:k]), sensitivity)
+            tried[k] = (m, r, fidelity_drop(reference, names, m, check)[0] if r.applied
+                        else 0.0)
+        return tried[k][2]
+
+    attempt(0)  # again, for the sensitivities in its report
+    bad, good, k = 0, len(ranked), 1
+    while k < len(ranked):
+        if attempt(k) <= config.max_drop:
+            good = k
+            break
+        bad, k = k, 2 * k
+    while good - bad > 1:
+        mid = (good + bad) // 2
+        if attempt(mid) <= config.max_drop:
+            good = mid
+        else:
+            bad = mid
+    if good == len(ranked):
+        attempt(good)
+    best, best_report, best_drop = tried[good]
+    best_report.notes[:0] = notes
+    best_report.metrics["drop_all_layers"] = round(drop, 5)
+    best_report.metrics["drop"] = round(best_drop, 5)
+    best_report.metrics["layers_left_in_float"] = good
+    best_report.metrics["models_tried"] = len(tried)
+    if good == len(ranked):
+        best_report.notes.append(f"--max-drop {config.max_drop}: not met with any layer "
+                                 f"quantized; the model is left in float")
+    else:
+        best_report.notes.append(
+            f"--max-drop {config.max_drop}: {good} most sensitive layer(s) left in float; "
+            f"drop {best_drop:.4f} on {check.num_samples} calibration samples (all layers: "
+            f"{drop:.4f})")
+    return best, best_report
+
+
 
 
 def _out_axis(node: Any) -> int:
@@ -269,6 +523,59 @@ def quantize_symmetric(w: np.ndarray, bits: int, axis: int | None
     back = q.astype(np.float64) * scale.reshape(shape)
     err = float(np.linalg.norm(back - wf) / max(float(np.linalg.norm(wf)), 1e-30))
     return q, scale.astype(np.float32), err
+
+
+def binarize(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """BWN: sign(W) * mean|W| per output channel: (int8 signs, float scales, relative error).
+
+    mean|W| is the scale that minimises ||W - a * sign(W)|| (Rastegari et al. 2016).
+    """
+    wf = w.astype(np.float64)
+    others = tuple(i for i in range(w.ndim) if i != axis)
+    alpha = np.mean(np.abs(wf), axis=others)
+    scale = np.where(alpha > 0, alpha, 1.0)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    q = np.where(wf >= 0, 1, -1).astype(np.int8)
+    back = q * scale.reshape(shape)
+    err = float(np.linalg.norm(back - wf) / max(float(np.linalg.norm(wf)), 1e-30))
+    return q, scale.astype(np.float32), err
+
+
+def entropy_range(values: np.ndarray, lo: float, hi: float) -> tuple[float, float]:
+    """The range whose 8-bit quantization loses least information (KL divergence).
+
+    TensorRT's calibration idea (Migacz 2017): histogram |x| into ``ENTROPY_BINS`` bins; for
+    every candidate threshold, fold the clipped tail into the last kept bin (P), merge the
+    kept bins into as many levels as the uint8 grid gives that side (Q, spread back over the
+    non-empty bins) and keep the threshold with the smallest KL(P || Q). Exact zeros are left
+    out: every grid holds 0 exactly, and a Relu's spike of zeros would otherwise dominate P
+    and pull the threshold far into the bulk.
+    """
+    levels = 256 if lo >= 0 else 128  # one-sided tensors (after Relu) get the whole grid
+    a = np.abs(values[values != 0].astype(np.float64))
+    amax = float(a.max()) if a.size else 0.0
+    if amax <= 0:
+        return lo, hi
+    hist = np.histogram(a, bins=ENTROPY_BINS, range=(0.0, amax))[0].astype(np.float64)
+    best, best_i = np.inf, ENTROPY_BINS
+    for i in range(levels, ENTROPY_BINS + 1, ENTROPY_STRIDE):
+        kept = hist[:i]
+        p = kept.copy()
+        p[-1] += hist[i:].sum()
+        level = (np.arange(i) * levels) // i
+        nonzero = kept > 0
+        sums = np.bincount(level, weights=kept, minlength=levels)
+        counts = np.bincount(level, weights=nonzero, minlength=levels)
+        q = np.where(nonzero, sums[level] / np.maximum(counts[level], 1), 0.0)
+        p /= p.sum()
+        q /= max(q.sum(), 1e-300)
+        mask = p > 0
+        kl = float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))))
+        if kl < best:
+            best, best_i = kl, i
+    t = amax * best_i / ENTROPY_BINS
+    return max(lo, -t), min(hi, t)
 
 
 def kmeans_quantize(w: np.ndarray, bits: int, iters: int
@@ -381,7 +688,7 @@ def activation_ranges(model: onnx.ModelProto, names: list[str], calib: Calibrati
                 continue
             lows[n] = min(lows[n], float(x.min()))
             highs[n] = max(highs[n], float(x.max()))
-            if config.calibrator == "percentile":
+            if config.calibrator in ("percentile", "entropy"):
                 flat = x.reshape(-1)
                 if flat.size > per_batch:
                     flat = flat[rng.choice(flat.size, per_batch, replace=False)]
@@ -395,6 +702,8 @@ def activation_ranges(model: onnx.ModelProto, names: list[str], calib: Calibrati
             values = np.concatenate(pools[n])
             lo = float(np.percentile(values, 100 - config.percentile))
             hi = float(np.percentile(values, config.percentile))
+        elif config.calibrator == "entropy" and pools[n]:
+            lo, hi = entropy_range(np.concatenate(pools[n]), lo, hi)
         out[n] = (lo, hi)
     return out
 

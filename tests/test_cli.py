@@ -293,7 +293,9 @@ def test_prune_channels_from_the_cli(runner, tmp_path):
 
 @pytest.mark.parametrize("args", [["--mode", "weight", "--bits", "8"],
                                   ["--mode", "kmeans", "--bits", "4"],
-                                  ["--mode", "static", "--calibrator", "minmax"]])
+                                  ["--mode", "static", "--calibrator", "minmax"],
+                                  ["--mode", "binary"],
+                                  ["--calibrator", "minmax", "--max-drop", "0.05"]])
 def test_quantize_from_the_cli(runner, conv_file, tmp_path, args):
     src, calib = conv_file
     out = tmp_path / "q.onnx"
@@ -301,3 +303,11 @@ def test_quantize_from_the_cli(runner, conv_file, tmp_path, args):
                               "--calib", calib, "--no-bench"])
     assert result.exit_code == 0, result.output
     assert out.stat().st_size < src.stat().st_size / 2.5
+
+
+def test_quantize_entropy_on_too_few_samples_fails_cleanly(runner, conv_file, tmp_path):
+    src, calib = conv_file  # 4 samples
+    result = _invoke(runner, ["optimize", src, "-o", tmp_path / "q.onnx", "--pass", "quantize",
+                              "--calibrator", "entropy", "--calib", calib])
+    _assert_clean_failure(result, 1, "entropy calibrator needs at least 8", tmp_path,
+                          ["conv.onnx", "calib.npz"])

@@ -165,7 +165,7 @@ def test_no_latency_win_is_skipped(monkeypatch):
 @pytest.mark.parametrize("kwargs", [
     {"rank": 0}, {"rank": -3}, {"rank": "abc"}, {"rank": 1.5}, {"target_speedup": 0.9},
     {"target_macs": 0.0}, {"target_macs": 1.5}, {"max_error": 0}, {"refit_mode": "magic"},
-    {"rank": 4, "target_speedup": 2.0},
+    {"rank": 4, "target_speedup": 2.0}, {"min_realized": 1.5},
 ])
 def test_config_validation(kwargs):
     with pytest.raises(ConfigError):
@@ -200,6 +200,22 @@ def _fake_latency(monkeypatch, whole_model_speedup):
     monkeypatch.setattr(decompose._Probes, "speedup_of",
                         lambda self, candidate: whole_model_speedup)
     monkeypatch.setattr(decompose.bench, "time_model", lambda *a, **k: 1.0)
+
+
+def test_auto_skips_chains_that_realize_little_of_their_mac_cut(monkeypatch):
+    _fake_latency(monkeypatch, 1.5)
+
+    def measure(layer, plan, model, config):  # faster, but by half of the MAC cut
+        return layer.macs * 1e-6, 2 * plan.macs * 1e-6
+    monkeypatch.setattr(decompose, "measure_plan", measure)
+    model = _two_layer_model()
+    result = cp(model, LowRankConfig(min_macs=0, max_error=10.0), calibration(model))
+    assert not result.report.applied
+    assert {s.reason for s in result.report.skipped} == {SkipReason.NO_LATENCY_WIN}
+    assert all("realize at most 0.50" in s.detail for s in result.report.skipped)
+    looser = cp(model, LowRankConfig(min_macs=0, max_error=10.0, min_realized=0.4),
+                calibration(model))
+    assert looser.report.applied
 
 
 def test_whole_model_slower_applies_nothing(monkeypatch):

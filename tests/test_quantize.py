@@ -29,7 +29,7 @@ def _outputs_equal(a, b, tol=0.0):
 
 def test_int8_on_grid_weights_survive_exactly():
     model = conv_model(_on_grid(8), pads=[1] * 4)
-    result = quantize(model, QuantizeConfig(bits=8), calibration(model))
+    result = quantize(model, QuantizeConfig(mode="weight", bits=8), calibration(model))
     change = result.report.applied[0]
     assert change.details["weight_rel_error"] < 1e-6
     assert change.details["bytes_after"] < change.details["bytes_before"] / 3.5
@@ -44,7 +44,7 @@ def test_int4_is_packed_on_opset_21():
     nodes = [helper.make_node("Conv", ["x", "W"], ["y"], name="conv", pads=[1] * 4)]
     model = make_model(nodes, [tensor("x", [1, 8, 8, 8])], [tensor("y", [1, 16, 8, 8])],
                        {"W": w}, opset=21, ir_version=10)
-    result = quantize(model, QuantizeConfig(bits=4), calibration(model))
+    result = quantize(model, QuantizeConfig(mode="weight", bits=4), calibration(model))
     assert result.report.applied[0].details["storage"] == "int4"
     q = next(i for i in result.model.graph.initializer if i.data_type == TensorProto.INT4)
     assert len(q.raw_data) == w.size // 2  # two weights per byte
@@ -54,7 +54,7 @@ def test_int4_is_packed_on_opset_21():
 
 def test_int4_before_opset_21_is_stored_as_int8_and_said():
     model = conv_model(_on_grid(4), pads=[1] * 4)
-    result = quantize(model, QuantizeConfig(bits=4), calibration(model))
+    result = quantize(model, QuantizeConfig(mode="weight", bits=4), calibration(model))
     assert any("opset >= 21" in n for n in result.report.notes)
     assert result.report.applied[0].details["storage"] == "int8"
     _outputs_equal(model, result.model)
@@ -86,15 +86,15 @@ def test_huffman_bits():
 
 def test_second_run_leaves_quantized_weights_alone():
     model = conv_model(_on_grid(8), pads=[1] * 4)
-    once = quantize(model, QuantizeConfig(), calibration(model))
-    twice = quantize(once.model, QuantizeConfig(), calibration(model))
+    once = quantize(model, QuantizeConfig(mode="weight"), calibration(model))
+    twice = quantize(once.model, QuantizeConfig(mode="weight"), calibration(model))
     assert not twice.report.applied
     assert [s.reason for s in twice.report.skipped] == [SkipReason.NOT_CONSTANT]
 
 
 def test_tiny_weights_skipped():
     model = conv_model(np.ones([4, 4, 3, 3], np.float32), pads=[1] * 4)
-    result = quantize(model, QuantizeConfig(), calibration(model))
+    result = quantize(model, QuantizeConfig(mode="weight"), calibration(model))
     assert [s.reason for s in result.report.skipped] == [SkipReason.TOO_SMALL]
 
 
@@ -109,7 +109,7 @@ def _static_model():
                       {"W1": w1, "W2": w2})
 
 
-@pytest.mark.parametrize("calibrator", ["minmax", "percentile"])
+@pytest.mark.parametrize("calibrator", ["minmax", "percentile", "entropy"])
 def test_static_qdq_runs_and_stays_close(calibrator):
     from builders import relative_error
 
@@ -124,19 +124,113 @@ def test_static_qdq_runs_and_stays_close(calibrator):
     assert result.report.metrics["activations_quantized"] == 3
 
 
-def test_static_percentile_needs_enough_samples():
+@pytest.mark.parametrize("calibrator", ["percentile", "entropy"])
+def test_static_tail_calibrators_need_enough_samples(calibrator):
     from onnxcomp.passbase import InputError
 
     model = _static_model()
-    with pytest.raises(InputError, match="at least 8"):
-        quantize(model, QuantizeConfig(mode="static", min_params=0),
+    with pytest.raises(InputError, match=f"the {calibrator} calibrator needs at least 8"):
+        quantize(model, QuantizeConfig(mode="static", calibrator=calibrator),
                  calibration(model, n=2, batch=2))
 
 
+def test_static_is_the_default_mode():
+    assert QuantizeConfig().mode == "static"
+
+
+def test_binary_weights_exact_when_already_binary():
+    rng = np.random.default_rng(3)
+    signs = np.where(rng.standard_normal([16, 8, 3, 3]) >= 0, 1.0, -1.0)
+    w = (signs * rng.uniform(0.1, 1.0, 16)[:, None, None, None]).astype(np.float32)
+    model = conv_model(w, pads=[1] * 4)
+    result = quantize(model, QuantizeConfig(mode="binary"), calibration(model))
+    change = result.report.applied[0]
+    assert change.what == "binary 1-bit"
+    assert change.details["weight_rel_error"] < 1e-6
+    assert change.details["packed_bytes"] < change.details["bytes_after"]
+    assert any("experimental" in n for n in result.report.notes)
+    _outputs_equal(model, result.model)
+
+
+def test_binary_scale_is_the_least_squares_one():
+    from onnxcomp.passes.quantize import binarize
+
+    w = np.random.default_rng(5).standard_normal([4, 3, 3, 3])
+    q, scale, err = binarize(w, 0)
+    for o in range(4):  # a * sign(W): ||W - a s||^2 is smallest at a = mean|W|
+        s = q[o].astype(np.float64)
+        errs = [np.linalg.norm(w[o] - a * s) for a in (scale[o] * 0.95, scale[o], scale[o] * 1.05)]
+        assert errs[1] == min(errs)
+    assert 0.3 < err < 1.0
+
+
+def test_entropy_range_clips_outliers_but_keeps_the_bulk():
+    from onnxcomp.passes.quantize import entropy_range
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(200_000)
+    x[:20] = 60.0  # a few huge outliers
+    lo, hi = entropy_range(x, float(x.min()), float(x.max()))
+    assert 2.5 < hi < 30 and -30 < lo < -2.5
+    relu = np.abs(x)  # one-sided: the low end stays at the minimum
+    lo, hi = entropy_range(relu, float(relu.min()), float(relu.max()))
+    assert lo == float(relu.min()) and 2.5 < hi < 30
+
+
+def _sensitive_model():
+    """c1 reads an input whose channel 0 is ~1000x the others: quantizing c1 is ruinous."""
+    rng = np.random.default_rng(7)
+    w1 = rng.standard_normal([8, 4, 3, 3]).astype(np.float32) * 0.2
+    w1[:, 0] *= 1e-4
+    w2 = rng.standard_normal([8, 8, 3, 3]).astype(np.float32) * 0.2
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["a"], name="c1", pads=[1] * 4),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "W2"], ["y"], name="c2", pads=[1] * 4)]
+    model = make_model(nodes, [tensor("x", ["N", 4, 8, 8])], [tensor("y", ["N", 8, 8, 8])],
+                       {"W1": w1, "W2": w2})
+    x = rng.standard_normal([16, 4, 8, 8]).astype(np.float32)
+    x[:, 0] *= 1000
+    from onnxcomp.calibrate import Calibration
+
+    return model, Calibration([{"x": x[:8]}, {"x": x[8:]}], False, "test")
+
+
+def test_max_drop_leaves_the_sensitive_layer_in_float():
+    from onnxcomp import calibrate
+    from onnxcomp.passes.quantize import fidelity_drop
+
+    model, calib = _sensitive_model()
+    config = QuantizeConfig(calibrator="minmax", min_params=0)
+    everything = quantize(model, config, calib)
+    ref = calibrate.run_model(model, calib)
+    drop_all, _ = fidelity_drop(ref, ["y"], everything.model, calib)
+    assert drop_all > 0.2  # all layers quantized: far off
+    result = quantize(model, QuantizeConfig(calibrator="minmax", min_params=0, max_drop=0.05),
+                      calib)
+    assert [c.node for c in result.report.applied] == ["c2"]
+    assert [(s.node, s.reason) for s in result.report.skipped] == [
+        ("c1", SkipReason.ERROR_TOO_HIGH)]
+    assert result.report.metrics["layers_left_in_float"] == 1
+    drop, _ = fidelity_drop(ref, ["y"], result.model, calib)
+    assert drop <= 0.05
+    assert result.report.metrics["drop"] == pytest.approx(drop, abs=1e-4)
+    assert result.report.applied[0].details["sensitivity"] < 0.05
+
+
+def test_max_drop_of_zero_leaves_everything_in_float():
+    model, calib = _sensitive_model()
+    result = quantize(model, QuantizeConfig(calibrator="minmax", min_params=0, max_drop=0.0),
+                      calib)
+    assert not result.report.applied
+    assert any("left in float" in n for n in result.report.notes)
+    assert [n.op_type for n in result.model.graph.node] == ["Conv", "Relu", "Conv"]
+
+
 @pytest.mark.parametrize(("kwargs", "needle"), [
-    ({"mode": "static", "bits": 4}, "8-bit"), ({"calibrator": "entropy"}, "--calibrator"),
-    ({"bits": 3}, "4 or 8"),
-    ({"mode": "kmeans", "bits": 9}, "1..8"), ({"mode": "binary"}, "--mode"),
+    ({"mode": "static", "bits": 4}, "8-bit"), ({"calibrator": "kl"}, "--calibrator"),
+    ({"mode": "weight", "bits": 3}, "4 or 8"),
+    ({"mode": "kmeans", "bits": 9}, "1..8"), ({"mode": "ternary"}, "--mode"),
+    ({"mode": "weight", "max_drop": 0.01}, "static"), ({"max_drop": 1.5}, r"\[0, 1\)"),
 ])
 def test_config_validation(kwargs, needle):
     with pytest.raises(ConfigError, match=needle):
@@ -148,20 +242,68 @@ def test_per_channel_before_opset_13_uses_a_mul():
     nodes = [helper.make_node("Conv", ["x", "W"], ["y"], name="conv", pads=[1] * 4)]
     model = make_model(nodes, [tensor("x", [1, 8, 8, 8])], [tensor("y", [1, 16, 8, 8])],
                        {"W": w}, opset=12, ir_version=7)
-    result = quantize(model, QuantizeConfig(bits=8), calibration(model))
+    result = quantize(model, QuantizeConfig(mode="weight", bits=8), calibration(model))
     assert [n.op_type for n in result.model.graph.node] == ["DequantizeLinear", "Mul", "Conv"]
     assert result.report.applied[0].details["weight_rel_error"] < 1e-6
     _outputs_equal(model, result.model)
 
 
-def test_static_before_opset_13_uses_per_tensor_weights():
+def _opset12_static_model():
     model = _static_model()
     model.opset_import[0].version = 12
     model.ir_version = 7
+    return model
+
+
+def test_static_upgrades_opset_12_for_per_channel_weights():
+    model = _opset12_static_model()
     result = quantize(model, QuantizeConfig(mode="static", calibrator="minmax", min_params=0),
                       calibration(model, n=4, batch=2))
+    assert result.model.opset_import[0].version == 13
+    dqs = [n for n in result.model.graph.node if n.op_type == "DequantizeLinear"
+           and n.input[0] in ("W1_q", "W2_q")]
+    assert len(dqs) == 2 and all(any(a.name == "axis" for a in n.attribute) for n in dqs)
+    assert any("12 -> 13" in n for n in result.report.notes)
+
+
+def test_static_before_opset_13_falls_back_to_per_tensor_weights(monkeypatch):
+    from onnxcomp.passes import quantize as qmod
+
+    monkeypatch.setattr(qmod, "_to_opset13", lambda model: None)
+    model = _opset12_static_model()
+    result = quantize(model, QuantizeConfig(mode="static", calibrator="minmax", min_params=0),
+                      calibration(model, n=4, batch=2))
+    assert result.model.opset_import[0].version == 12
     ops = [n.op_type for n in result.model.graph.node]
     assert "Mul" not in ops
     dqs = [n for n in result.model.graph.node if n.op_type == "DequantizeLinear"]
     assert all(not any(a.name == "axis" for a in n.attribute) for n in dqs)
     assert any("per-tensor" in n for n in result.report.notes)
+
+
+def test_maxpool_shares_its_source_range():
+    rng = np.random.default_rng(4)
+    w1 = rng.standard_normal([16, 8, 3, 3]).astype(np.float32) * 0.2
+    w2 = rng.standard_normal([8, 16, 3, 3]).astype(np.float32) * 0.2
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["a"], name="c1", pads=[1] * 4),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("MaxPool", ["r"], ["p"], name="pool", kernel_shape=[2, 2],
+                              strides=[2, 2]),
+             helper.make_node("Conv", ["p", "W2"], ["y"], name="c2", pads=[1] * 4)]
+    model = make_model(nodes, [tensor("x", ["N", 8, 8, 8])], [tensor("y", ["N", 8, 4, 4])],
+                       {"W1": w1, "W2": w2})
+    calib = calibration(model, n=8, batch=4)
+    # percentile: the pooled tensor's own range would differ from its source's
+    result = quantize(model, QuantizeConfig(calibrator="percentile", min_params=0), calib)
+    assert result.report.metrics["ranges_shared"] == 1
+    inits = {i.name: i for i in result.model.graph.initializer}
+    q = {n.input[0]: n for n in result.model.graph.node if n.op_type == "QuantizeLinear"}
+    before, after = q["a"], q["p"]  # the Relu is folded: c1's output is quantized
+    from onnx import numpy_helper
+
+    for i in (1, 2):
+        assert numpy_helper.to_array(inits[before.input[i]]) == numpy_helper.to_array(
+            inits[after.input[i]])
+    from builders import relative_error
+
+    assert relative_error(model, result.model, calib) < 0.05
