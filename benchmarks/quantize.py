@@ -19,6 +19,7 @@ from common import calibration, fixed_batch, optimize, write
 SETTINGS: list[dict[str, Any]] = [
     {"mode": "weight", "bits": 8}, {"mode": "weight", "bits": 4},
     {"mode": "kmeans", "bits": 8}, {"mode": "kmeans", "bits": 4},
+    {"mode": "binary"},  # experimental: BWN without training
 ]
 MODELS = ("fashion_mnist_vgg", "efficientnet_lite0", "mobilenetv2", "ppocrv4_det", "ppocrv4_rec")
 
@@ -44,10 +45,14 @@ def main() -> None:
                 saved = sum(c.details["bytes_after"] - c.details["huffman_bytes"]
                             - c.details["centroids"] * 4 for c in report.applied)
                 huff = f"{(size - saved) / 1e6:.2f} MB ({base_size / (size - saved):.1f}x)"
+            if opts["mode"] == "binary":  # the signs packed 8 per byte
+                saved = sum(c.details["bytes_after"] - c.details["packed_bytes"]
+                            for c in report.applied)
+                huff = f"{(size - saved) / 1e6:.2f} MB ({base_size / (size - saved):.1f}x)"
             metric = f"{case.metric} {fid[case.metric]:.1%}"
             if name == "fashion_mnist_vgg":
                 metric = f"acc {fmnist_accuracy(result.model):.2%}; {metric}"
-            setting = f"{opts['mode']} {opts['bits']}-bit"
+            setting = f"{opts['mode']} {opts.get('bits', 1)}-bit"
             notes = "; ".join(report.notes)
             rows.append([name, setting, len(report.applied), f"{base_size / 1e6:.2f} MB",
                          f"{size / 1e6:.2f} MB ({base_size / size:.1f}x)", huff or "-",
@@ -57,9 +62,12 @@ def main() -> None:
                          "applied": len(report.applied)})
             print(rows[-1], flush=True)
     pre = ("quantize after fold_bn: serialized size vs the fp32 model (BN folded); fidelity on "
-           "held-out inputs.\n\n")
+           "held-out inputs. k-means: the size with Huffman-coded indices; binary "
+           "(experimental, no training): the size with the signs packed 8 per byte (the file "
+           "stores them as int8).\n\n")
     path = write("quantize", ["model", "setting", "layers", "fp32", "quantized",
-                              "Huffman-coded", "fidelity (held-out)", "rel L2", "notes"],
+                              "Huffman-coded / 1-bit packed", "fidelity (held-out)", "rel L2",
+                              "notes"],
                  rows, docs, pre)
     print(path.read_text())
 

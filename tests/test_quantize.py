@@ -307,3 +307,93 @@ def test_maxpool_shares_its_source_range():
     from builders import relative_error
 
     assert relative_error(model, result.model, calib) < 0.05
+
+
+@pytest.mark.parametrize(("kwargs", "signed"), [
+    ({}, False), ({"provider": "cuda"}, True), ({"provider": "tensorrt"}, True),
+    ({"activations": "int8"}, True), ({"provider": "cuda", "activations": "uint8"}, False),
+])
+def test_activation_type_per_provider(kwargs, signed):
+    from onnxcomp.passes.quantize import signed_activations
+
+    assert signed_activations(QuantizeConfig(**kwargs)) is signed
+
+
+def test_int8_activations_are_symmetric_and_keep_the_relu():
+    from builders import relative_error
+    from onnx import numpy_helper
+
+    model = _static_model()
+    calib = calibration(model, n=8, batch=2)
+    result = quantize(model, QuantizeConfig(activations="int8", min_params=0), calib)
+    assert result.report.metrics["activation_type"] == "int8"
+    assert result.report.metrics["activations_folded"] == 0
+    ops = [n.op_type for n in result.model.graph.node]
+    assert "Relu" in ops and ops.count("QuantizeLinear") == 3
+    inits = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
+    for n in result.model.graph.node:
+        if n.op_type == "QuantizeLinear":
+            zero = inits[n.input[2]]
+            assert zero.dtype == np.int8 and int(zero) == 0
+    assert relative_error(model, result.model, calib) < 0.05
+
+
+@pytest.mark.parametrize(("machine", "vnni", "kwargs", "reduced"), [
+    ("x86_64", False, {}, True), ("x86_64", True, {}, False), ("aarch64", False, {}, False),
+    ("x86_64", False, {"provider": "cuda"}, False), ("x86_64", False, {"reduce_range": False},
+                                                     False),
+    ("aarch64", False, {"reduce_range": True}, True),
+])
+def test_reduce_range_where_u8s8_products_saturate(monkeypatch, machine, vnni, kwargs, reduced):
+    from onnxcomp.passes import quantize as qmod
+
+    monkeypatch.setattr(qmod.platform, "machine", lambda: machine)
+    monkeypatch.setattr(qmod, "_cpu_has_vnni", lambda: vnni)
+    assert qmod.reduced_range(QuantizeConfig(**kwargs)) is reduced
+
+
+def test_reduced_range_weights_are_7_bit():
+    from onnx import numpy_helper
+
+    model = _static_model()
+    result = quantize(model, QuantizeConfig(reduce_range=True, min_params=0),
+                      calibration(model, n=8, batch=2))
+    assert result.report.metrics["weight_bits"] == 7
+    weights = [numpy_helper.to_array(i) for i in result.model.graph.initializer
+               if i.name in ("W1_q", "W2_q")]
+    assert len(weights) == 2
+    assert all(np.abs(w).max() == 63 for w in weights)
+
+
+def _chain_model():
+    """A CP-like chain: 1x1 (rows of very different size) -> depthwise 3x3 -> 1x1."""
+    rng = np.random.default_rng(11)
+    wa = rng.standard_normal([8, 8, 1, 1]).astype(np.float32)
+    wa *= np.logspace(-3, 0, 8, dtype=np.float32)[:, None, None, None]
+    wd = rng.standard_normal([8, 1, 3, 3]).astype(np.float32)
+    wc = rng.standard_normal([8, 8, 1, 1]).astype(np.float32)
+    wc /= np.logspace(-3, 0, 8, dtype=np.float32)[None, :, None, None]
+    nodes = [helper.make_node("Conv", ["x", "WA"], ["a"], name="a"),
+             helper.make_node("Conv", ["a", "WD"], ["d"], name="d", group=8, pads=[1] * 4),
+             helper.make_node("Conv", ["d", "WC"], ["y"], name="c")]
+    return make_model(nodes, [tensor("x", ["N", 8, 8, 8])], [tensor("y", ["N", 8, 8, 8])],
+                      {"WA": wa, "WD": wd, "WC": wc})
+
+
+def test_equalization_is_exact_in_float_and_helps_int8():
+    from builders import relative_error
+
+    from onnxcomp.passes.quantize import equalize_linear_pairs
+
+    model = _chain_model()
+    calib = calibration(model, n=8, batch=4)
+    config = QuantizeConfig(calibrator="minmax", min_params=0)
+    even, count = equalize_linear_pairs(model, calib, config)
+    assert count == 2  # a -> d (depthwise), d -> c (dense)
+    assert relative_error(model, even, calib) < 1e-5
+    with_eq = quantize(model, config, calib)
+    without = quantize(model, QuantizeConfig(calibrator="minmax", min_params=0,
+                                             equalize=False), calib)
+    assert with_eq.report.metrics["tensors_equalized"] == 2
+    assert relative_error(model, with_eq.model, calib) < 0.5 * relative_error(
+        model, without.model, calib)
