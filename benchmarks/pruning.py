@@ -145,7 +145,6 @@ def layers_table(runs: int) -> None:
     for name, n_calib, opts in (("fashion_mnist_vgg", 256, {"layers": 1}),
                                 ("fashion_mnist_vgg", 256, {"layers": 2}),
                                 ("mobilenetv2", 64, {"layers": 1}),
-                                ("mobilenetv2", 64, {"layers": 2}),
                                 ("efficientnet_lite0", 64, {"layers": 1})):
         d = prune_row(name, opts, n_calib, runs, pass_name="prune_layers")
         docs.append(d)

@@ -262,8 +262,12 @@ def remove(model: onnx.ModelProto, units: Sequence[Unit]) -> onnx.ModelProto:
     graph = Graph(model)
     tensors = graph.gs.tensors()
     by_name = {n.name: n for n in graph.nodes}
+    gone: dict[str, Any] = {}  # output of a removed unit -> the tensor that replaced it
     for unit in units:
         src, out = tensors[unit.src], tensors[unit.out]
+        while src.name in gone:  # this unit reads what an earlier one removed
+            src = gone[src.name]
+        gone[out.name] = src
         for consumer in list(out.outputs):
             for i, t in enumerate(consumer.inputs):
                 if t is out:
@@ -289,7 +293,8 @@ def _finish(model: onnx.ModelProto, units: Sequence[Unit], config: PruneLayersCo
                 node = next(n for n in graph.nodes if n.name == name)
                 nxt += _next_linear(graph, node.outputs[0])
             level = nxt
-    readers = list(dict.fromkeys(readers))
+    removed = {n for unit in units for n in unit.nodes}  # a later unit may read an earlier
+    readers = [r for r in dict.fromkeys(readers) if r not in removed]
     if not readers:
         return pruned
     lr = LowRankConfig(rank=1, min_macs=0, max_rows=config.max_rows, seed=config.seed)

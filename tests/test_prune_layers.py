@@ -83,3 +83,18 @@ def test_unreachable_speed_target(monkeypatch):
 def test_config_validation(kwargs):
     with pytest.raises(ConfigError):
         PruneLayersConfig(**kwargs)
+
+
+def test_two_convs_in_a_row_are_removed_and_the_rest_refit():
+    net = Net(c_in=8)
+    a = net.conv("x", 8, 8)
+    r = net.op("Relu", [a])
+    b = net.conv(r, 8, 8)  # b and c: identity-shaped, c reads b's output
+    c = net.conv(b, 8, 8)
+    d = net.conv(c, 8, 4)
+    model = net.model(d, [4, 8, 8])
+    calib = calibration(model, n=8)
+    result = prune_layers(model, PruneLayersConfig(layers=2), calib)
+    assert {ch.node for ch in result.report.applied} == {b, c}
+    assert op_count(result.model, "Conv") == 2
+    assert relative_error(model, result.model, calib) < 1.0
