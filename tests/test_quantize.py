@@ -98,15 +98,25 @@ def test_tiny_weights_skipped():
     assert [s.reason for s in result.report.skipped] == [SkipReason.TOO_SMALL]
 
 
-def _static_model():
+def _conv_relu_conv(w1, w2, pool=False):
+    """x -> Conv(W1) -> Relu [-> MaxPool 2x2] -> Conv(W2) -> y, 8x8 maps, 'same' 3x3 convs."""
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["a"], name="c1", pads=[1] * 4),
+             helper.make_node("Relu", ["a"], ["r"], name="relu")]
+    mid, size = "r", 8
+    if pool:
+        nodes.append(helper.make_node("MaxPool", ["r"], ["p"], name="pool",
+                                      kernel_shape=[2, 2], strides=[2, 2]))
+        mid, size = "p", 4
+    nodes.append(helper.make_node("Conv", [mid, "W2"], ["y"], name="c2", pads=[1] * 4))
+    return make_model(nodes, [tensor("x", ["N", w1.shape[1], 8, 8])],
+                      [tensor("y", ["N", w2.shape[0], size, size])], {"W1": w1, "W2": w2})
+
+
+def _static_model(pool=False):
     rng = np.random.default_rng(4)
     w1 = rng.standard_normal([16, 8, 3, 3]).astype(np.float32) * 0.2
     w2 = rng.standard_normal([8, 16, 3, 3]).astype(np.float32) * 0.2
-    nodes = [helper.make_node("Conv", ["x", "W1"], ["a"], name="c1", pads=[1] * 4),
-             helper.make_node("Relu", ["a"], ["r"], name="relu"),
-             helper.make_node("Conv", ["r", "W2"], ["y"], name="c2", pads=[1] * 4)]
-    return make_model(nodes, [tensor("x", ["N", 8, 8, 8])], [tensor("y", ["N", 8, 8, 8])],
-                      {"W1": w1, "W2": w2})
+    return _conv_relu_conv(w1, w2, pool)
 
 
 @pytest.mark.parametrize("calibrator", ["minmax", "percentile", "entropy"])
@@ -183,11 +193,7 @@ def _sensitive_model():
     w1 = rng.standard_normal([8, 4, 3, 3]).astype(np.float32) * 0.2
     w1[:, 0] *= 1e-4
     w2 = rng.standard_normal([8, 8, 3, 3]).astype(np.float32) * 0.2
-    nodes = [helper.make_node("Conv", ["x", "W1"], ["a"], name="c1", pads=[1] * 4),
-             helper.make_node("Relu", ["a"], ["r"], name="relu"),
-             helper.make_node("Conv", ["r", "W2"], ["y"], name="c2", pads=[1] * 4)]
-    model = make_model(nodes, [tensor("x", ["N", 4, 8, 8])], [tensor("y", ["N", 8, 8, 8])],
-                       {"W1": w1, "W2": w2})
+    model = _conv_relu_conv(w1, w2)
     x = rng.standard_normal([16, 4, 8, 8]).astype(np.float32)
     x[:, 0] *= 1000
     from onnxcomp.calibrate import Calibration
@@ -282,16 +288,7 @@ def test_static_before_opset_13_falls_back_to_per_tensor_weights(monkeypatch):
 
 
 def test_maxpool_shares_its_source_range():
-    rng = np.random.default_rng(4)
-    w1 = rng.standard_normal([16, 8, 3, 3]).astype(np.float32) * 0.2
-    w2 = rng.standard_normal([8, 16, 3, 3]).astype(np.float32) * 0.2
-    nodes = [helper.make_node("Conv", ["x", "W1"], ["a"], name="c1", pads=[1] * 4),
-             helper.make_node("Relu", ["a"], ["r"], name="relu"),
-             helper.make_node("MaxPool", ["r"], ["p"], name="pool", kernel_shape=[2, 2],
-                              strides=[2, 2]),
-             helper.make_node("Conv", ["p", "W2"], ["y"], name="c2", pads=[1] * 4)]
-    model = make_model(nodes, [tensor("x", ["N", 8, 8, 8])], [tensor("y", ["N", 8, 4, 4])],
-                       {"W1": w1, "W2": w2})
+    model = _static_model(pool=True)
     calib = calibration(model, n=8, batch=4)
     # percentile: the pooled tensor's own range would differ from its source's
     result = quantize(model, QuantizeConfig(calibrator="percentile", min_params=0), calib)
