@@ -269,6 +269,7 @@ def _static(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibration |
     ``--max-drop``) is then built from those ranges.
     """
     notes = []
+    original = model  # what a pass that applies nothing hands back
     opset = default_opset(model) or 0
     if opset < 13:
         upgraded = _to_opset13(model)
@@ -301,12 +302,12 @@ def _static(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibration |
     ranges = activation_ranges(model, list(dict.fromkeys(names)), calib, config)
     quantized, report = _build_static(model, config, ranges, set())
     report.notes[:0] = notes
-    report.metrics["tensors_equalized"] = equalized
     if config.max_drop is not None and report.applied:
         quantized, report = _meet_max_drop(model, config, calib, ranges, quantized, report,
                                            notes)
-    if not report.applied:
-        return PassResult(copy_model(model), report)
+    if not report.applied:  # not even the equalization or the opset upgrade is kept
+        return PassResult(copy_model(original), report)
+    report.metrics["tensors_equalized"] = equalized
     feeds = {k: v[:1] for k, v in calib.batches[0].items()}
     res = bench.benchmark([model, quantized],
                           bench.BenchConfig(provider=config.provider, runs=20, warmup=3),
@@ -559,7 +560,7 @@ def _meet_max_drop(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibr
     check = _subset(calib, DROP_SAMPLES)
     names = [o.name for o in model.graph.output]
     reference = calibrate.run_model(model, check, optimize=True)
-    drop, err = fidelity_drop(reference, names, quantized, check)
+    drop, _ = fidelity_drop(reference, names, quantized, check)
     report.metrics["drop_all_layers"] = round(drop, 5)
     if drop <= config.max_drop:
         report.metrics["drop"] = round(drop, 5)
@@ -585,8 +586,7 @@ def _meet_max_drop(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibr
                         else 0.0)
         return tried[k][2]
 
-    attempt(0)  # again, for the sensitivities in its report
-    bad, good, k = 0, len(ranked), 1
+    bad, good, k = 0, len(ranked), 1  # 0 layers in float is known to miss the bound
     while k < len(ranked):
         if attempt(k) <= config.max_drop:
             good = k
