@@ -1,4 +1,4 @@
-"""canonicalize + fold_bn on every real model: validity, fidelity, BN count, speed.
+"""canonicalize + fold_bn + fold_affine on every real model: validity, fidelity, speed.
 
     python benchmarks/spine.py [--runs 60]
 
@@ -28,7 +28,8 @@ def main() -> None:
         model = case.load()
         calib_in = case.inputs("calib")
         calib = calibration(calib_in, 8, fixed_batch=fixed_batch(model))
-        result, seconds = optimize(model, [("canonicalize", {}), ("fold_bn", {})], calib)
+        result, seconds = optimize(model, [("canonicalize", {}), ("fold_bn", {}),
+                                                  ("fold_affine", {})], calib)
         held = case.inputs("heldout")
         ref, got = run(model, held), run(result.model, held)
         rel = max(float(np.linalg.norm(g - r) / np.linalg.norm(r))
@@ -37,16 +38,19 @@ def main() -> None:
         bn_after = sum(n.op_type == "BatchNormalization" for n in result.model.graph.node)
         sp = speed(model, result.model, held, runs=args.runs)
         applied = {s.name: len(s.report.applied) for s in result.steps}
-        rows.append([name, applied["canonicalize"], f"{bn_before} -> {bn_after}",
+        fused = sum(c.op_type == "HardSwish" for c in result.steps[0].report.applied)
+        rows.append([name, applied["canonicalize"], fused, f"{bn_before} -> {bn_after}",
+                     applied["fold_affine"],
                      f"{rel:.1e}", f"{sp['ms_before']:.2f}", f"{sp['ms_after']:.2f}",
                      f"{sp['speedup']:.2f}x ({sp['speedup_p10']:.2f}-{sp['speedup_p90']:.2f})",
                      f"{seconds:.1f}"])
         doc[name] = {"applied": applied, "bn": [bn_before, bn_after], "rel_l2_heldout": rel,
                      **sp, "compile_s": seconds}
         print(rows[-1], flush=True)
-    pre = (f"canonicalize + fold_bn, held-out real inputs; ORT CPU 1 thread batch 1, "
+    pre = (f"canonicalize + fold_bn + fold_affine, held-out real inputs; ORT CPU 1 thread batch 1, "
            f"{args.runs} interleaved rounds; {platform.machine()}, {platform.processor()}\n\n")
-    path = write("spine", ["model", "canonicalize changes", "BatchNormalization",
+    path = write("spine", ["model", "canonicalize changes", "HardSwish fused",
+                           "BatchNormalization", "Mul/Add folded",
                            "rel L2 error (held-out)", "ms before", "ms after",
                            "speedup (p10-p90)", "compile s"], rows, doc, pre)
     print(path.read_text())

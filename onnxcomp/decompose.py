@@ -90,6 +90,13 @@ class LowRankConfig(PassConfig):
     # applies nothing there (Tucker reaches 1.31x instead of 2.09x).
     min_realized: float = 0.5
     min_macs: int = 1_000_000
+    # cp only: "separate" (kh x 1 then 1 x kw depthwise), "merged" (one kh x kw depthwise),
+    # "auto" (merged for kernels of at most 9 taps, where it measured faster; see passes/cp.py).
+    cp_depthwise: str = "separate"
+    # svd of 1x1 convs and FC layers: "data" keeps the principal subspace of the layer's
+    # outputs on the calibration data (reduced-rank regression), "weights" the top singular
+    # vectors of W alone. Without calibration data both are the weights' SVD.
+    svd_basis: str = "data"
     max_rows: int = 16384
     ridge: float = 1e-7
     provider: str = "cpu"
@@ -126,6 +133,11 @@ class LowRankConfig(PassConfig):
         if self.refit_mode not in ("asymmetric", "symmetric"):
             raise ConfigError(f"refit mode must be asymmetric or symmetric, got "
                               f"'{self.refit_mode}'")
+        if self.cp_depthwise not in ("separate", "merged", "auto"):
+            raise ConfigError(f"--cp-depthwise must be separate, merged or auto, got "
+                              f"'{self.cp_depthwise}'")
+        if self.svd_basis not in ("data", "weights"):
+            raise ConfigError(f"--svd-basis must be data or weights, got '{self.svd_basis}'")
         if self.rank_multiple < 1:
             raise ConfigError("--rank-multiple must be >= 1")
         if not 0 <= self.min_realized <= 1:
@@ -165,6 +177,9 @@ class Layer:
     in_shape: tuple[int, ...]  # without batch: (C, H, W) or (..., K)
     out_shape: tuple[int, ...]
     dtype: np.dtype[Any]
+    # Covariance of the layer's input rows (im2col columns) on the calibration data, set
+    # before planning; None without data.
+    input_cov: np.ndarray | None = None
 
     @property
     def name(self) -> str:
@@ -505,6 +520,13 @@ def collect_compressed(
     return m
 
 
+def input_covariance(m: Moments) -> np.ndarray:
+    """Covariance of ``x`` from the second moments of ``x~ = [x; 1]``."""
+    xx, _, _ = m.normalized()
+    mean = xx[-1, :-1] / max(xx[-1, -1], 1e-30)
+    return np.asarray(xx[:-1, :-1] - np.outer(mean, mean) * xx[-1, -1])
+
+
 def _xdim(layer: Layer) -> int:
     return int(layer.matrix.shape[1])
 
@@ -805,6 +827,9 @@ def run_decomposition(
         report.notes.append(f"no layer to decompose with {method.name}")
         return PassResult(copy_model(model), report)
     moments, targets = collect_original(model, kept, calib, config)
+    if not calib.synthetic:
+        for layer, m in zip(kept, moments, strict=True):
+            layer.input_cov = input_covariance(m)
 
     choices: list[LayerChoice] = []
     for i, layer in enumerate(kept):

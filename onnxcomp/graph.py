@@ -57,6 +57,14 @@ class Graph:
 
     # ----------------------------------------------------------------- queries
     @property
+    def opset(self) -> int:
+        """The model's default-domain (ai.onnx) opset version."""
+        for entry in self.source.opset_import:
+            if entry.domain in ("", "ai.onnx"):
+                return int(entry.version)
+        return 1
+
+    @property
     def nodes(self) -> list[gs.Node]:
         """The graph's nodes (a snapshot list; safe to iterate while editing)."""
         return list(self.gs.nodes)

@@ -783,6 +783,60 @@ def svd_matrix(W: ArrayLike, rank: int) -> tuple[FloatArray, FloatArray, float]:
     return left, right, error
 
 
+def output_basis(W: ArrayLike, cov: ArrayLike) -> FloatArray:
+    """Principal directions ``[m, min(m, n)]`` of the outputs ``W x``, strongest first.
+
+    For inputs of covariance ``cov``: the left singular vectors of ``W cov^(1/2)``.
+
+    Raises:
+        ValueError: for shapes that do not match or non-finite values.
+
+    """
+    matrix = np.asarray(W, dtype=np.float64)
+    c = np.asarray(cov, dtype=np.float64)
+    if matrix.ndim != 2 or 0 in matrix.shape:
+        raise ValueError(f"expected a non-empty 2-D matrix, got shape {matrix.shape}")
+    if c.shape != (matrix.shape[1],) * 2:
+        raise ValueError(f"covariance shape {c.shape} does not match W {matrix.shape}")
+    if not (np.all(np.isfinite(matrix)) and np.all(np.isfinite(c))):
+        raise ValueError("non-finite values")
+    values, vectors = np.linalg.eigh(0.5 * (c + c.T))
+    # A tiny floor keeps directions the calibration data never excited from collapsing.
+    floor = 1e-6 * max(float(np.mean(np.abs(values))), 1e-30)
+    root = vectors * np.sqrt(np.maximum(values, 0.0) + floor)
+    left, _, _ = np.linalg.svd(matrix @ root, full_matrices=False)
+    return np.asarray(left)
+
+
+def svd_matrix_data(W: ArrayLike, cov: ArrayLike, rank: int, basis: ArrayLike | None = None
+                    ) -> tuple[FloatArray, FloatArray, float]:
+    """The rank-R ``U V`` minimizing ``E||(W - U V) x||^2`` for inputs of covariance ``cov``.
+
+    Reduced-rank regression: ``U`` spans the top-R principal directions of the outputs
+    (:func:`output_basis`; pass it as ``basis`` to reuse it across ranks) and ``V = U^T W``,
+    so ``U V`` projects the layer's output onto its principal subspace (Zhang et al. 2016's
+    response reconstruction, closed form for a linear layer). With ``cov = I`` it is the plain
+    truncated SVD. Rows of ``V`` and columns of ``U`` are rescaled to equal norms.
+
+    Returns:
+        ``(U [m, R], V [R, n], rel_error)``, the error being ``||W - U V||_F / ||W||_F``.
+
+    Raises:
+        ValueError: for shapes that do not match, non-finite values or a rank out of range.
+
+    """
+    matrix = np.asarray(W, dtype=np.float64)
+    full = output_basis(matrix, cov) if basis is None else np.asarray(basis, dtype=np.float64)
+    rank = _check_rank(rank, min(matrix.shape), "SVD rank")
+    left = full[:, :rank]
+    right = left.T @ matrix
+    scale = np.sqrt(np.maximum(np.linalg.norm(right, axis=1), 1e-30))
+    left, right = left * scale, right / scale[:, None]
+    total = float(np.sum(matrix**2))
+    error = _relative(float(np.sum((matrix - left @ right) ** 2)), total)
+    return left, right, error
+
+
 # ---------------------------------------------------------------------------- ranks
 
 
@@ -929,16 +983,19 @@ def cp_macs(
     rank: int,
     in_hw: tuple[int, int],
     out_hw: tuple[int, int],
+    merged: bool = False,
 ) -> int:
     """MACs of the CP chain for one image, each stage at the resolution it runs at.
 
     1x1 ``C -> R`` at ``H_in x W_in``; ``kh x 1`` depthwise (vertical stride) to
     ``H_out x W_in``; ``1 x kw`` depthwise (horizontal stride) to ``H_out x W_out``; 1x1
-    ``R -> O`` at ``H_out x W_out``.
+    ``R -> O`` at ``H_out x W_out``. ``merged``: one ``kh x kw`` depthwise stage instead.
     """
     _area(in_hw)
     _area(out_hw)
     (h_in, w_in), (h_out, w_out) = in_hw, out_hw
+    if merged:
+        return rank * c_in * h_in * w_in + (rank * kh * kw + c_out * rank) * h_out * w_out
     return (
         rank * c_in * h_in * w_in
         + rank * kh * h_out * w_in

@@ -9,6 +9,7 @@ from onnxcomp.passes import (
     canonicalize,
     cp,
     depthwise_separable,
+    fold_affine,
     fold_bn,
     kernel_sharing,
     prune_channels,
@@ -21,6 +22,7 @@ from onnxcomp.passes import (
 REGISTRY: dict[str, Pass[Any]] = {
     canonicalize.PASS.name: canonicalize.PASS,
     fold_bn.PASS.name: fold_bn.PASS,
+    fold_affine.PASS.name: fold_affine.PASS,
     cp.PASS.name: cp.PASS,
     tucker.PASS.name: tucker.PASS,
     svd.PASS.name: svd.PASS,

@@ -19,6 +19,16 @@ Three rewrites, each exact:
        x -> Pad(pads=[0,0,p1,p2, 0,0,q1,q2]) -> Conv(pads=[a1,a2,b1,b2])
        =>  x -> Conv(pads=[a1+p1, a2+p2, b1+q1, b2+q2])
 
+4. A HardSwish written out elementwise (as exporters do for opsets before 14) becomes one op::
+
+       x -> Add(3) -> Clip(0, 6) -> Mul(x, .) -> Div(6) -> y     (or Mul(1/6); or the
+                                                                  Div before the Mul)
+       =>  x -> HardSwish -> y                       (opset >= 14)
+       =>  x -> HardSigmoid(alpha=1/6, beta=0.5) -> Mul(x, .) -> y   (older opsets)
+
+   Exact up to float rounding. ONNX Runtime runs the four-node form as four passes over
+   memory; on PP-OCRv4 rec (28 of them) the fused form measured 1.15x faster for the model.
+
 Skipped, with a reason: a Constant that is a graph output, a node whose removal would rename a
 graph output when its input is a graph input, a Pad that is not constant mode / not zero /
 pads batch or channel axes / has negative pads / has non-constant pads, a Conv with
@@ -33,7 +43,7 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 import onnx
 
-from onnxcomp.graph import Graph, Node
+from onnxcomp.graph import Graph, Node, Tensor
 from onnxcomp.model import copy_model
 from onnxcomp.passbase import Change, PassConfig, PassResult, Report, Skip, SkipReason
 
@@ -41,6 +51,7 @@ if TYPE_CHECKING:
     from onnxcomp.calibrate import Calibration
 
 NOOP_OPS = ("Identity", "Dropout", "Cast", "Transpose", "Pad")
+FLOAT_TYPES = (np.float16, np.float32, np.float64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +98,10 @@ class Canonicalize:
             elif node.op in ("Identity", "Dropout"):
                 report.skip(node.name, node.op, SkipReason.UNSUPPORTED_ATTRIBUTE,
                             "Dropout with its mask output used or in training mode")
+        for clip in graph.nodes_of("Clip"):
+            match = _hardswish(graph, clip)
+            if match is not None:
+                report.apply(_fuse_hardswish(graph, *match))
         if not report.applied:
             report.notes.append("nothing to canonicalize")
             return PassResult(copy_model(model), report)
@@ -226,6 +241,95 @@ def _fold_pad(graph: Graph, pad: Node) -> Node:
     conv.inputs[0] = pad.inputs[0]
     graph.retire([pad])
     return conv
+
+
+def _scalar(graph: Graph, node: Node, var: Tensor) -> float | None:
+    """The scalar constant operand of a binary node whose other operand is ``var``."""
+    if len(node.inputs) != 2 or not any(t is var for t in node.inputs):
+        return None
+    other = node.inputs[1] if node.inputs[0] is var else node.inputs[0]
+    if other is var:
+        return None
+    value = graph.const_value(other)
+    if value is None or value.size != 1 or value.dtype.type not in FLOAT_TYPES:
+        return None
+    return float(value.reshape(-1)[0])
+
+
+def _only_reader(graph: Graph, tensor: Tensor) -> Node | None:
+    readers = graph.consumers(tensor)
+    if len(readers) != 1 or graph.is_graph_output(tensor):
+        return None
+    return readers[0]
+
+
+def _clip_bounds(graph: Graph, clip: Node) -> tuple[float, float] | None:
+    if "min" in clip.attrs or "max" in clip.attrs:  # opset < 11
+        return float(clip.attrs.get("min", -np.inf)), float(clip.attrs.get("max", np.inf))
+    bounds = []
+    for i in (1, 2):
+        t = graph.input(clip, i)
+        value = None if t is None else graph.const_value(t)
+        if value is None or value.size != 1:
+            return None
+        bounds.append(float(value.reshape(-1)[0]))
+    return bounds[0], bounds[1]
+
+
+def _is_sixth(graph: Graph, node: Node, var: Tensor) -> bool:
+    """True for ``var / 6`` or ``var * (1/6)``."""
+    k = _scalar(graph, node, var)
+    if k is None:
+        return False
+    if node.op == "Div":
+        return node.inputs[0] is var and k == 6.0
+    return node.op == "Mul" and abs(k - 1.0 / 6.0) < 1e-7
+
+
+def _hardswish(graph: Graph, clip: Node) -> tuple[Tensor, list[Node]] | None:
+    """(x, the pattern's nodes, last one last) when ``clip`` is the middle of x*relu6(x+3)/6."""
+    if _clip_bounds(graph, clip) != (0.0, 6.0) or not clip.outputs:
+        return None
+    add = graph.producer(clip.inputs[0])
+    if add is None or add.op != "Add" or len(graph.consumers(clip.inputs[0])) != 1:
+        return None
+    if graph.is_graph_output(clip.inputs[0]):
+        return None
+    x = next((t for t in add.inputs if graph.const_value(t) is None), None)
+    if x is None or _scalar(graph, add, x) != 3.0:
+        return None
+    gated: Tensor = clip.outputs[0]
+    nxt = _only_reader(graph, gated)
+    if nxt is None or not nxt.outputs:
+        return None
+    if nxt.op == "Mul" and _scalar(graph, nxt, x) is None and any(t is x for t in nxt.inputs):
+        last = _only_reader(graph, nxt.outputs[0])  # x * relu6(x + 3), then / 6
+        if last is not None and _is_sixth(graph, last, nxt.outputs[0]):
+            return x, [add, clip, nxt, last]
+    elif _is_sixth(graph, nxt, gated):
+        last = _only_reader(graph, nxt.outputs[0])  # relu6(x + 3) / 6, then * x
+        if (last is not None and last.op == "Mul" and len(last.inputs) == 2
+                and any(t is x for t in last.inputs)
+                and any(t is nxt.outputs[0] for t in last.inputs)):
+            return x, [add, clip, nxt, last]
+    return None
+
+
+def _fuse_hardswish(graph: Graph, x: Tensor, nodes: list[Node]) -> Change:
+    last = nodes[-1]
+    y = last.outputs[0]
+    origin = last.name
+    graph.retire(nodes)
+    if graph.opset >= 14:
+        graph.add_node("HardSwish", [x], [y], pass_name="canonicalize", origin=origin)
+        what = "x*Clip(x+3,0,6)/6 -> HardSwish"
+    else:
+        gate = graph.variable(f"{origin}_gate", dtype=x.dtype, shape=x.shape)
+        graph.add_node("HardSigmoid", [x], [gate], pass_name="canonicalize", origin=origin,
+                       attrs={"alpha": 1.0 / 6.0, "beta": 0.5}, suffix="gate")
+        graph.add_node("Mul", [x, gate], [y], pass_name="canonicalize", origin=origin)
+        what = "x*Clip(x+3,0,6)/6 -> x*HardSigmoid(x) (opset < 14)"
+    return Change(origin, "HardSwish", what, details={"nodes": [n.name for n in nodes]})
 
 
 PASS = Canonicalize()

@@ -528,7 +528,9 @@ def _asymmetric(model: onnx.ModelProto, prep: _Prepared,
             continue
         shapes = decompose.static_shapes(current, calib)
         graph = Graph(current)
-        node = next(n for n in graph.nodes if n.name == name)
+        node = next((n for n in graph.nodes if n.name == name), None)
+        if node is None:  # dead code (its output reaches no graph output): export removed it
+            continue
         layer = decompose.make_layer(graph, shapes, node, lr)
         if not isinstance(layer, Layer):
             continue

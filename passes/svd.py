@@ -16,7 +16,11 @@ Before / after::
     Gemm/MatMul W[K,N]    =>  MatMul (K->R) -> Gemm or MatMul+Add (R->N, bias)
         W ~ U_R S_R V_R^T, sqrt(S) on each side
 
-The last stage and the bias are refit by least squares on calibration data.
+The last stage and the bias are refit by least squares on calibration data. For 1x1 convs and
+FC layers the first stage is data-aware by default (``--svd-basis data``): ``V = U^T W`` with
+``U`` the top-R principal directions of the layer's outputs on the calibration data, the rank-R
+map with the least output error (reduced-rank regression; Zhang et al. 2016 reconstruct
+responses the same way). ``--svd-basis weights`` uses the SVD of ``W`` alone.
 
 Supported: 2-D Conv with group 1, Gemm (transA = 0, per-output bias) and MatMul with a 2-D
 constant weight. Skipped, with a reason: grouped convs, non-constant or shared weights, tiny
@@ -51,6 +55,9 @@ class SVDMethod:
 
     name = "svd"
     ops = ("Conv", "Gemm", "MatMul")
+
+    def __init__(self) -> None:
+        self._bases: dict[str, np.ndarray] = {}  # layer name -> output basis (data)
 
     def check(self, layer: Layer) -> Skip | None:
         """Every layer find_layers accepts is supported."""
@@ -105,7 +112,13 @@ class SVDMethod:
         kind = self._kind(layer)
         if kind == "spatial":
             return self._spatial(layer, rank)
-        u, v, err = lowrank.svd_matrix(layer.matrix, rank)  # W[y, x] ~ U[y, R] V[R, x]
+        if config.svd_basis == "data" and layer.input_cov is not None:
+            if layer.name not in self._bases:
+                self._bases = {layer.name: lowrank.output_basis(layer.matrix, layer.input_cov)}
+            u, v, err = lowrank.svd_matrix_data(layer.matrix, layer.input_cov, rank,
+                                                basis=self._bases[layer.name])
+        else:
+            u, v, err = lowrank.svd_matrix(layer.matrix, rank)  # W[y, x] ~ U[y, R] V[R, x]
         n, k = layer.matrix.shape
         if kind == "fc":
             stages = [Stage("matmul", v, {}, "proj")]
@@ -119,7 +132,8 @@ class SVDMethod:
             method=self.name, ranks=(rank,), stages=stages, last_attrs={},
             last_shape=last_shape, prefix=v.copy(), last=u.copy(), weight_error=err,
             macs=self._macs(layer, rank), params=rank * (n + k) + n,
-            extra={"form": kind},
+            extra={"form": kind, "basis": config.svd_basis if layer.input_cov is not None
+                   else "weights"},
         )
 
     def _spatial(self, layer: Layer, rank: int) -> Plan:

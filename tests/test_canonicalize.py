@@ -149,3 +149,59 @@ def test_must_not_fire(build, reason):
     assert [s.reason for s in result.report.skipped] == [reason]
     assert result.model.SerializeToString() == before
     assert model.SerializeToString() == before
+
+
+def _hardswish_nodes(form: str, clip_attrs: bool) -> list:
+    """x*relu6(x+3)/6 as exporters write it (several orders)."""
+    clip = (helper.make_node("Clip", ["a"], ["c"], name="clip", min=0.0, max=6.0) if clip_attrs
+            else helper.make_node("Clip", ["a", "zero", "six"], ["c"], name="clip"))
+    nodes = [helper.make_node("Conv", ["x", "W"], ["v"], name="conv"),
+             helper.make_node("Add", ["v", "three"], ["a"], name="add3"), clip]
+    if form == "mul_then_div":
+        nodes += [helper.make_node("Mul", ["v", "c"], ["m"], name="mul"),
+                  helper.make_node("Div", ["m", "six"], ["y"], name="div6")]
+    elif form == "mul_then_sixth":
+        nodes += [helper.make_node("Mul", ["c", "v"], ["m"], name="mul"),
+                  helper.make_node("Mul", ["m", "sixth"], ["y"], name="mul6")]
+    else:  # div first
+        nodes += [helper.make_node("Div", ["c", "six"], ["g"], name="div6"),
+                  helper.make_node("Mul", ["v", "g"], ["y"], name="mul")]
+    return nodes
+
+
+@pytest.mark.parametrize(("form", "opset", "fused_op"), [
+    ("mul_then_div", 13, "HardSigmoid"), ("mul_then_sixth", 13, "HardSigmoid"),
+    ("div_then_mul", 13, "HardSigmoid"), ("mul_then_div", 14, "HardSwish"),
+    ("mul_then_div", 10, "HardSigmoid"),
+])
+def test_elementwise_hardswish_becomes_one_op(form, opset, fused_op):
+    rng = np.random.default_rng(2)
+    inits = {"W": (3 * rng.standard_normal([4, 4, 1, 1])).astype(np.float32),
+             "three": np.array(3.0, np.float32), "six": np.array(6.0, np.float32),
+             "zero": np.array(0.0, np.float32), "sixth": np.array(1 / 6, np.float32)}
+    model = make_model(_hardswish_nodes(form, clip_attrs=opset < 11),
+                       [tensor("x", [1, 4, 5, 5])], [tensor("y", [1, 4, 5, 5])], inits,
+                       opset=opset)
+    result = canon(model, CanonicalizeConfig())
+    fused = [c for c in result.report.applied if c.op_type == "HardSwish"]
+    assert len(fused) == 1
+    assert op_count(result.model, "Clip") == 0 and op_count(result.model, "Div") == 0
+    assert op_count(result.model, fused_op) == 1
+    assert_equivalent(model, result.model, rtol=1e-5, atol=1e-5)
+
+
+def test_hardswish_lookalikes_are_left_alone():
+    """relu6(x+3)*x/6 where the Clip output also feeds a graph output, or the Add adds 2."""
+    rng = np.random.default_rng(3)
+    inits = {"W": rng.standard_normal([4, 4, 1, 1]).astype(np.float32),
+             "three": np.array(2.0, np.float32), "six": np.array(6.0, np.float32),
+             "zero": np.array(0.0, np.float32)}
+    model = make_model(_hardswish_nodes("mul_then_div", False), [tensor("x", [1, 4, 5, 5])],
+                       [tensor("y", [1, 4, 5, 5])], inits)
+    result = canon(model, CanonicalizeConfig())
+    assert op_count(result.model, "Clip") == 1
+    inits["three"] = np.array(3.0, np.float32)
+    model = make_model(_hardswish_nodes("mul_then_div", False), [tensor("x", [1, 4, 5, 5])],
+                       [tensor("y", [1, 4, 5, 5]), tensor("c", [1, 4, 5, 5])], inits)
+    result = canon(model, CanonicalizeConfig())
+    assert op_count(result.model, "Clip") == 1

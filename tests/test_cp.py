@@ -16,6 +16,7 @@ from onnx import helper
 
 from onnxcomp import decompose
 from onnxcomp.decompose import LowRankConfig
+from onnxcomp.lowrank import cp_macs
 from onnxcomp.passbase import ConfigError, SkipReason
 from onnxcomp.passes import REGISTRY
 
@@ -38,6 +39,27 @@ def test_exact_cp_rank_is_reproduced(attrs):
     assert change.details["ranks"] == [4]
     assert change.macs_after < change.macs_before
     assert_equivalent(model, result.model, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("mode", "kernel", "convs"), [
+    ("merged", 3, 3), ("auto", 3, 3), ("auto", 5, 4), ("separate", 3, 4), ("merged", 5, 3)])
+def test_merged_depthwise_form_is_exact(mode, kernel, convs):
+    """--cp-depthwise merged/auto: one depthwise kxk stage of rank-one kernels, same outputs."""
+    p = kernel // 2
+    model = conv_model(cp_kernel(16, 8, kernel, kernel, rank=4), pads=[p, p, p, p],
+                       strides=[2, 1])
+    result = cp(model, LowRankConfig(rank=4, cp_depthwise=mode, **EXACT), calibration(model))
+    assert op_count(result.model, "Conv") == convs
+    change = result.report.applied[0]
+    in_hw, out_hw = (12, 12), (6, 12)
+    assert change.macs_after == cp_macs(16, 8, kernel, kernel, 4, in_hw, out_hw,
+                                        merged=convs == 3)
+    assert_equivalent(model, result.model, rtol=1e-4, atol=1e-4)
+
+
+def test_cp_depthwise_option_is_checked():
+    with pytest.raises(ConfigError, match="--cp-depthwise"):
+        LowRankConfig(cp_depthwise="fused")
 
 
 @pytest.mark.parametrize(("kh", "kw"), [(1, 3), (3, 1), (1, 5)])

@@ -28,6 +28,7 @@ from onnxcomp.lowrank import (
     spatial_svd_macs,
     svd_matrix,
     svd_matrix_costs,
+    svd_matrix_data,
     svd_rank_for_fraction,
     tucker2_conv,
     tucker2_costs,
@@ -533,3 +534,29 @@ def test_results_are_frozen_dataclasses() -> None:
     assert isinstance(result, CPResult)
     with pytest.raises(dataclasses.FrozenInstanceError):
         result.rank = 3  # type: ignore[misc]
+
+
+def test_svd_matrix_data_with_identity_covariance_is_the_truncated_svd() -> None:
+    w = rng(11).standard_normal((20, 30))
+    u, v, err = svd_matrix(w, 5)
+    ud, vd, errd = svd_matrix_data(w, np.eye(30), 5)
+    np.testing.assert_allclose(ud @ vd, u @ v, atol=1e-5 * np.abs(w).max())
+    assert errd == pytest.approx(err, rel=1e-4)
+
+
+def test_svd_matrix_data_minimizes_the_output_error() -> None:
+    """No rank-R map does better on the data than the data-aware one; the weight SVD does worse."""
+    g = rng(12)
+    w = g.standard_normal((16, 24))
+    x = g.standard_normal((24, 500)) * np.geomspace(10, 0.1, 24)[:, None]
+    cov = np.cov(x)
+    ud, vd, _ = svd_matrix_data(w, cov, 4)
+    u, v, _ = svd_matrix(w, 4)
+    xc = x - x.mean(axis=1, keepdims=True)
+    data_err = np.linalg.norm((w - ud @ vd) @ xc)
+    assert data_err < 0.9 * np.linalg.norm((w - u @ v) @ xc)
+    # The optimum: the tail of the singular values of W X (reduced-rank regression).
+    s = np.linalg.svd(w @ xc, compute_uv=False)
+    assert data_err == pytest.approx(np.sqrt(np.sum(s[4:] ** 2)), rel=1e-4)
+    with pytest.raises(ValueError, match="covariance shape"):
+        svd_matrix_data(w, np.eye(5), 4)

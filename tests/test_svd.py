@@ -2,7 +2,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from builders import assert_equivalent, calibration, conv_model, make_model, op_count, tensor
+from builders import (
+    assert_equivalent,
+    calibration,
+    conv_model,
+    make_model,
+    op_count,
+    relative_error,
+    tensor,
+)
 from onnx import helper
 
 from onnxcomp.decompose import LowRankConfig
@@ -107,3 +115,40 @@ def test_fc_refit_needs_enough_rows(batches, refit):
     raw = svd(model, LowRankConfig(rank=16, refit=False, **EXACT), calib)
     assert relative_error(model, result.model, held) <= 1.05 * relative_error(
         model, raw.model, held)
+
+
+def test_data_basis_beats_weight_basis_on_anisotropic_inputs():
+    """Inputs living mostly in a few channels: keeping the outputs' principal subspace (data)
+    loses far less than keeping W's top singular vectors (weights), at the same rank."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal([48, 64]).astype(np.float32)  # full rank 48
+    scale = np.ones(64, np.float32)
+    scale[:6] = 30.0  # six loud input channels
+    mix = np.diag(scale).reshape(64, 64, 1, 1)
+    nodes = [helper.make_node("Conv", ["x", "S"], ["s"], name="scale"),
+             helper.make_node("Conv", ["s", "W"], ["y"], name="pw")]
+    model = make_model(nodes, [tensor("x", [1, 64, 8, 8])], [tensor("y", [1, 48, 8, 8])],
+                       {"S": mix, "W": w.reshape(48, 64, 1, 1)})
+    calib = calibration(model, n=8)
+    errors = {}
+    for basis in ("data", "weights"):
+        cfg = LowRankConfig(rank=8, refit=False, svd_basis=basis, exclude=("scale",), **EXACT)
+        result = svd(model, cfg, calib)
+        assert result.report.applied[0].details["basis"] == basis
+        errors[basis] = relative_error(model, result.model, calib)
+    assert errors["data"] < 0.5 * errors["weights"]
+
+
+def test_data_basis_is_exact_at_the_layer_rank():
+    w = low_rank(64, 48, 8).reshape(64, 48, 1, 1)
+    model = conv_model(w)
+    result = svd(model, LowRankConfig(rank=8, svd_basis="data", **EXACT), calibration(model))
+    assert result.report.applied[0].details["basis"] == "data"
+    assert_equivalent(model, result.model, rtol=1e-4, atol=1e-4)
+
+
+def test_svd_basis_option_is_checked():
+    from onnxcomp.passbase import ConfigError
+
+    with pytest.raises(ConfigError, match="--svd-basis"):
+        LowRankConfig(svd_basis="pca")

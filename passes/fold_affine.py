@@ -1,0 +1,252 @@
+"""Fold constant Mul/Add (per-channel affine ops) into a neighbouring Conv (lossless).
+
+No paper: the generalization of BatchNormalization folding (Ioffe & Szegedy 2015,
+arXiv:1502.03167) to the scale/shift nodes exporters leave behind, such as the learnable
+affine blocks of PP-LCNetV3 (PP-OCRv4) or a standalone ``x * s + t`` after a conv.
+onnxoptimizer's ``fuse_add_bias_into_conv`` and ``fuse_mul_into_conv`` are the peers.
+
+Into the producer (per output channel ``o``; ``s``, ``t`` scalars or ``[C]`` broadcasts)::
+
+    x -> Conv(W, b) -> Mul(s) -> y      =>  x -> Conv(W * s[o], b * s) -> y
+    x -> Conv(W, b) -> Add(t) -> y      =>  x -> Conv(W, b + t) -> y
+
+Into the consumers, when no Conv produces the input (per input channel ``c``)::
+
+    x -> Mul(s) -> Conv(W, b)           =>  x -> Conv(W[:, c] * s[c], b)
+    x -> Add(t) -> Conv(W, b)           =>  x -> Conv(W, b + sum_{c,i,j} W[:, c, i, j] t[c])
+
+The Add form only when every reading Conv has zero padding (a padded border would see ``t``
+where the rewritten conv sees zeros). Chains (``Conv -> Mul -> Add``) fold one node at a time.
+
+Supported: 2-D or N-D Conv with constant float weights; into consumers, per-channel constants
+need group 1 (a scalar works with any group). Skipped, with a reason: a constant that
+broadcasts over more than the channel axis, a Conv output read by other nodes or exposed as a
+graph output, shared or non-constant weights, an Add before a padded Conv, integer dtypes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+import onnx
+
+from onnxcomp.graph import Graph, Node, attr_ints
+from onnxcomp.model import copy_model
+from onnxcomp.passbase import Change, PassConfig, PassResult, Report, Skip, SkipReason
+
+if TYPE_CHECKING:
+    from onnxcomp.calibrate import Calibration
+
+FLOAT_TYPES = (np.float16, np.float32, np.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldAffineConfig(PassConfig):
+    """fold_affine has no options."""
+
+
+class FoldAffine:
+    """Fold constant Mul/Add nodes into the Conv before or after them."""
+
+    name: ClassVar[str] = "fold_affine"
+    lossless: ClassVar[bool] = True
+    config_cls: ClassVar[type[PassConfig]] = FoldAffineConfig
+
+    def __call__(
+        self, model: onnx.ModelProto, config: PassConfig, calib: Calibration | None = None
+    ) -> PassResult:
+        """Return a new model with every foldable constant Mul/Add folded."""
+        graph = Graph(model)
+        report = Report(self.name)
+        reasons: dict[str, Skip] = {}
+        changed = True
+        while changed:  # a fold can make the next node of a chain foldable
+            changed = False
+            for node in graph.nodes_of("Mul", "Add"):
+                if not node.outputs or node.name in {c.node for c in report.applied}:
+                    continue
+                outcome = _try_fold(graph, node)
+                if isinstance(outcome, Change):
+                    report.apply(outcome)
+                    reasons.pop(node.name, None)
+                    changed = True
+                elif outcome is not None:
+                    reasons[node.name] = outcome
+        for skip in reasons.values():
+            report.add_skip(skip)
+        if not report.applied:
+            report.notes.append("no constant Mul/Add folded")
+            return PassResult(copy_model(model), report)
+        return PassResult(graph.export(), report)
+
+
+def _operands(graph: Graph, node: Node) -> tuple[Node, np.ndarray] | Skip | None:
+    """(the variable input, the constant) of a Mul/Add with exactly one constant input."""
+    if len(node.inputs) != 2 or len(node.outputs) != 1:
+        return None
+    values = [graph.const_value(t) for t in node.inputs]
+    if (values[0] is None) == (values[1] is None):
+        return None  # no constant (not a candidate) or two (constant folding's job)
+    k = 0 if values[0] is not None else 1
+    value = values[k]
+    assert value is not None
+    if value.dtype.type not in FLOAT_TYPES:
+        return Skip(node.name, node.op, SkipReason.UNSUPPORTED_DTYPE, str(value.dtype))
+    return node.inputs[1 - k], value
+
+
+def _channel_vector(value: np.ndarray, rank: int | None, channels: int) -> np.ndarray | None:
+    """The constant as a per-channel vector [channels] (axis 1 of a rank-``rank`` tensor)."""
+    if value.size == 1:
+        return np.full(channels, float(value.reshape(-1)[0]))
+    if rank is None or value.ndim > rank:
+        return None
+    shape = (1,) * (rank - value.ndim) + tuple(value.shape)
+    if shape[1] != channels or any(d != 1 for i, d in enumerate(shape) if i != 1):
+        return None
+    return np.asarray(value, dtype=np.float64).reshape(channels)
+
+
+def _weights(graph: Graph, conv: Node, readers: list[Node]) -> Skip | None:
+    """Skip unless the conv's weight and bias are constant floats read only by ``readers``."""
+    for i in (1, 2):
+        t = graph.input(conv, i)
+        if t is None:
+            continue
+        value = graph.const_value(t)
+        if value is None:
+            return Skip(conv.name, conv.op, SkipReason.NOT_CONSTANT, f"{t.name} is not constant")
+        if value.dtype.type not in FLOAT_TYPES:
+            return Skip(conv.name, conv.op, SkipReason.UNSUPPORTED_DTYPE, str(value.dtype))
+        if graph.is_shared(t, readers):
+            return Skip(conv.name, conv.op, SkipReason.SHARED_WEIGHT,
+                        f"{t.name} is also read by another node")
+    return None
+
+
+def _bias(graph: Graph, conv: Node) -> np.ndarray:
+    w = graph.const_value(conv.inputs[1])
+    assert w is not None
+    b = graph.const_value(graph.input(conv, 2))
+    return np.zeros(w.shape[0]) if b is None else b.astype(np.float64).reshape(-1)
+
+
+def _set_weights(graph: Graph, conv: Node, w: np.ndarray, b: np.ndarray, dtype: np.dtype
+                 ) -> None:
+    graph.set_input_constant(conv, 1, w.astype(dtype))
+    if graph.input(conv, 2) is None:
+        bias = graph.constant(f"{conv.name}_bias", b.astype(dtype))
+        while len(conv.inputs) < 3:
+            conv.inputs.append(bias)
+        conv.inputs[2] = bias
+    else:
+        graph.set_input_constant(conv, 2, b.astype(dtype))
+
+
+def _try_fold(graph: Graph, node: Node) -> Change | Skip | None:
+    operands = _operands(graph, node)
+    if operands is None or isinstance(operands, Skip):
+        return operands
+    x, value = operands
+    into_producer = _fold_into_producer(graph, node, x, value)
+    if isinstance(into_producer, Change):
+        return into_producer
+    into_consumers = _fold_into_consumers(graph, node, x, value)
+    if isinstance(into_consumers, Change):
+        return into_consumers
+    # Report why the more natural direction failed: the producer when there is a Conv.
+    prod = graph.producer(x)
+    return into_producer if prod is not None and prod.op == "Conv" else into_consumers
+
+
+def _fold_into_producer(graph: Graph, node: Node, x: Node, value: np.ndarray
+                        ) -> Change | Skip:
+    conv = graph.producer(x)
+    if conv is None or conv.op != "Conv":
+        return Skip(node.name, node.op, SkipReason.UNSUPPORTED_PRODUCER,
+                    "input is not written by a Conv")
+    if len(x.outputs) != 1 or graph.is_graph_output(x):
+        return Skip(node.name, node.op, SkipReason.MULTIPLE_CONSUMERS,
+                    f"{conv.name} output is read by other nodes or is a graph output")
+    skip = _weights(graph, conv, [conv])
+    if skip is not None:
+        return Skip(node.name, node.op, skip.reason, skip.detail)
+    w = graph.const_value(conv.inputs[1])
+    assert w is not None
+    shape = graph.shape(x)
+    vec = _channel_vector(value, len(shape) if shape else None, w.shape[0])
+    if vec is None:
+        return Skip(node.name, node.op, SkipReason.UNSUPPORTED_ATTRIBUTE,
+                    f"constant of shape {list(value.shape)} is not per output channel")
+    b = _bias(graph, conv)
+    if node.op == "Mul":
+        w_new = w.astype(np.float64) * vec.reshape((-1,) + (1,) * (w.ndim - 1))
+        b_new = b * vec
+    else:
+        w_new, b_new = w.astype(np.float64), b + vec
+    _set_weights(graph, conv, w_new, b_new, w.dtype)
+    conv.outputs[0] = node.outputs[0]
+    graph.retire([node])
+    return Change(node.name, node.op, f"folded into {conv.op} {conv.name} (after it)",
+                  params_before=int(value.size), details={"into": conv.name, "side": "after"})
+
+
+def _zero_pads(conv: Node) -> bool:
+    auto_pad = conv.attrs.get("auto_pad", "NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        return False
+    return not any(attr_ints(conv, "pads", []))
+
+
+def _fold_into_consumers(graph: Graph, node: Node, x: Node, value: np.ndarray
+                         ) -> Change | Skip:
+    y = node.outputs[0]
+    readers = graph.consumers(y)
+    if not readers or graph.is_graph_output(y):
+        return Skip(node.name, node.op, SkipReason.GRAPH_OUTPUT, f"{y.name} is a graph output")
+    if any(r.op != "Conv" or r.inputs[0] is not y for r in readers):
+        return Skip(node.name, node.op, SkipReason.UNSUPPORTED_PRODUCER,
+                    "neither written by a Conv nor read only by Convs")
+    if node.op == "Add" and not all(_zero_pads(r) for r in readers):
+        return Skip(node.name, node.op, SkipReason.UNSUPPORTED_ATTRIBUTE,
+                    "Add before a padded Conv (the border would change)")
+    plans = []
+    for conv in readers:
+        skip = _weights(graph, conv, readers)
+        if skip is not None:
+            return Skip(node.name, node.op, skip.reason, skip.detail)
+        w = graph.const_value(conv.inputs[1])
+        assert w is not None
+        groups = int(conv.attrs.get("group", 1))
+        channels = w.shape[1] * groups
+        shape = graph.shape(y)
+        vec = _channel_vector(value, len(shape) if shape else None, channels)
+        if vec is None or (groups != 1 and value.size != 1):
+            return Skip(node.name, node.op, SkipReason.UNSUPPORTED_ATTRIBUTE,
+                        f"constant of shape {list(value.shape)} is not a scalar or per input "
+                        f"channel of a group-1 Conv")
+        plans.append((conv, w, vec))
+    for conv, w, vec in plans:
+        wf = w.astype(np.float64)
+        b = _bias(graph, conv)
+        if node.op == "Mul":
+            # group 1 here unless vec is constant; then column c of every group scales alike.
+            w_new = wf * vec[: wf.shape[1]].reshape((1, -1) + (1,) * (w.ndim - 2))
+            b_new = b
+        else:
+            w_new = wf
+            b_new = b + np.einsum("oc...,c->o...", wf, vec[: wf.shape[1]]).reshape(
+                wf.shape[0], -1).sum(axis=1)
+        _set_weights(graph, conv, w_new, b_new, w.dtype)
+        conv.inputs[0] = x
+    graph.retire([node])
+    names = ", ".join(r.name for r in readers)
+    return Change(node.name, node.op, f"folded into Conv {names} (before it)",
+                  params_before=int(value.size),
+                  details={"into": [r.name for r in readers], "side": "before"})
+
+
+PASS = FoldAffine()
