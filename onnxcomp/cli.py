@@ -98,9 +98,10 @@ def lowrank_options(func: F) -> F:
                           "CP nothing to apply there)."),
         click.option("--cp-depthwise", type=click.Choice(["separate", "merged", "auto"]),
                      help="cp: the chain's spatial stages as depthwise kx1 then 1xk "
-                          "(separate, the default), as one depthwise kxk of rank-one kernels "
-                          "(merged: same model, measured 5-25 %% faster for 3x3 here), or "
-                          "merged for kernels of at most 9 taps (auto)."),
+                          "(separate: the classic 4-layer chain), as one depthwise kxk of "
+                          "rank-one kernels (merged: the same CP model, measured 5-25 %% faster "
+                          "for 3x3 here, slower or level for 5x5 and 7x7), or merged for "
+                          "kernels of at most 9 taps (auto, the default)."),
         click.option("--svd-basis", type=click.Choice(["data", "weights"]),
                      help="svd of 1x1 convs and FC layers: keep the principal subspace of "
                           "the layer's outputs on the calibration data (data, the default) "

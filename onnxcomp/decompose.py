@@ -92,7 +92,7 @@ class LowRankConfig(PassConfig):
     min_macs: int = 1_000_000
     # cp only: "separate" (kh x 1 then 1 x kw depthwise), "merged" (one kh x kw depthwise),
     # "auto" (merged for kernels of at most 9 taps, where it measured faster; see passes/cp.py).
-    cp_depthwise: str = "separate"
+    cp_depthwise: str = "auto"
     # svd of 1x1 convs and FC layers: "data" keeps the principal subspace of the layer's
     # outputs on the calibration data (reduced-rank regression), "weights" the top singular
     # vectors of W alone. Without calibration data both are the weights' SVD.

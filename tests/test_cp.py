@@ -33,7 +33,8 @@ EXACT = {"latency_check": False, "min_macs": 0}
 ])
 def test_exact_cp_rank_is_reproduced(attrs):
     model = conv_model(cp_kernel(16, 8, 3, 3, rank=4), **attrs)
-    result = cp(model, LowRankConfig(rank=4, **EXACT), calibration(model))
+    result = cp(model, LowRankConfig(rank=4, cp_depthwise="separate", **EXACT),
+                calibration(model))
     assert op_count(result.model, "Conv") == 4
     change = result.report.applied[0]
     assert change.details["ranks"] == [4]
@@ -42,13 +43,16 @@ def test_exact_cp_rank_is_reproduced(attrs):
 
 
 @pytest.mark.parametrize(("mode", "kernel", "convs"), [
-    ("merged", 3, 3), ("auto", 3, 3), ("auto", 5, 4), ("separate", 3, 4), ("merged", 5, 3)])
+    ("merged", 3, 3), ("auto", 3, 3), ("auto", 5, 4), ("separate", 3, 4), ("merged", 5, 3),
+    (None, 3, 3), (None, 5, 4)])
 def test_merged_depthwise_form_is_exact(mode, kernel, convs):
     """--cp-depthwise merged/auto: one depthwise kxk stage of rank-one kernels, same outputs."""
     p = kernel // 2
     model = conv_model(cp_kernel(16, 8, kernel, kernel, rank=4), pads=[p, p, p, p],
                        strides=[2, 1])
-    result = cp(model, LowRankConfig(rank=4, cp_depthwise=mode, **EXACT), calibration(model))
+    config = LowRankConfig(rank=4, **EXACT) if mode is None else LowRankConfig(
+        rank=4, cp_depthwise=mode, **EXACT)  # None: the default (auto)
+    result = cp(model, config, calibration(model))
     assert op_count(result.model, "Conv") == convs
     change = result.report.applied[0]
     in_hw, out_hw = (12, 12), (6, 12)
