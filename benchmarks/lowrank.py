@@ -32,8 +32,9 @@ from onnxcomp import bench
 ROWS: list[tuple[str, str, dict[str, Any], int]] = [
     *[("fashion_mnist_vgg", m, {"target_speedup": 2.0}, 256) for m in ("cp", "tucker", "svd")],
     ("fashion_mnist_vgg", "cp", {"target_speedup": 2.0, "cp_depthwise": "separate"}, 256),
+    ("fashion_mnist_vgg", "tucker", {"target_speedup": 2.0, "basis": "weights"}, 256),
     *[("ppocrv4_rec", m, {"target_speedup": 1.5}, 39) for m in ("cp", "tucker", "svd")],
-    ("ppocrv4_rec", "svd", {"target_speedup": 1.5, "svd_basis": "weights"}, 39),
+    ("ppocrv4_rec", "svd", {"target_speedup": 1.5, "basis": "weights"}, 39),
     *[("ppocrv4_rec", "svd", {"max_error": e}, 39) for e in (0.01, 0.03)],
     *[("ppocrv4_det", m, {"target_speedup": 1.5}, 16) for m in ("cp", "svd")],
     ("ppocrv4_det", "cp", {"target_speedup": 1.5, "cp_depthwise": "separate"}, 16),

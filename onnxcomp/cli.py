@@ -102,7 +102,7 @@ def lowrank_options(func: F) -> F:
                           "rank-one kernels (merged: the same CP model, measured 5-25 %% faster "
                           "for 3x3 here, slower or level for 5x5 and 7x7), or merged for "
                           "kernels of at most 9 taps (auto, the default)."),
-        click.option("--svd-basis", type=click.Choice(["data", "weights"]),
+        click.option("--basis", type=click.Choice(["data", "weights"]),
                      help="svd of 1x1 convs and FC layers: keep the principal subspace of "
                           "the layer's outputs on the calibration data (data, the default) "
                           "or the top singular vectors of the weights (weights)."),
@@ -228,7 +228,7 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], report_path:
              no_latency_check: bool, exclude: Sequence[str], seed: int, groups: str | None,
              weighted: bool, depth_multiplier: str | None, share_groups: int | None,
              ratio: float | None, criterion: str, round_to: int, layers: int | None,
-             min_realized: float | None, cp_depthwise: str | None, svd_basis: str | None,
+             min_realized: float | None, cp_depthwise: str | None, basis: str | None,
              mode: str, calibrator: str,
              max_drop: float | None, activations: str, reduce_range: bool | None,
              bits: int,
@@ -250,7 +250,7 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], report_path:
         "share_groups": share_groups, "ratio": ratio, "criterion": criterion,
         "round_to": round_to, "layers": layers, "mode": mode, "bits": bits,
         "calibrator": calibrator, "max_drop": max_drop, "min_realized": min_realized,
-        "cp_depthwise": cp_depthwise, "svd_basis": svd_basis,
+        "cp_depthwise": cp_depthwise, "basis": basis,
         "activations": activations, "reduce_range": reduce_range,
     }
     # Per-pass names for the rank: --groups, --depth-multiplier (else --rank).

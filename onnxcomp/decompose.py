@@ -96,7 +96,7 @@ class LowRankConfig(PassConfig):
     # svd of 1x1 convs and FC layers: "data" keeps the principal subspace of the layer's
     # outputs on the calibration data (reduced-rank regression), "weights" the top singular
     # vectors of W alone. Without calibration data both are the weights' SVD.
-    svd_basis: str = "data"
+    basis: str = "data"
     max_rows: int = 16384
     ridge: float = 1e-7
     provider: str = "cpu"
@@ -136,8 +136,8 @@ class LowRankConfig(PassConfig):
         if self.cp_depthwise not in ("separate", "merged", "auto"):
             raise ConfigError(f"--cp-depthwise must be separate, merged or auto, got "
                               f"'{self.cp_depthwise}'")
-        if self.svd_basis not in ("data", "weights"):
-            raise ConfigError(f"--svd-basis must be data or weights, got '{self.svd_basis}'")
+        if self.basis not in ("data", "weights"):
+            raise ConfigError(f"--basis must be data or weights, got '{self.basis}'")
         if self.rank_multiple < 1:
             raise ConfigError("--rank-multiple must be >= 1")
         if not 0 <= self.min_realized <= 1:
@@ -178,7 +178,7 @@ class Layer:
     out_shape: tuple[int, ...]
     dtype: np.dtype[Any]
     # Covariance of the layer's input rows (im2col columns) on the calibration data, set
-    # before planning; None without data.
+    # before planning; None without data or with fewer than 10 sampled rows per dimension.
     input_cov: np.ndarray | None = None
 
     @property
@@ -829,7 +829,11 @@ def run_decomposition(
     moments, targets = collect_original(model, kept, calib, config)
     if not calib.synthetic:
         for layer, m in zip(kept, moments, strict=True):
-            layer.input_cov = input_covariance(m)
+            # A covariance from fewer rows than REFIT_ROWS_PER_UNKNOWN per dimension (an FC
+            # layer gets one row per sample) describes the calibration samples, not the data:
+            # such layers keep the weights' own basis.
+            if m.rows >= REFIT_ROWS_PER_UNKNOWN * _xdim(layer):
+                layer.input_cov = input_covariance(m)
 
     choices: list[LayerChoice] = []
     for i, layer in enumerate(kept):

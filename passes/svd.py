@@ -17,10 +17,10 @@ Before / after::
         W ~ U_R S_R V_R^T, sqrt(S) on each side
 
 The last stage and the bias are refit by least squares on calibration data. For 1x1 convs and
-FC layers the first stage is data-aware by default (``--svd-basis data``): ``V = U^T W`` with
+FC layers the first stage is data-aware by default (``--basis data``): ``V = U^T W`` with
 ``U`` the top-R principal directions of the layer's outputs on the calibration data, the rank-R
 map with the least output error (reduced-rank regression; Zhang et al. 2016 reconstruct
-responses the same way). ``--svd-basis weights`` uses the SVD of ``W`` alone.
+responses the same way). ``--basis weights`` uses the SVD of ``W`` alone.
 
 Supported: 2-D Conv with group 1, Gemm (transA = 0, per-output bias) and MatMul with a 2-D
 constant weight. Skipped, with a reason: grouped convs, non-constant or shared weights, tiny
@@ -112,7 +112,7 @@ class SVDMethod:
         kind = self._kind(layer)
         if kind == "spatial":
             return self._spatial(layer, rank)
-        if config.svd_basis == "data" and layer.input_cov is not None:
+        if config.basis == "data" and layer.input_cov is not None:
             if layer.name not in self._bases:
                 self._bases = {layer.name: lowrank.output_basis(layer.matrix, layer.input_cov)}
             u, v, err = lowrank.svd_matrix_data(layer.matrix, layer.input_cov, rank,
@@ -132,7 +132,7 @@ class SVDMethod:
             method=self.name, ranks=(rank,), stages=stages, last_attrs={},
             last_shape=last_shape, prefix=v.copy(), last=u.copy(), weight_error=err,
             macs=self._macs(layer, rank), params=rank * (n + k) + n,
-            extra={"form": kind, "basis": config.svd_basis if layer.input_cov is not None
+            extra={"form": kind, "basis": config.basis if layer.input_cov is not None
                    else "weights"},
         )
 

@@ -14,6 +14,10 @@ After (ranks R1 <= C, R2 <= O; W ~ core x_0 U_out x_1 U_in)::
     x -> Conv 1x1 (U_in^T: C->R1) -> Conv kh x kw (core: R1->R2, original stride/pads)
       -> Conv 1x1 (U_out: R2->O, b)
 
+With calibration data (``--basis data``, the default) ``U_out`` keeps the principal subspace
+of the layer's outputs on that data instead of the leading singular vectors of ``W``'s output
+unfolding (see ``lowrank.tucker2_conv_data``); ``--basis weights`` is the plain HOOI.
+
 MACs per output pixel: C*R1 (at input resolution) + R1*R2*kh*kw + R2*O. Ranks keep the
 layer's C:O proportions. The last 1x1 and the bias are refit by least squares.
 
@@ -50,6 +54,9 @@ class TuckerMethod:
 
     name = "tucker"
     ops = ("Conv",)
+
+    def __init__(self) -> None:
+        self._bases: dict[str, np.ndarray] = {}  # layer name -> output basis (data)
 
     def check(self, layer: Layer) -> Skip | None:
         """Skip 1x1 kernels."""
@@ -88,7 +95,14 @@ class TuckerMethod:
         assert g is not None
         w = layer.weight.astype(np.float64)
         o, c, kh, kw = w.shape
-        res = lowrank.tucker2_conv(w, rank_out=r_out, rank_in=r_in)
+        if config.basis == "data" and layer.input_cov is not None:
+            if layer.name not in self._bases:
+                self._bases = {layer.name: lowrank.output_basis(
+                    w.reshape(o, -1), layer.input_cov)}
+            res = lowrank.tucker2_conv_data(w, layer.input_cov, r_out, r_in,
+                                            basis=self._bases[layer.name])
+        else:
+            res = lowrank.tucker2_conv(w, rank_out=r_out, rank_in=r_in)
         first, core, last = res.conv_weights()
         stages = [
             Stage("conv", first, {}, "pw_in"),
@@ -100,6 +114,7 @@ class TuckerMethod:
             last_shape=(o, r_out, 1, 1), prefix=prefix, last=res.U_out.copy(),
             weight_error=res.rel_error, macs=self._macs(layer, r_in, r_out),
             params=c * r_in + r_in * r_out * kh * kw + r_out * o + o,
+            extra={"basis": config.basis if layer.input_cov is not None else "weights"},
         )
 
 

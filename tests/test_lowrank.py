@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 import pytest
@@ -31,6 +32,7 @@ from onnxcomp.lowrank import (
     svd_matrix_data,
     svd_rank_for_fraction,
     tucker2_conv,
+    tucker2_conv_data,
     tucker2_costs,
     tucker2_macs,
     tucker2_ranks_for_fraction,
@@ -560,3 +562,25 @@ def test_svd_matrix_data_minimizes_the_output_error() -> None:
     assert data_err == pytest.approx(np.sqrt(np.sum(s[4:] ** 2)), rel=1e-4)
     with pytest.raises(ValueError, match="covariance shape"):
         svd_matrix_data(w, np.eye(5), 4)
+
+
+def test_tucker2_conv_data_is_exact_and_beats_weights_on_anisotropic_inputs() -> None:
+    g = rng(13)
+    core = g.standard_normal((4, 3, 3, 3))
+    u_out = np.linalg.qr(g.standard_normal((16, 4)))[0]
+    u_in = np.linalg.qr(g.standard_normal((8, 3)))[0]
+    exact = np.einsum("pqij,op,cq->ocij", core, u_out, u_in)
+    assert tucker2_conv_data(exact, np.eye(72), 4, 3).rel_error < 1e-6
+    w = g.standard_normal((16, 8, 3, 3))
+    x = g.standard_normal((72, 2000)) * np.geomspace(10, 0.1, 72)[:, None]
+    x -= x.mean(axis=1, keepdims=True)
+    mat = w.reshape(16, -1)
+
+    def output_error(res: Any) -> float:
+        residual = (mat - res.reconstruct().reshape(16, -1)) @ x
+        return float(np.linalg.norm(residual) / np.linalg.norm(mat @ x))
+
+    data = tucker2_conv_data(w, np.cov(x), 6, 4)
+    assert output_error(data) < 0.8 * output_error(tucker2_conv(w, rank_out=6, rank_in=4))
+    with pytest.raises(ValueError, match="does not give"):
+        tucker2_conv_data(w, np.cov(x), 6, 4, basis=np.eye(16)[:, :3])

@@ -129,10 +129,10 @@ def test_data_basis_beats_weight_basis_on_anisotropic_inputs():
              helper.make_node("Conv", ["s", "W"], ["y"], name="pw")]
     model = make_model(nodes, [tensor("x", [1, 64, 8, 8])], [tensor("y", [1, 48, 8, 8])],
                        {"S": mix, "W": w.reshape(48, 64, 1, 1)})
-    calib = calibration(model, n=8)
+    calib = calibration(model, n=16)
     errors = {}
     for basis in ("data", "weights"):
-        cfg = LowRankConfig(rank=8, refit=False, svd_basis=basis, exclude=("scale",), **EXACT)
+        cfg = LowRankConfig(rank=8, refit=False, basis=basis, exclude=("scale",), **EXACT)
         result = svd(model, cfg, calib)
         assert result.report.applied[0].details["basis"] == basis
         errors[basis] = relative_error(model, result.model, calib)
@@ -142,13 +142,24 @@ def test_data_basis_beats_weight_basis_on_anisotropic_inputs():
 def test_data_basis_is_exact_at_the_layer_rank():
     w = low_rank(64, 48, 8).reshape(64, 48, 1, 1)
     model = conv_model(w)
-    result = svd(model, LowRankConfig(rank=8, svd_basis="data", **EXACT), calibration(model))
+    result = svd(model, LowRankConfig(rank=8, basis="data", **EXACT), calibration(model))
     assert result.report.applied[0].details["basis"] == "data"
     assert_equivalent(model, result.model, rtol=1e-4, atol=1e-4)
 
 
-def test_svd_basis_option_is_checked():
+def test_basis_option_is_checked():
     from onnxcomp.passbase import ConfigError
 
-    with pytest.raises(ConfigError, match="--svd-basis"):
-        LowRankConfig(svd_basis="pca")
+    with pytest.raises(ConfigError, match="--basis"):
+        LowRankConfig(basis="pca")
+
+
+def test_fc_layer_with_few_rows_keeps_the_weight_basis():
+    """One row per sample: a 96-dim input covariance from 8 rows would describe the samples,
+    not the data, so the data basis falls back to the weights' SVD (and says so)."""
+    w = low_rank(96, 80, 8)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name="fc")]
+    model = make_model(nodes, [tensor("x", ["N", 96])], [tensor("y", ["N", 80])], {"W": w})
+    result = svd(model, LowRankConfig(rank=8, basis="data", **EXACT),
+                 calibration(model, n=4, batch=2))
+    assert result.report.applied[0].details["basis"] == "weights"
