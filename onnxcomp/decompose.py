@@ -180,6 +180,9 @@ class Layer:
     # Covariance of the layer's input rows (im2col columns) on the calibration data, set
     # before planning; None without data or with fewer than 10 sampled rows per dimension.
     input_cov: np.ndarray | None = None
+    # The same from the even and the odd calibration samples, to check that a basis fitted on
+    # one half still helps on the other (see data_basis_generalizes).
+    input_cov_halves: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def name(self) -> str:
@@ -413,6 +416,7 @@ class Moments:
     xy: np.ndarray | None
     yy: float
     rows: int
+    odd: Moments | None = None  # the odd-numbered samples' share (collect_original only)
 
     def normalized(self) -> tuple[np.ndarray, np.ndarray | None, float]:
         """Means instead of sums."""
@@ -474,6 +478,7 @@ def collect_original(
     per_sample = max(1, config.max_rows // max(calib.num_samples, 1))
     samplers = [_Sampler(i, layer, per_sample, config.seed) for i, layer in enumerate(layers)]
     moments = [Moments(np.zeros((_xdim(layer) + 1,) * 2), None, 0.0, 0) for layer in layers]
+    odd = [Moments(np.zeros((_xdim(layer) + 1,) * 2), None, 0.0, 0) for layer in layers]
     targets: list[list[np.ndarray]] = [[] for _ in layers]
     sample = 0
     for batch in calibrate.iter_capture(model, list(dict.fromkeys(names)), calib):
@@ -486,11 +491,17 @@ def collect_original(
                 xr = _augment(im2col_rows(x[s], layer, pos))
                 yr = output_rows(y[s], layer, pos)
                 m = moments[li]
-                m.xx += xr.T @ xr
+                gram = xr.T @ xr
+                m.xx += gram
                 m.yy += float(np.sum(yr * yr))
                 m.rows += len(pos)
+                if (sample + s) % 2:
+                    odd[li].xx += gram
+                    odd[li].rows += len(pos)
                 targets[li].append(yr.astype(np.float32))
         sample += n
+    for m, o in zip(moments, odd, strict=True):
+        m.odd = o
     return moments, targets
 
 
@@ -525,6 +536,30 @@ def input_covariance(m: Moments) -> np.ndarray:
     xx, _, _ = m.normalized()
     mean = xx[-1, :-1] / max(xx[-1, -1], 1e-30)
     return np.asarray(xx[:-1, :-1] - np.outer(mean, mean) * xx[-1, -1])
+
+
+def data_basis_generalizes(matrix: np.ndarray, halves: tuple[np.ndarray, np.ndarray] | None,
+                           fit: Callable[[np.ndarray | None, int], np.ndarray]) -> bool:
+    """True when a data-fitted approximation beats the weights-only one on unseen data.
+
+    Two-fold: fitted on one half of the calibration samples, measured (output error) on the
+    other, summed over both ways. ``fit(cov, half)`` returns the approximated matrix fitted
+    with input covariance ``cov`` (``None``: from the weights alone); ``half`` (0, 1; -1 for
+    ``None``) lets it cache. A basis
+    chosen from a few dozen images can describe those images rather than the data: on
+    MobileNetV2 one such layer measured 0.086 output error on the calibration photos and 0.31
+    on held-out ones. Without halves (too little data) the answer is False.
+    """
+    if halves is None:
+        return False
+
+    def err(approx: np.ndarray, cov: np.ndarray) -> float:
+        d = matrix - approx
+        return float(np.sum((d @ cov) * d))
+
+    weights = fit(None, -1)
+    data = sum(err(fit(halves[i], i), halves[1 - i]) for i in (0, 1))
+    return data < sum(err(weights, h) for h in halves)
 
 
 def _xdim(layer: Layer) -> int:
@@ -834,6 +869,10 @@ def run_decomposition(
             # such layers keep the weights' own basis.
             if m.rows >= REFIT_ROWS_PER_UNKNOWN * _xdim(layer):
                 layer.input_cov = input_covariance(m)
+                o = m.odd
+                if o is not None and 0 < o.rows < m.rows:
+                    even = Moments(m.xx - o.xx, None, 0.0, m.rows - o.rows)
+                    layer.input_cov_halves = (input_covariance(even), input_covariance(o))
 
     choices: list[LayerChoice] = []
     for i, layer in enumerate(kept):

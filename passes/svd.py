@@ -41,6 +41,7 @@ from onnxcomp.decompose import (
     Plan,
     Stage,
     conv_hw,
+    data_basis_generalizes,
     full_attrs,
     horizontal_attrs,
     rank_ladder,
@@ -57,7 +58,19 @@ class SVDMethod:
     ops = ("Conv", "Gemm", "MatMul")
 
     def __init__(self) -> None:
-        self._bases: dict[str, np.ndarray] = {}  # layer name -> output basis (data)
+        self._bases: dict[tuple[str, int], np.ndarray] = {}  # (layer, half) -> output basis
+
+    def _basis(self, layer: Layer, half: int) -> np.ndarray:
+        """Output basis from the full calibration covariance (-1) or one half (0, 1)."""
+        key = (layer.name, half)
+        if key not in self._bases:
+            if not any(k[0] == layer.name for k in self._bases):
+                self._bases = {}  # keep only the current layer's
+            halves = layer.input_cov_halves
+            cov = layer.input_cov if half < 0 or halves is None else halves[half]
+            assert cov is not None
+            self._bases[key] = lowrank.output_basis(layer.matrix, cov)
+        return self._bases[key]
 
     def check(self, layer: Layer) -> Skip | None:
         """Every layer find_layers accepts is supported."""
@@ -112,11 +125,22 @@ class SVDMethod:
         kind = self._kind(layer)
         if kind == "spatial":
             return self._spatial(layer, rank)
+        basis = "weights"
         if config.basis == "data" and layer.input_cov is not None:
-            if layer.name not in self._bases:
-                self._bases = {layer.name: lowrank.output_basis(layer.matrix, layer.input_cov)}
+            def fit(cov: np.ndarray | None, half: int) -> np.ndarray:
+                if cov is None:
+                    a, b, _ = lowrank.svd_matrix(layer.matrix, rank)
+                else:
+                    a, b, _ = lowrank.svd_matrix_data(layer.matrix, cov, rank,
+                                                      basis=self._basis(layer, half))
+                return np.asarray(a @ b)
+
+            basis = ("data" if data_basis_generalizes(layer.matrix, layer.input_cov_halves, fit)
+                     else "weights (the data basis did not help across calibration halves)")
+        if basis == "data":
+            assert layer.input_cov is not None
             u, v, err = lowrank.svd_matrix_data(layer.matrix, layer.input_cov, rank,
-                                                basis=self._bases[layer.name])
+                                                basis=self._basis(layer, -1))
         else:
             u, v, err = lowrank.svd_matrix(layer.matrix, rank)  # W[y, x] ~ U[y, R] V[R, x]
         n, k = layer.matrix.shape
@@ -132,8 +156,7 @@ class SVDMethod:
             method=self.name, ranks=(rank,), stages=stages, last_attrs={},
             last_shape=last_shape, prefix=v.copy(), last=u.copy(), weight_error=err,
             macs=self._macs(layer, rank), params=rank * (n + k) + n,
-            extra={"form": kind, "basis": config.basis if layer.input_cov is not None
-                   else "weights"},
+            extra={"form": kind, "basis": basis},
         )
 
     def _spatial(self, layer: Layer, rank: int) -> Plan:

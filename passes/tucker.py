@@ -40,6 +40,7 @@ from onnxcomp.decompose import (
     Plan,
     Stage,
     conv_hw,
+    data_basis_generalizes,
     full_attrs,
     round_up,
     skip_pointwise,
@@ -56,7 +57,19 @@ class TuckerMethod:
     ops = ("Conv",)
 
     def __init__(self) -> None:
-        self._bases: dict[str, np.ndarray] = {}  # layer name -> output basis (data)
+        self._bases: dict[tuple[str, int], np.ndarray] = {}  # (layer, half) -> output basis
+
+    def _basis(self, layer: Layer, half: int) -> np.ndarray:
+        """Output basis from the full calibration covariance (-1) or one half (0, 1)."""
+        key = (layer.name, half)
+        if key not in self._bases:
+            if not any(k[0] == layer.name for k in self._bases):
+                self._bases = {}  # keep only the current layer's
+            halves = layer.input_cov_halves
+            cov = layer.input_cov if half < 0 or halves is None else halves[half]
+            assert cov is not None
+            self._bases[key] = lowrank.output_basis(layer.matrix, cov)
+        return self._bases[key]
 
     def check(self, layer: Layer) -> Skip | None:
         """Skip 1x1 kernels."""
@@ -95,14 +108,21 @@ class TuckerMethod:
         assert g is not None
         w = layer.weight.astype(np.float64)
         o, c, kh, kw = w.shape
+        weights_fit = lowrank.tucker2_conv(w, rank_out=r_out, rank_in=r_in)
+        res, basis = weights_fit, "weights"
         if config.basis == "data" and layer.input_cov is not None:
-            if layer.name not in self._bases:
-                self._bases = {layer.name: lowrank.output_basis(
-                    w.reshape(o, -1), layer.input_cov)}
-            res = lowrank.tucker2_conv_data(w, layer.input_cov, r_out, r_in,
-                                            basis=self._bases[layer.name])
-        else:
-            res = lowrank.tucker2_conv(w, rank_out=r_out, rank_in=r_in)
+            def fit(cov: np.ndarray | None, half: int) -> np.ndarray:
+                if cov is None:
+                    return weights_fit.reconstruct().reshape(o, -1)
+                return lowrank.tucker2_conv_data(w, cov, r_out, r_in, basis=self._basis(
+                    layer, half)).reconstruct().reshape(o, -1)
+
+            if data_basis_generalizes(layer.matrix, layer.input_cov_halves, fit):
+                res = lowrank.tucker2_conv_data(w, layer.input_cov, r_out, r_in,
+                                                basis=self._basis(layer, -1))
+                basis = "data"
+            else:
+                basis = "weights (the data basis did not help across calibration halves)"
         first, core, last = res.conv_weights()
         stages = [
             Stage("conv", first, {}, "pw_in"),
@@ -114,7 +134,7 @@ class TuckerMethod:
             last_shape=(o, r_out, 1, 1), prefix=prefix, last=res.U_out.copy(),
             weight_error=res.rel_error, macs=self._macs(layer, r_in, r_out),
             params=c * r_in + r_in * r_out * kh * kw + r_out * o + o,
-            extra={"basis": config.basis if layer.input_cov is not None else "weights"},
+            extra={"basis": basis},
         )
 
 

@@ -140,10 +140,11 @@ def test_data_basis_beats_weight_basis_on_anisotropic_inputs():
 
 
 def test_data_basis_is_exact_at_the_layer_rank():
+    """At the layer's rank both bases are exact (a tie keeps the weights' basis)."""
     w = low_rank(64, 48, 8).reshape(64, 48, 1, 1)
     model = conv_model(w)
     result = svd(model, LowRankConfig(rank=8, basis="data", **EXACT), calibration(model))
-    assert result.report.applied[0].details["basis"] == "data"
+    assert result.report.applied[0].details["basis"].startswith("weights")
     assert_equivalent(model, result.model, rtol=1e-4, atol=1e-4)
 
 
