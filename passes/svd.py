@@ -59,6 +59,19 @@ class SVDMethod:
 
     def __init__(self) -> None:
         self._bases: dict[tuple[str, int], np.ndarray] = {}  # (layer, half) -> output basis
+        self._svd: tuple[str, np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def _weights_svd(self, layer: Layer, rank: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """``lowrank.svd_matrix(layer.matrix, rank)`` from one SVD per layer (not per rank)."""
+        if self._svd is None or self._svd[0] != layer.name:
+            u, sv, vt = np.linalg.svd(layer.matrix, full_matrices=False)
+            self._svd = (layer.name, u, sv, vt)
+        _, u, sv, vt = self._svd
+        rank = min(rank, len(sv))
+        root = np.sqrt(sv[:rank])
+        total = float(np.sum(sv**2))
+        err = float(np.sqrt(np.sum(sv[rank:] ** 2) / total)) if total > 0 else 0.0
+        return u[:, :rank] * root, root[:, None] * vt[:rank], err
 
     def _basis(self, layer: Layer, half: int) -> np.ndarray:
         """Output basis from the full calibration covariance (-1) or one half (0, 1)."""
@@ -129,7 +142,7 @@ class SVDMethod:
         if config.basis == "data" and layer.input_cov is not None:
             def fit(cov: np.ndarray | None, half: int) -> np.ndarray:
                 if cov is None:
-                    a, b, _ = lowrank.svd_matrix(layer.matrix, rank)
+                    a, b, _ = self._weights_svd(layer, rank)
                 else:
                     a, b, _ = lowrank.svd_matrix_data(layer.matrix, cov, rank,
                                                       basis=self._basis(layer, half))
@@ -142,7 +155,7 @@ class SVDMethod:
             u, v, err = lowrank.svd_matrix_data(layer.matrix, layer.input_cov, rank,
                                                 basis=self._basis(layer, -1))
         else:
-            u, v, err = lowrank.svd_matrix(layer.matrix, rank)  # W[y, x] ~ U[y, R] V[R, x]
+            u, v, err = self._weights_svd(layer, rank)  # W[y, x] ~ U[y, R] V[R, x]
         n, k = layer.matrix.shape
         if kind == "fc":
             stages = [Stage("matmul", v, {}, "proj")]
