@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxcomp import bench, calibrate, cost, verify
+from onnxcomp import bench, calibrate, cost, lowrank, verify
 from onnxcomp.calibrate import Calibration
 from onnxcomp.graph import Graph, Node
 from onnxcomp.model import copy_model
@@ -536,6 +536,29 @@ def input_covariance(m: Moments) -> np.ndarray:
     xx, _, _ = m.normalized()
     mean = xx[-1, :-1] / max(xx[-1, -1], 1e-30)
     return np.asarray(xx[:-1, :-1] - np.outer(mean, mean) * xx[-1, -1])
+
+
+class OutputBases:
+    """Output bases (:func:`lowrank.output_basis`) of the layer being planned.
+
+    Cached across its rank options: from the full calibration covariance (``half`` -1) or
+    from one half of the samples (0, 1).
+    """
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, int], np.ndarray] = {}
+
+    def get(self, layer: Layer, half: int) -> np.ndarray:
+        """The basis of ``layer`` for ``half`` (-1: all samples)."""
+        key = (layer.name, half)
+        if key not in self._cache:
+            if not any(k[0] == layer.name for k in self._cache):
+                self._cache = {}  # keep only the current layer's
+            halves = layer.input_cov_halves
+            cov = layer.input_cov if half < 0 or halves is None else halves[half]
+            assert cov is not None
+            self._cache[key] = lowrank.output_basis(layer.matrix, cov)
+        return self._cache[key]
 
 
 def data_basis_generalizes(matrix: np.ndarray, halves: tuple[np.ndarray, np.ndarray] | None,

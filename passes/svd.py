@@ -38,6 +38,7 @@ from onnxcomp.decompose import (
     DecompositionPass,
     Layer,
     LowRankConfig,
+    OutputBases,
     Plan,
     Stage,
     conv_hw,
@@ -58,7 +59,7 @@ class SVDMethod:
     ops = ("Conv", "Gemm", "MatMul")
 
     def __init__(self) -> None:
-        self._bases: dict[tuple[str, int], np.ndarray] = {}  # (layer, half) -> output basis
+        self._basis = OutputBases()
         self._svd: tuple[str, np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def _weights_svd(self, layer: Layer, rank: int) -> tuple[np.ndarray, np.ndarray, float]:
@@ -73,17 +74,6 @@ class SVDMethod:
         err = float(np.sqrt(np.sum(sv[rank:] ** 2) / total)) if total > 0 else 0.0
         return u[:, :rank] * root, root[:, None] * vt[:rank], err
 
-    def _basis(self, layer: Layer, half: int) -> np.ndarray:
-        """Output basis from the full calibration covariance (-1) or one half (0, 1)."""
-        key = (layer.name, half)
-        if key not in self._bases:
-            if not any(k[0] == layer.name for k in self._bases):
-                self._bases = {}  # keep only the current layer's
-            halves = layer.input_cov_halves
-            cov = layer.input_cov if half < 0 or halves is None else halves[half]
-            assert cov is not None
-            self._bases[key] = lowrank.output_basis(layer.matrix, cov)
-        return self._bases[key]
 
     def check(self, layer: Layer) -> Skip | None:
         """Every layer find_layers accepts is supported."""
@@ -145,7 +135,7 @@ class SVDMethod:
                     a, b, _ = self._weights_svd(layer, rank)
                 else:
                     a, b, _ = lowrank.svd_matrix_data(layer.matrix, cov, rank,
-                                                      basis=self._basis(layer, half))
+                                                      basis=self._basis.get(layer, half))
                 return np.asarray(a @ b)
 
             basis = ("data" if data_basis_generalizes(layer.matrix, layer.input_cov_halves, fit)
@@ -153,7 +143,7 @@ class SVDMethod:
         if basis == "data":
             assert layer.input_cov is not None
             u, v, err = lowrank.svd_matrix_data(layer.matrix, layer.input_cov, rank,
-                                                basis=self._basis(layer, -1))
+                                                basis=self._basis.get(layer, -1))
         else:
             u, v, err = self._weights_svd(layer, rank)  # W[y, x] ~ U[y, R] V[R, x]
         n, k = layer.matrix.shape

@@ -37,6 +37,7 @@ from onnxcomp.decompose import (
     DecompositionPass,
     Layer,
     LowRankConfig,
+    OutputBases,
     Plan,
     Stage,
     conv_hw,
@@ -57,19 +58,8 @@ class TuckerMethod:
     ops = ("Conv",)
 
     def __init__(self) -> None:
-        self._bases: dict[tuple[str, int], np.ndarray] = {}  # (layer, half) -> output basis
+        self._basis = OutputBases()
 
-    def _basis(self, layer: Layer, half: int) -> np.ndarray:
-        """Output basis from the full calibration covariance (-1) or one half (0, 1)."""
-        key = (layer.name, half)
-        if key not in self._bases:
-            if not any(k[0] == layer.name for k in self._bases):
-                self._bases = {}  # keep only the current layer's
-            halves = layer.input_cov_halves
-            cov = layer.input_cov if half < 0 or halves is None else halves[half]
-            assert cov is not None
-            self._bases[key] = lowrank.output_basis(layer.matrix, cov)
-        return self._bases[key]
 
     def check(self, layer: Layer) -> Skip | None:
         """Skip 1x1 kernels."""
@@ -114,12 +104,12 @@ class TuckerMethod:
             def fit(cov: np.ndarray | None, half: int) -> np.ndarray:
                 if cov is None:
                     return weights_fit.reconstruct().reshape(o, -1)
-                return lowrank.tucker2_conv_data(w, cov, r_out, r_in, basis=self._basis(
+                return lowrank.tucker2_conv_data(w, cov, r_out, r_in, basis=self._basis.get(
                     layer, half)).reconstruct().reshape(o, -1)
 
             if data_basis_generalizes(layer.matrix, layer.input_cov_halves, fit):
                 res = lowrank.tucker2_conv_data(w, layer.input_cov, r_out, r_in,
-                                                basis=self._basis(layer, -1))
+                                                basis=self._basis.get(layer, -1))
                 basis = "data"
             else:
                 basis = "weights (the data basis did not help across calibration halves)"
