@@ -103,9 +103,10 @@ def lowrank_options(func: F) -> F:
                           "for 3x3 here, slower or level for 5x5 and 7x7), or merged for "
                           "kernels of at most 9 taps (auto, the default)."),
         click.option("--basis", type=click.Choice(["data", "weights"]),
-                     help="svd of 1x1 convs and FC layers: keep the principal subspace of "
-                          "the layer's outputs on the calibration data (data, the default) "
-                          "or the top singular vectors of the weights (weights)."),
+                     help="svd of 1x1 convs and FC layers, and tucker's output factor: "
+                          "keep the principal subspace of the layer's outputs on the "
+                          "calibration data when that also holds across calibration halves "
+                          "(data, the default), or that of the weights (weights)."),
         click.option("--exclude", multiple=True, metavar="NODE", help="Leave this node alone."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--groups", help="kernel_sharing: shared kernels per layer (like --rank: "

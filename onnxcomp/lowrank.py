@@ -751,10 +751,19 @@ def _truncated_svd(
 ) -> tuple[FloatArray, FloatArray, float, FloatArray]:
     """``(left [m, R], right [R, n], rel_error, singular values)`` with ``sqrt(S)`` split."""
     left, values, right = np.linalg.svd(matrix, full_matrices=False)
+    return (*truncate_svd(left, values, right, rank), values)
+
+
+def truncate_svd(left: FloatArray, values: FloatArray, right: FloatArray, rank: int
+                 ) -> tuple[FloatArray, FloatArray, float]:
+    """A full thin SVD ``(U, S, V^T)`` cut to rank R: ``(U_R sqrt(S), sqrt(S) V_R^T, error)``.
+
+    Lets callers that try many ranks of one matrix decompose it once.
+    """
     root = np.sqrt(values[:rank])
     total_sq = float(np.sum(values**2))
     error = _relative(float(np.sum(values[rank:] ** 2)), total_sq)
-    return left[:, :rank] * root, root[:, None] * right[:rank], error, values
+    return left[:, :rank] * root, root[:, None] * right[:rank], error
 
 
 def spatial_svd_conv(W: ArrayLike, rank: int) -> SpatialSVDResult:

@@ -57,6 +57,7 @@ class SVDMethod:
 
     name = "svd"
     ops = ("Conv", "Gemm", "MatMul")
+    data_basis = True  # the driver gathers input covariances for --basis data
 
     def __init__(self) -> None:
         self._basis = OutputBases()
@@ -68,11 +69,7 @@ class SVDMethod:
             u, sv, vt = np.linalg.svd(layer.matrix, full_matrices=False)
             self._svd = (layer.name, u, sv, vt)
         _, u, sv, vt = self._svd
-        rank = min(rank, len(sv))
-        root = np.sqrt(sv[:rank])
-        total = float(np.sum(sv**2))
-        err = float(np.sqrt(np.sum(sv[rank:] ** 2) / total)) if total > 0 else 0.0
-        return u[:, :rank] * root, root[:, None] * vt[:rank], err
+        return lowrank.truncate_svd(u, sv, vt, min(rank, len(sv)))
 
 
     def check(self, layer: Layer) -> Skip | None:

@@ -56,6 +56,7 @@ class TuckerMethod:
 
     name = "tucker"
     ops = ("Conv",)
+    data_basis = True  # the driver gathers input covariances for --basis data
 
     def __init__(self) -> None:
         self._basis = OutputBases()
