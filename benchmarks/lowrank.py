@@ -5,15 +5,15 @@
     python benchmarks/lowrank.py --sharing             # kernel sharing vs separable vs cp
 
 Writes benchmarks/results/lowrank.md and .json. Every row: canonicalize + fold_bn + fold_affine
-(lossless) + the method
-with ``--rank auto`` and the row's setting, calibrated on the model's ``calib`` inputs; fidelity
-on ``heldout`` inputs never seen by the compiler (Fashion-MNIST: accuracy on all 10 000 test
-images). Latency: ORT CPU, 1 intra-op thread, batch 1, original and optimized interleaved in
-one process, median of the per-round ratios (p10-p90). ``realized`` is the measured speedup
-divided by the MAC reduction (1.0: every MAC saved is time saved), for the whole model (the
-method's speedup over the lossless front, whose own gain is a column of its own; untouched
-layers dilute it) and the median over the rewritten layers' micro-benchmarks.
-"""
+(lossless) + the method with ``--rank auto`` and the row's setting, in one run (a speed target
+is for the whole run, so the method aims at what the front leaves to reach), calibrated on the
+model's ``calib`` inputs; fidelity on ``heldout`` inputs never seen by the compiler (Fashion-
+MNIST: accuracy on all 10 000 test images). Latency: ORT CPU, 1 intra-op thread, batch 1,
+original and optimized interleaved in one process, median of the per-round ratios (p10-p90).
+``realized`` is the measured speedup divided by the MAC reduction (1.0: every MAC saved is time
+saved), for the whole model (the method's speedup over the lossless front, whose own gain is a
+column of its own; untouched layers dilute it) and the median over the rewritten layers' micro-
+benchmarks."""
 
 from __future__ import annotations
 
@@ -69,9 +69,10 @@ def bench_row(name: str, method: str, opts: dict[str, Any], n_calib: int,
     model = case.load()
     calib = calibration(case.inputs("calib"), n_calib, fixed_batch=fixed_batch(model))
     front_steps = [("canonicalize", {}), ("fold_bn", {}), ("fold_affine", {})]
-    front, front_s = optimize(model, front_steps, calib)
-    result, method_s = optimize(front.model, [(method, dict(opts))], calib)
-    compile_s = front_s + method_s
+    front, _ = optimize(model, front_steps, calib)
+    # One run of front and method, as a user would write it: the speed target is for the whole
+    # run (vs the original), so the method aims at what the front leaves to reach.
+    result, compile_s = optimize(model, [*front_steps, (method, dict(opts))], calib)
     held = case.inputs("heldout")
     fid = case.fidelity(run(model, held), run(result.model, held))
     # Original, lossless front and result interleaved: the speedup is vs the original; the

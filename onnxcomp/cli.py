@@ -16,6 +16,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from onnxcomp import bench as bench_mod
 from onnxcomp import calibrate, cost, pipeline, report
 from onnxcomp import model as model_io
+from onnxcomp import recipe as recipe_mod
 from onnxcomp.passbase import ConfigError, InputError, OnnxcompError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -71,6 +72,14 @@ def calib_options(func: F) -> F:
     return func
 
 
+# Parameters of `optimize` that configure passes (a recipe holds them instead).
+PASS_FLAGS = frozenset({
+    "no_fold_pad", "rank", "target_speedup", "target_macs", "max_error", "no_refit",
+    "refit_mode", "rank_multiple", "no_latency_check", "exclude", "seed", "groups", "weighted",
+    "depth_multiplier", "share_groups", "ratio", "criterion", "round_to", "layers",
+    "min_realized", "sensitivity", "cp_depthwise", "basis", "mode", "calibrator", "max_drop",
+    "activations", "reduce_range", "bits",
+})
 LOWRANK = ("cp", "tucker", "svd", "kernel_sharing", "depthwise_separable")
 
 
@@ -80,8 +89,11 @@ def lowrank_options(func: F) -> F:
         click.option("--rank", default="auto", show_default=True,
                      help="auto, an absolute rank N, or a fraction 0<f<1 of the break-even "
                           "rank."),
-        click.option("--target-speedup", type=float, help="auto: measured ORT speedup to reach."),
-        click.option("--target-macs", type=float, help="auto: fraction of the MACs to keep."),
+        click.option("--target-speedup", type=float,
+                     help="auto, prune_*: measured ORT speedup of the output model over IN.onnx "
+                          "(what earlier passes of the run bring counts)."),
+        click.option("--target-macs", type=float,
+                     help="auto: fraction of IN.onnx's MACs to keep."),
         click.option("--max-error", type=float,
                      help="auto: bound on the relative error of the model's outputs."),
         click.option("--no-refit", is_flag=True, help="Keep the raw decomposition (no refit)."),
@@ -94,12 +106,16 @@ def lowrank_options(func: F) -> F:
         click.option("--min-realized", type=click.FloatRange(0, 1),
                      help="--rank auto: use only chains whose measured speedup is at least "
                           "this share of their MAC reduction (default 0.5; CP chains "
-                          "realize 0.52-0.63 on the Fashion-MNIST VGG here, so 0.8 leaves "
-                          "CP nothing to apply there)."),
+                          "realize 0.5-0.7 on the small Fashion-MNIST VGG layers here, so 0.8 "
+                          "leaves CP nothing to apply there)."),
+        click.option("--sensitivity/--no-sensitivity", default=True, show_default=True,
+                     help="--rank auto: weight each layer's error by how much of it reaches "
+                          "the model's outputs (measured, one probe run per layer on 8-32 "
+                          "calibration samples)."),
         click.option("--cp-depthwise", type=click.Choice(["separate", "merged", "auto"]),
                      help="cp: the chain's spatial stages as depthwise kx1 then 1xk "
                           "(separate: the classic 4-layer chain), as one depthwise kxk of "
-                          "rank-one kernels (merged: the same CP model, measured 5-25 %% faster "
+                          "rank-one kernels (merged: the same CP model, measured 5-25 % faster "
                           "for 3x3 here, slower or level for 5x5 and 7x7), or merged for "
                           "kernels of at most 9 taps (auto, the default)."),
         click.option("--basis", type=click.Choice(["data", "weights"]),
@@ -208,8 +224,13 @@ def main(verbose: int) -> None:
 @click.argument("model_path", metavar="IN.onnx", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path),
               help="Where to write the optimized model.")
-@click.option("--pass", "passes", multiple=True, required=True, metavar="NAME",
+@click.option("--pass", "passes", multiple=True, metavar="NAME",
               help="Pass to run (repeatable, runs in order). See `onnxcomp passes`.")
+@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path),
+              help="Run the passes and options of this recipe file (TOML or .json) instead "
+                   "of --pass and pass flags.")
+@click.option("--save-recipe", "save_recipe", type=click.Path(path_type=Path),
+              help="Write the run's passes and options as a recipe file (TOML).")
 @click.option("--report", "report_path", type=click.Path(path_type=Path),
               help="Write the full JSON report here.")
 @click.option("--bench/--no-bench", default=True, show_default=True,
@@ -222,14 +243,16 @@ def main(verbose: int) -> None:
 @click.option("--no-fold-pad", is_flag=True, help="canonicalize: keep Pad nodes before Conv.")
 @lowrank_options
 @calib_options
-def optimize(model_path: Path, output: Path, passes: Sequence[str], report_path: Path | None,
-             bench: bool, provider: str, threads: int, runs: int, no_fold_pad: bool,
+def optimize(model_path: Path, output: Path, passes: Sequence[str], recipe_path: Path | None,
+             save_recipe: Path | None, report_path: Path | None, bench: bool, provider: str,
+             threads: int, runs: int, no_fold_pad: bool,
              rank: str, target_speedup: float | None, target_macs: float | None,
              max_error: float | None, no_refit: bool, refit_mode: str, rank_multiple: int,
              no_latency_check: bool, exclude: Sequence[str], seed: int, groups: str | None,
              weighted: bool, depth_multiplier: str | None, share_groups: int | None,
              ratio: float | None, criterion: str, round_to: int, layers: int | None,
-             min_realized: float | None, cp_depthwise: str | None, basis: str | None,
+             min_realized: float | None, sensitivity: bool, cp_depthwise: str | None,
+             basis: str | None,
              mode: str, calibrator: str,
              max_drop: float | None, activations: str, reduce_range: bool | None,
              bits: int,
@@ -237,6 +260,10 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], report_path:
     """Rewrite IN.onnx with the given passes, verify, benchmark and write -o OUT.onnx."""
     from onnxcomp.passes import REGISTRY
 
+    if recipe_path is not None and passes:
+        _fail("give --pass or --recipe, not both", code=2)
+    if recipe_path is None and not passes:
+        _fail("nothing to do: give --pass NAME (repeatable) or --recipe FILE", code=2)
     unknown = [p for p in passes if p not in REGISTRY]
     if unknown:
         _fail(f"unknown pass '{unknown[0]}' (available: {', '.join(REGISTRY)})", code=2)
@@ -251,31 +278,48 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], report_path:
         "share_groups": share_groups, "ratio": ratio, "criterion": criterion,
         "round_to": round_to, "layers": layers, "mode": mode, "bits": bits,
         "calibrator": calibrator, "max_drop": max_drop, "min_realized": min_realized,
+        "sensitivity": sensitivity,
         "cp_depthwise": cp_depthwise, "basis": basis,
         "activations": activations, "reduce_range": reduce_range,
     }
+    if recipe_path is not None:
+        ctx = click.get_current_context()
+        given = [p.opts[0] for p in ctx.command.params
+                 if p.name in PASS_FLAGS
+                 and ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]
+        if given:
+            _fail(f"{given[0]}: with --recipe, pass options belong in the recipe", code=2)
     # Per-pass names for the rank: --groups, --depth-multiplier (else --rank).
     rank_alias = {"kernel_sharing": groups, "depthwise_separable": depth_multiplier}
 
     def body() -> None:
+        if recipe_path is not None:
+            steps = recipe_mod.load(recipe_path).steps(
+                REGISTRY, {"provider": provider, "threads": threads})
+        else:
+            steps = []
+            for name in passes:
+                config_cls = REGISTRY[name].config_cls
+                step_options = dict(options)
+                if rank_alias.get(name) is not None:
+                    step_options["rank"] = rank_alias[name]
+                steps.append(pipeline.Step(name, config_cls.from_options(step_options)))
         model = model_io.load(model_path)
         calib = _load_calibration(model, calib_kw)
-        if calib.synthetic and rank == "auto" and any(p in LOWRANK for p in passes):
+        if calib.synthetic and any(s.name in LOWRANK and getattr(s.config, "rank", "") == "auto"
+                                   for s in steps):
             err_console.print("[bold yellow]warning:[/] --rank auto without --calib: ranks are "
                               "chosen from weights alone", highlight=False)
-        steps = []
-        for name in passes:
-            config_cls = REGISTRY[name].config_cls
-            step_options = dict(options)
-            if rank_alias.get(name) is not None:
-                step_options["rank"] = rank_alias[name]
-            steps.append(pipeline.Step(name, config_cls.from_options(step_options)))
         with _progress() as progress:
             task = progress.add_task("optimizing", total=None)
             result = pipeline.run_pipeline(
                 model, steps, calib,
                 on_step=lambda n: progress.update(task, description=f"pass {n}"))
             model_io.save(result.model, output)
+            if save_recipe is not None:
+                tmp = save_recipe.with_name(f".{save_recipe.name}.tmp")
+                tmp.write_text(recipe_mod.dump(steps))
+                tmp.replace(save_recipe)
             # Costs per sample (batch 1), like the latency figures.
             shapes = {k: (1, *v.shape[1:]) for k, v in calib.batches[0].items()}
             cost_before = cost.model_cost(model, shapes)

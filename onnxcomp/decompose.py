@@ -20,14 +20,16 @@ Ranks: a fixed rank (absolute or fraction) for every layer, or ``auto``: each la
 options are micro-benchmarked on the chosen ONNX Runtime provider (cached per shape), options
 that are not measured faster than the original layer are dropped ("no latency win"), and a
 Lagrangian allocation picks per-layer options that meet ``target_speedup`` / ``target_macs``
-with the least isolated error; ``max_error`` bounds the measured relative error of the model's
-outputs (binary search over the savings).
+with the least isolated error, each layer's error weighted by its measured sensitivity (how
+much of it reaches the model's outputs, :func:`layer_gains`); ``max_error`` bounds the
+measured relative error of the model's outputs (binary search over the savings).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -36,7 +38,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxcomp import bench, calibrate, cost, lowrank, verify
+from onnxcomp import bench, calibrate, cost, lowrank, runtime, verify
 from onnxcomp.calibrate import Calibration
 from onnxcomp.graph import Graph, Node
 from onnxcomp.model import copy_model
@@ -56,6 +58,13 @@ log = logging.getLogger(__name__)
 FLOAT_TYPES = (np.float16, np.float32, np.float64)
 # ``--rank auto`` with no target and no bound: the fastest ranks within this model error.
 DEFAULT_MAX_ERROR = 0.03
+# Sensitivity probes: calibration samples run (at least, at most: as many as fit the time
+# budget in seconds), the isolated error of the option each layer is probed with, and the
+# floor of a gain (errors far beyond the probe's stop washing out).
+SENSITIVITY_SAMPLES = (8, 32)
+SENSITIVITY_SECONDS = 6.0
+SENSITIVITY_PROBE_ERROR = 0.05
+MIN_GAIN = 0.3
 # Closed-loop rounds that re-measure the whole model to reach ``target_speedup``.
 TARGET_ROUNDS = 4
 # Extra whole-model measurements spent looking for a milder pick that still meets the target.
@@ -89,6 +98,9 @@ class LowRankConfig(PassConfig):
     # Fashion-MNIST VGG on this CPU (the depthwise stages are memory-bound), and at 0.8 CP
     # applies nothing there (Tucker reaches 1.31x instead of 2.09x).
     min_realized: float = 0.5
+    # --rank auto: weight each layer's error by how much of it reaches the model's outputs
+    # (one probe run per layer, see layer_gains).
+    sensitivity: bool = True
     min_macs: int = 1_000_000
     # cp only: "separate" (kh x 1 then 1 x kw depthwise), "merged" (one kh x kw depthwise),
     # "auto" (merged for kernels of at most 9 taps, where it measured faster; see passes/cp.py).
@@ -678,16 +690,22 @@ def build_chain(graph: Graph, layer: Layer, plan: Plan, ab: np.ndarray, pass_nam
     """Replace ``layer`` in ``graph`` by the plan's stages and a last stage ``ab``."""
     node = layer.node
     x, y = node.inputs[0], node.outputs[0]
+    graph.retire([node])
+    _write_chain(graph, layer, plan, ab, x, y, pass_name)
+
+
+def _write_chain(graph: Graph, layer: Layer, plan: Plan, ab: np.ndarray, x: Any, y: Any,
+                 pass_name: str) -> None:
+    """Add the plan's stages and a last stage ``ab`` computing ``y`` from ``x``."""
     dtype = _np_dtype(layer)
     props = {"method": plan.method, "rank": "x".join(str(r) for r in plan.ranks)}
     current = x
     for i, st in enumerate(plan.stages):
-        out = graph.variable(f"{node.name}_{st.suffix or i}", dtype=dtype)
+        out = graph.variable(f"{layer.node.name}_{st.suffix or i}", dtype=dtype)
         _add_stage(graph, layer, st, current, out, None, pass_name, props)
         current = out
     last_w = ab[:, :-1].reshape(plan.last_shape)
     last = Stage("conv" if layer.is_conv else "matmul", last_w, plan.last_attrs, "last")
-    graph.retire([node])
     _add_stage(graph, layer, last, current, y, ab[:, -1], pass_name, props)
 
 
@@ -826,6 +844,7 @@ class LayerChoice:
     layer: Layer
     index: int
     options: list[Option]
+    gain: float = 1.0  # model output error per unit of this layer's isolated error
 
 
 def _option(layer: Layer, plan: Plan, m: Moments, model: onnx.ModelProto,
@@ -1084,6 +1103,12 @@ def _allocate(
         usable.append(LayerChoice(layer, ch.index, wins))
     if not config.auto:
         return {ch.index: ch.options[0] for ch in usable}
+    if config.sensitivity and not probes.calib.synthetic and len(usable) > 1:
+        gains = layer_gains(probes, usable)
+        for ch in usable:
+            ch.gain = max(gains.get(ch.index, 1.0), MIN_GAIN)
+        report.metrics["sensitivity"] = {ch.layer.name: round(gains.get(ch.index, 1.0), 3)
+                                         for ch in usable}
     chosen = _auto_allocate(usable, probes, config, report)
     for ch in usable:
         if ch.index not in chosen:
@@ -1092,6 +1117,89 @@ def _allocate(
                         f"least-error option: rank {mild.plan.ranks}, isolated error "
                         f"{mild.error:.3g}")
     return chosen
+
+
+def layer_gains(probes: _Probes, usable: list[LayerChoice]) -> dict[int, float]:
+    """Each layer's sensitivity: model output error per unit of its isolated error.
+
+    One probe model holds every usable layer twice, the original and one rewritten option (the
+    one whose isolated error is nearest :data:`SENSITIVITY_PROBE_ERROR`, symmetric refit),
+    blended by a switch input per layer: ``y = y_orig + s * (y_chain - y_orig)``. Running it
+    on the first 8 to 32 calibration samples (as many as fit :data:`SENSITIVITY_SECONDS`) with
+    one switch on at a time gives the relative error of the model's outputs with that layer
+    alone rewritten; divided by the option's isolated error, that is the layer's gain (about 1
+    when its errors pass through, far below 1 when later layers wash them out, above 1 when
+    they grow).
+    """
+    config = probes.config
+    graph = Graph(probes.model)
+    switches: dict[int, str] = {}
+    probed: dict[int, Option] = {}
+    for ch in usable:
+        opt = min(ch.options, key=lambda o: abs(np.log(max(o.error, 1e-6)
+                                                        / SENSITIVITY_PROBE_ERROR)))
+        if opt.error <= 0:
+            continue
+        node = next(n for n in graph.nodes if n.name == ch.layer.name)
+        layer = dataclasses.replace(ch.layer, node=node)
+        m = probes.moments[ch.index]
+        xx, _, _ = m.normalized()
+        ab = (refit_solution(layer, opt.plan, xx, None, config.ridge)
+              if config.refit and m.rows >= refit_rows_needed(opt.plan)
+              else plan_ab(layer, opt.plan))
+        dtype = _np_dtype(layer)
+        x, y = node.inputs[0], node.outputs[0]
+        y_orig = graph.variable(f"{node.name}_orig", dtype=dtype)
+        node.outputs[0] = y_orig
+        y_chain = graph.variable(f"{node.name}_chain", dtype=dtype)
+        _write_chain(graph, layer, opt.plan, ab, x, y_chain, "sensitivity")
+        switch = graph.add_input(f"sensitivity_switch_{ch.index}", dtype=dtype, shape=[1])
+        delta = graph.variable(f"{node.name}_delta", dtype=dtype)
+        scaled = graph.variable(f"{node.name}_scaled", dtype=dtype)
+        kw: dict[str, Any] = {"pass_name": "sensitivity", "origin": layer.name}
+        graph.add_node("Sub", [y_chain, y_orig], [delta], suffix="delta", **kw)
+        graph.add_node("Mul", [delta, switch], [scaled], suffix="scale", **kw)
+        graph.add_node("Add", [y_orig, scaled], [y], suffix="blend", **kw)
+        switches[ch.index] = switch.name
+        probed[ch.index] = opt
+    if not switches:
+        return {}
+    blended = graph.export(check=False)
+    # Compile-time work, not a latency measurement: every core, graph optimizations on.
+    session = runtime.make_session(blended, config.provider, max(config.threads, os.cpu_count()
+                                                                 or 1), optimize=True)
+    names = runtime.output_names(session)
+    sizes = probes.calib.batch_sizes()
+    pairs = list(zip(probes.calib.batches, sizes, strict=True))
+
+    def off(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {**batch, **{name: np.zeros(1, np.float32) for name in switches.values()}}
+
+    # As many samples as fit the time budget (whole batches: a model may have a fixed batch).
+    start = time.perf_counter()
+    session.run(names, off(pairs[0][0]))
+    per_sample = (time.perf_counter() - start) / max(pairs[0][1], 1)
+    want = int(SENSITIVITY_SECONDS / ((len(switches) + 1) * max(per_sample, 1e-6)))
+    want = min(max(want, SENSITIVITY_SAMPLES[0]), SENSITIVITY_SAMPLES[1])
+    batches, count = [], 0
+    for batch, size in pairs:
+        if count >= want:
+            break
+        batches.append(batch)
+        count += size
+
+    def outputs(on: int | None) -> list[np.ndarray]:
+        flags = {name: np.array([1.0 if i == on else 0.0], dtype=np.float32)
+                 for i, name in switches.items()}
+        runs = [session.run(names, {**b, **flags}) for b in batches]
+        return [np.concatenate([r[k] for r in runs]) for k in range(len(names))]
+
+    ref = outputs(None)
+    gains = {}
+    for index, opt in probed.items():
+        err = verify.compare_outputs(names, ref, outputs(index)).rel_l2
+        gains[index] = float(err / opt.error)
+    return gains
 
 
 def realized(opt: Option, layer: Layer) -> float:
@@ -1115,7 +1223,7 @@ def _pick(usable: list[LayerChoice], lam: float, config: LowRankConfig) -> dict[
     for ch in usable:
         best_val, best = 0.0, None
         for o in ch.options:
-            val = o.error ** 2 - lam * _savings(o, config, ch.layer)
+            val = (ch.gain * o.error) ** 2 - lam * _savings(o, config, ch.layer)
             if val < best_val:
                 best_val, best = val, o
         if best is not None:

@@ -153,6 +153,13 @@ class Graph:
         """A new intermediate tensor with a unique name."""
         return gs.Variable(self.unique_name(base), dtype=dtype, shape=shape)
 
+    def add_input(self, base: str, dtype: Any = np.float32,
+                  shape: Sequence[Any] | None = None) -> gs.Variable:
+        """A new graph input with a unique name (for internal probe models)."""
+        var = self.variable(base, dtype=dtype, shape=shape)
+        self.gs.inputs.append(var)
+        return var
+
     def add_node(
         self,
         op: str,

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
-from onnxcomp import runtime, verify
-from onnxcomp.model import QUANTIZED_OPS
-from onnxcomp.passbase import PassConfig, PassError, Report, SkipReason
+from onnxcomp import bench, cost, runtime, verify
+from onnxcomp.model import QUANTIZED_OPS, copy_model
+from onnxcomp.passbase import PassConfig, PassError, PassResult, Report, SkipReason
 
 if TYPE_CHECKING:
     from onnxcomp.calibrate import Calibration
@@ -39,6 +39,7 @@ class StepResult:
     report: Report
     fidelity: verify.Fidelity
     seconds: float
+    config: PassConfig | None = None  # as run (a pipeline target already divided)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serializable form."""
@@ -46,6 +47,7 @@ class StepResult:
             "pass": self.name,
             "lossless": self.lossless,
             "seconds": round(self.seconds, 3),
+            "config": dataclasses.asdict(self.config) if self.config is not None else None,
             "fidelity_vs_previous": self.fidelity.to_dict(),
             "report": self.report.to_dict(),
         }
@@ -98,12 +100,24 @@ def run_pipeline(
     previous = original
     current = model
     results: list[StepResult] = []
+    changed = False
     for step in steps:
         pass_ = registry[step.name]
         if on_step is not None:
             on_step(step.name)
         start = time.perf_counter()
-        result = pass_(current, step.config, calib)
+        config: PassConfig | None = step.config
+        note: str | None = None
+        so_far: float | None = None
+        if changed:
+            config, note, so_far = pipeline_target(step.config, model, current, calib)
+        if config is None:
+            result = PassResult(copy_model(current), Report(step.name))
+        else:
+            result = pass_(current, config, calib)
+        if note is not None:
+            result.report.notes.insert(0, note)
+            result.report.metrics["pipeline_speedup_before"] = round(float(so_far or 1.0), 3)
         seconds = time.perf_counter() - start
         if result.model is current:
             raise PassError(f"pass '{step.name}' returned its input model object")
@@ -122,11 +136,60 @@ def run_pipeline(
         _note_quantized(current, result.report)
         log.info("%s: %d applied, %d skipped, rel error %.3g", step.name,
                  len(result.report.applied), len(result.report.skipped), fidelity.rel_l2)
-        results.append(StepResult(step.name, pass_.lossless, result.report, fidelity, seconds))
+        results.append(StepResult(step.name, pass_.lossless, result.report, fidelity, seconds,
+                                  config))
+        changed = changed or result.modified
         current = result.model
         previous = outputs
     final = verify.compare_outputs(names, original, previous)
     return PipelineResult(current, tuple(results), final, calib.synthetic)
+
+
+def pipeline_target(config: PassConfig, original: onnx.ModelProto, current: onnx.ModelProto,
+                    calib: Calibration) -> tuple[PassConfig | None, str | None, float | None]:
+    """The step's config with its targets turned into what is left of the pipeline's.
+
+    ``target_speedup`` and ``target_macs`` are for the whole pipeline. Returns (config, note,
+    speedup so far); config ``None`` when the earlier steps already reach the target (the step
+    then leaves the model alone). The speedup so far is measured on the step's provider
+    (interleaved, batch 1), or read from MACs when the step does not measure latency
+    (``latency_check`` off).
+    """
+    target = getattr(config, "target_speedup", None)
+    keep = getattr(config, "target_macs", None)
+    if target is None and keep is None:
+        return config, None, None
+    mac_ratio = 1.0
+    if keep is not None or not getattr(config, "latency_check", True):
+        shapes = {k: (1, *v.shape[1:]) for k, v in calib.batches[0].items()}
+        mac_ratio = (cost.model_cost(current, shapes).macs
+                     / max(cost.model_cost(original, shapes).macs, 1))
+    if target is not None and getattr(config, "latency_check", True):
+        feeds = {k: v[:1] for k, v in calib.batches[0].items()}
+        runs = max(int(getattr(config, "bench_runs", 30)), 30)
+        so_far = bench.compare_models(original, current, feeds,
+                                      str(getattr(config, "provider", "cpu")),
+                                      int(getattr(config, "threads", 1)), runs=runs)
+        what, flag, goal = "measured", "--target-speedup", float(target)
+    elif target is not None:
+        so_far, what, flag, goal = 1 / mac_ratio, "cut the MACs", "--target-speedup", target
+    else:
+        assert keep is not None
+        so_far, what, flag, goal = 1 / mac_ratio, "cut the MACs", "--target-macs", 1 / keep
+    if so_far >= goal:
+        return None, (f"{flag} is for the whole pipeline and the earlier passes {what} "
+                      f"{so_far:.2f}x: nothing left to do"), so_far
+    if so_far <= 1.0:
+        return config, None, None
+    changes: dict[str, float] = {}
+    if target is not None:
+        changes["target_speedup"] = target / so_far
+    if keep is not None:
+        changes["target_macs"] = min(keep / mac_ratio, 1.0)
+    rest = ", ".join(f"--{k.replace('_', '-')} {v:.3g}" for k, v in changes.items())
+    note = (f"{flag} is for the whole pipeline; the earlier passes {what} {so_far:.2f}x, so "
+            f"this pass aims at {rest}")
+    return dataclasses.replace(config, **changes), note, so_far
 
 
 def _note_quantized(model: onnx.ModelProto, report: Report) -> None:

@@ -132,3 +132,97 @@ def test_registry_names_match_files():
         assert p.name == key
         assert type(p).__module__ == f"onnxcomp.passes.{key}"
         assert dataclasses.is_dataclass(p.config_cls)
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetConfig(PassConfig):
+    target_speedup: float | None = None
+    latency_check: bool = True
+
+
+class RecordTarget:
+    """A fake lossy pass that records the target it was given and changes nothing."""
+
+    name: ClassVar[str] = "record"
+    lossless: ClassVar[bool] = False
+    config_cls: ClassVar[type[PassConfig]] = TargetConfig
+
+    def __init__(self) -> None:
+        self.seen: list[float | None] = []
+
+    def __call__(self, model, config, calib=None):
+        self.seen.append(config.target_speedup)
+        return PassResult(copy_model(model), Report(self.name))
+
+
+def _target_run(monkeypatch, so_far: float, first_changes: bool, target: float = 2.0):
+    from onnxcomp import bench
+
+    timed: list[int] = []
+
+    def fake_compare(a, b, *args, **kwargs):
+        timed.append(1)
+        return so_far
+
+    monkeypatch.setattr(bench, "compare_models", fake_compare)
+    record = RecordTarget()
+    registry = {"scale": ScaleWeights(1.0, lossless=True),
+                "record": record}
+    model = conv_bn_model()
+    steps = [Step("record", TargetConfig(target))]
+    if first_changes:
+        steps.insert(0, Step("scale", NoConfig()))
+    result = run_pipeline(model, steps, _calib(model), registry)
+    return record, result, timed
+
+
+def test_target_is_for_the_whole_pipeline(monkeypatch):
+    record, result, timed = _target_run(monkeypatch, so_far=1.6, first_changes=True)
+    assert timed and record.seen == [pytest.approx(2.0 / 1.6)]
+    report = result.steps[-1].report
+    assert report.metrics["pipeline_speedup_before"] == 1.6
+    assert "whole pipeline" in report.notes[0] and "1.60x" in report.notes[0]
+
+
+def test_target_already_reached_skips_the_step(monkeypatch):
+    record, result, _ = _target_run(monkeypatch, so_far=2.3, first_changes=True)
+    assert record.seen == []
+    assert "nothing left to do" in result.steps[-1].report.notes[0]
+    assert not result.steps[-1].report.applied
+
+
+def test_target_untouched_without_earlier_changes(monkeypatch):
+    record, _, timed = _target_run(monkeypatch, so_far=1.6, first_changes=False)
+    assert record.seen == [2.0] and not timed
+
+
+def test_target_untouched_when_earlier_passes_gave_no_speed(monkeypatch):
+    record, result, _ = _target_run(monkeypatch, so_far=0.97, first_changes=True)
+    assert record.seen == [2.0]
+    assert "pipeline_speedup_before" not in result.steps[-1].report.metrics
+
+
+def test_mac_targets_without_latency_measurements(monkeypatch):
+    """With latency checks off, the earlier passes' share is read from the MACs."""
+    import types
+
+    from onnxcomp import pipeline
+
+    def fake_cost(model, shapes=None):
+        halved = any(p.key == "halved" for p in model.metadata_props)
+        return types.SimpleNamespace(macs=50 if halved else 100)
+
+    class Halve(ScaleWeights):
+        def __call__(self, model, config, calib=None):
+            result = super().__call__(model, config, calib)
+            result.model.metadata_props.add(key="halved", value="1")
+            return result
+
+    monkeypatch.setattr(pipeline.cost, "model_cost", fake_cost)
+    record = RecordTarget()
+    model = conv_bn_model()
+    registry = {"halve": Halve(1.0, lossless=True), "record": record}
+    steps = [Step("halve", NoConfig()), Step("record", TargetConfig(3.0, latency_check=False))]
+    result = run_pipeline(model, steps, _calib(model), registry)
+    assert record.seen == [pytest.approx(1.5)]
+    assert "cut the MACs 2.00x" in result.steps[-1].report.notes[0]
