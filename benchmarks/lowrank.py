@@ -33,9 +33,13 @@ ROWS: list[tuple[str, str, dict[str, Any], int]] = [
     ("fashion_mnist_vgg", "cp", {"target_speedup": 2.0, "cp_depthwise": "separate"}, 256),
     ("fashion_mnist_vgg", "tucker", {"target_speedup": 2.0, "basis": "weights"}, 256),
     *[("ppocrv4_rec", m, {"target_speedup": 1.5}, 39) for m in ("cp", "tucker", "svd")],
+    ("ppocrv4_rec", "svd", {"target_speedup": 1.5, "sensitivity": False}, 39),
     ("ppocrv4_rec", "svd", {"target_speedup": 1.5, "basis": "weights"}, 39),
+    ("ppocrv4_rec", "svd", {"target_speedup": 1.3}, 39),
     *[("ppocrv4_rec", "svd", {"max_error": e}, 39) for e in (0.01, 0.03)],
     *[("ppocrv4_det", m, {"target_speedup": 1.5}, 16) for m in ("cp", "svd")],
+    *[("ppocrv4_det", m, {"target_speedup": 1.5, "sensitivity": False}, 16)
+      for m in ("cp", "svd")],
     ("ppocrv4_det", "cp", {"target_speedup": 1.5, "cp_depthwise": "separate"}, 16),
     *[(name, m, {}, 64) for name in ("efficientnet_lite0", "mobilenetv2")
       for m in ("cp", "tucker", "svd")],
@@ -110,6 +114,9 @@ def row_of(doc: dict[str, Any]) -> list[Any]:
     """One table row from a result document."""
     metric = CASES[doc["model"]].metric
     fidelity = f"{metric} {doc['fidelity'][metric]:.1%}"
+    if "string_match_text" in doc["fidelity"]:
+        fidelity += (f" (text crops {doc['fidelity']['string_match_text']:.1%} of "
+                     f"{doc['fidelity']['text_crops']:.0f})")
     if "accuracy" in doc:
         acc = doc["accuracy"]
         fidelity = f"acc {acc['before']:.2%} -> {acc['after']:.2%}; {fidelity}"

@@ -240,12 +240,16 @@ def main(verbose: int) -> None:
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--runs", type=click.IntRange(min=3), default=50, show_default=True,
               help="Benchmark rounds.")
+@click.option("--latency-cache", "latency_cache", type=click.Path(path_type=Path),
+              help="--rank auto: read latency measurements from this JSON file and record new "
+                   "ones in it, so that a second compile replays the first one's choices "
+                   "(kept per machine, ONNX Runtime version, provider and threads).")
 @click.option("--no-fold-pad", is_flag=True, help="canonicalize: keep Pad nodes before Conv.")
 @lowrank_options
 @calib_options
 def optimize(model_path: Path, output: Path, passes: Sequence[str], recipe_path: Path | None,
              save_recipe: Path | None, report_path: Path | None, bench: bool, provider: str,
-             threads: int, runs: int, no_fold_pad: bool,
+             threads: int, runs: int, latency_cache: Path | None, no_fold_pad: bool,
              rank: str, target_speedup: float | None, target_macs: float | None,
              max_error: float | None, no_refit: bool, refit_mode: str, rank_multiple: int,
              no_latency_check: bool, exclude: Sequence[str], seed: int, groups: str | None,
@@ -275,6 +279,7 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], recipe_path:
         "refit_mode": refit_mode, "rank_multiple": rank_multiple,
         "latency_check": not no_latency_check, "exclude": tuple(exclude), "seed": seed,
         "provider": provider, "threads": threads, "weighted": weighted,
+        "latency_cache": str(latency_cache) if latency_cache else None,
         "share_groups": share_groups, "ratio": ratio, "criterion": criterion,
         "round_to": round_to, "layers": layers, "mode": mode, "bits": bits,
         "calibrator": calibrator, "max_drop": max_drop, "min_realized": min_realized,
@@ -294,8 +299,10 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], recipe_path:
 
     def body() -> None:
         if recipe_path is not None:
+            base = {"provider": provider, "threads": threads,
+                    "latency_cache": str(latency_cache) if latency_cache else None}
             steps = recipe_mod.load(recipe_path).steps(
-                REGISTRY, {"provider": provider, "threads": threads})
+                REGISTRY, {k: v for k, v in base.items() if v is not None})
         else:
             steps = []
             for name in passes:

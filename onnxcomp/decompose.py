@@ -32,6 +32,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -41,6 +42,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxcomp import bench, calibrate, cost, lowrank, runtime, verify
 from onnxcomp.calibrate import Calibration
 from onnxcomp.graph import Graph, Node
+from onnxcomp.latency_cache import LatencyCache, structure_hash
 from onnxcomp.model import copy_model
 from onnxcomp.passbase import (
     Change,
@@ -101,6 +103,9 @@ class LowRankConfig(PassConfig):
     # --rank auto: weight each layer's error by how much of it reaches the model's outputs
     # (one probe run per layer, see layer_gains).
     sensitivity: bool = True
+    # A JSON file of measured latencies read before measuring and written after (see
+    # onnxcomp/latency_cache.py): with it a second compile replays the first one's choices.
+    latency_cache: str | None = None
     min_macs: int = 1_000_000
     # cp only: "separate" (kh x 1 then 1 x kw depthwise), "merged" (one kh x kw depthwise),
     # "auto" (merged for kernels of at most 9 taps, where it measured faster; see passes/cp.py).
@@ -802,22 +807,27 @@ def _layer_attrs(layer: Layer) -> dict[str, Any]:
 _LATENCY_CACHE: dict[tuple[Any, ...], tuple[float, float]] = {}
 
 
-def measure_plan(layer: Layer, plan: Plan, model: onnx.ModelProto, config: LowRankConfig
-                 ) -> tuple[float, float]:
+def measure_plan(layer: Layer, plan: Plan, model: onnx.ModelProto, config: LowRankConfig,
+                 cache: LatencyCache | None = None) -> tuple[float, float]:
     """(original ms, plan ms) of the layer alone on the provider; cached per shape."""
     key = (plan.method, layer.op, layer.weight.shape, layer.in_shape, layer.out_shape,
            layer.geom, plan.ranks, plan.last_shape, config.provider, config.threads,
            tuple((st.weight.shape, repr(sorted(st.attrs.items()))) for st in plan.stages))
-    if key in _LATENCY_CACHE:
+    file_key = f"layer {key!r}"
+    if cache is not None and (hit := cache.get(file_key)) is not None:
+        _LATENCY_CACHE[key] = (float(hit[0]), float(hit[1]))
         return _LATENCY_CACHE[key]
-    a = standalone(layer, None, model.ir_version, model.opset_import)
-    b = standalone(layer, plan, model.ir_version, model.opset_import)
-    cfg = bench.BenchConfig(provider=config.provider, threads=config.threads, warmup=3,
-                            runs=config.bench_runs)
-    res = bench.benchmark([a, b], cfg)
-    out = (res.models[0].median_ms, res.models[0].median_ms / res.speedups[0].median)
-    _LATENCY_CACHE[key] = out
-    return out
+    if key not in _LATENCY_CACHE:
+        a = standalone(layer, None, model.ir_version, model.opset_import)
+        b = standalone(layer, plan, model.ir_version, model.opset_import)
+        cfg = bench.BenchConfig(provider=config.provider, threads=config.threads, warmup=3,
+                                runs=config.bench_runs)
+        res = bench.benchmark([a, b], cfg)
+        _LATENCY_CACHE[key] = (res.models[0].median_ms,
+                               res.models[0].median_ms / res.speedups[0].median)
+    if cache is not None:
+        cache.put(file_key, list(_LATENCY_CACHE[key]))
+    return _LATENCY_CACHE[key]
 
 
 # ============================================================================ the driver
@@ -860,7 +870,7 @@ def _option(layer: Layer, plan: Plan, m: Moments, model: onnx.ModelProto,
 
 
 def _measure_options(layer: Layer, options: list[Option], model: onnx.ModelProto,
-                     config: LowRankConfig) -> None:
+                     config: LowRankConfig, cache: LatencyCache | None = None) -> None:
     """Time the options cheapest first; once one is not faster, costlier ones are not timed.
 
     A chain's latency grows with its rank, so an option that loses to the original layer
@@ -871,7 +881,7 @@ def _measure_options(layer: Layer, options: list[Option], model: onnx.ModelProto
         if lost:
             opt.base_ms, opt.ms = base, float("inf")
             continue
-        opt.base_ms, opt.ms = measure_plan(layer, opt.plan, model, config)
+        opt.base_ms, opt.ms = measure_plan(layer, opt.plan, model, config, cache)
         base = opt.base_ms
         lost = opt.base_ms < config.min_layer_speedup * opt.ms
 
@@ -905,6 +915,8 @@ def run_decomposition(
     if not kept:
         report.notes.append(f"no layer to decompose with {method.name}")
         return PassResult(copy_model(model), report)
+    cache = (LatencyCache(Path(config.latency_cache), config.provider, config.threads)
+             if config.latency_cache else None)
     data_basis = (getattr(method, "data_basis", False) and config.basis == "data"
                   and not calib.synthetic)
     moments, targets = collect_original(model, kept, calib, config, halves=data_basis)
@@ -935,10 +947,10 @@ def run_decomposition(
                 continue
             options.append(_option(layer, plan, moments[i], model, config, measure=False))
         if config.latency_check:
-            _measure_options(layer, options, model, config)
+            _measure_options(layer, options, model, config, cache)
         choices.append(LayerChoice(layer, i, options))
 
-    probes = _Probes(model, kept, moments, targets, calib, config)
+    probes = _Probes(model, kept, moments, targets, calib, config, cache)
     chosen = _allocate(choices, probes, config, report)
     final_model, changes = _build(model, chosen, kept, moments, targets, calib, config,
                                   pass_name, progress)
@@ -960,6 +972,9 @@ def run_decomposition(
             changes = []
     for change in changes:
         report.apply(change)
+    if cache is not None:
+        cache.save()
+        report.metrics["latency_cache"] = cache.stats()
     report.metrics["seconds"] = round(time.perf_counter() - start, 2)
     if not changes:
         return PassResult(copy_model(model), report)
@@ -975,8 +990,10 @@ class _Probes:
 
     def __init__(self, model: onnx.ModelProto, layers: list[Layer], moments: list[Moments],
                  targets: list[list[np.ndarray]], calib: Calibration,
-                 config: LowRankConfig) -> None:
+                 config: LowRankConfig, cache: LatencyCache | None = None) -> None:
         self.model, self.layers, self.moments, self.targets = model, layers, moments, targets
+        self.cache = cache
+        self._structure = structure_hash(model) if cache is not None else ""
         self.calib = calib
         self.config = dataclasses.replace(config, refit_mode="symmetric")
         self.feeds = {k: v[:1] for k, v in calib.batches[0].items()}
@@ -997,10 +1014,29 @@ class _Probes:
         return self._built[k]
 
     def speedup_of(self, candidate: onnx.ModelProto) -> float:
+        key = ""
+        if self.cache is not None:
+            key = f"speedup {self._structure} {structure_hash(candidate)}"
+            if (hit := self.cache.get(key)) is not None:
+                return float(hit)
         cfg = bench.BenchConfig(provider=self.config.provider, threads=self.config.threads,
                                 warmup=5, runs=max(self.config.bench_runs, 30))
         res = bench.benchmark([self.model, candidate], cfg, inputs=self.feeds)
-        return float(res.speedups[0].median)
+        value = float(res.speedups[0].median)
+        if self.cache is not None:
+            self.cache.put(key, value)
+        return value
+
+    def cached(self, what: str, measure: Callable[[], float]) -> float:
+        """``measure()``, or its value recorded for this model in the latency cache."""
+        if self.cache is None:
+            return measure()
+        key = f"{what} {self._structure}"
+        if (hit := self.cache.get(key)) is not None:
+            return float(hit)
+        value = measure()
+        self.cache.put(key, value)
+        return value
 
     def measured(self, chosen: dict[int, Option]) -> float | None:
         """The whole-model speedup already measured for ``chosen``, if any."""
@@ -1176,11 +1212,14 @@ def layer_gains(probes: _Probes, usable: list[LayerChoice]) -> dict[int, float]:
         return {**batch, **{name: np.zeros(1, np.float32) for name in switches.values()}}
 
     # As many samples as fit the time budget (whole batches: a model may have a fixed batch).
-    start = time.perf_counter()
-    session.run(names, off(pairs[0][0]))
-    per_sample = (time.perf_counter() - start) / max(pairs[0][1], 1)
-    want = int(SENSITIVITY_SECONDS / ((len(switches) + 1) * max(per_sample, 1e-6)))
-    want = min(max(want, SENSITIVITY_SAMPLES[0]), SENSITIVITY_SAMPLES[1])
+    def fitting() -> float:
+        start = time.perf_counter()
+        session.run(names, off(pairs[0][0]))
+        per_sample = (time.perf_counter() - start) / max(pairs[0][1], 1)
+        want = int(SENSITIVITY_SECONDS / ((len(switches) + 1) * max(per_sample, 1e-6)))
+        return float(min(max(want, SENSITIVITY_SAMPLES[0]), SENSITIVITY_SAMPLES[1]))
+
+    want = int(probes.cached(f"sensitivity_samples {len(switches)}", fitting))
     batches, count = [], 0
     for batch, size in pairs:
         if count >= want:
@@ -1270,8 +1309,8 @@ def _auto_allocate(
         report.notes.append(f"no latency measurements (--no-latency-check): the speed target "
                             f"is read as keeping {target_macs:.1%} of the MACs")
     if config.target_speedup is not None and config.latency_check:
-        base = bench.time_model(model, probes.feeds, config.provider, config.threads,
-                                runs=config.bench_runs)
+        base = probes.cached("model_ms", lambda: bench.time_model(
+            model, probes.feeds, config.provider, config.threads, runs=config.bench_runs))
         report.metrics["model_ms"] = round(base, 4)
         index = _reach_speedup(picks, savings, base, probes, config, report)
     elif target_macs is not None:
@@ -1408,8 +1447,9 @@ def _bound_error(picks: list[dict[int, Option]], limit: int, bound: float, probe
 
 
 def _outputs(model: onnx.ModelProto, calib: Calibration) -> tuple[list[str], list[np.ndarray]]:
+    """Outputs for error probes: compile-time work, so every core and graph optimizations."""
     names = [o.name for o in model.graph.output]
-    return names, calibrate.run_model(model, calib)
+    return names, calibrate.run_model(model, calib, threads=os.cpu_count() or 1, optimize=True)
 
 
 def _build(

@@ -40,6 +40,10 @@ if TYPE_CHECKING:
 RANK_ALIASES = {"kernel_sharing": "groups", "depthwise_separable": "depth_multiplier"}
 
 
+# Options that belong to one machine's run, not to the recipe (given on the command line).
+NOT_SAVED = frozenset({"latency_cache"})
+
+
 class RecipeError(ConfigError):
     """A recipe that cannot be read or does not describe a valid run."""
 
@@ -189,7 +193,7 @@ def dump(steps: Sequence[Step]) -> str:
         defaults = type(step.config)()
         for f in dataclasses.fields(step.config):
             value = getattr(step.config, f.name)
-            if value == getattr(defaults, f.name):
+            if value == getattr(defaults, f.name) or f.name in NOT_SAVED:
                 continue
             lines.append(f"{f.name.replace('_', '-')} = {_toml_value(value)}")
         lines.append("")

@@ -220,7 +220,7 @@ def _two_layer_model():
 
 def _fake_latency(monkeypatch, whole_model_speedup):
     """Per-layer micro-benchmarks: saving proportional to MACs; whole model: a fixed ratio."""
-    def measure(layer, plan, model, config):
+    def measure(layer, plan, model, config, cache=None):
         return layer.macs * 1e-6, plan.macs * 1e-6
     monkeypatch.setattr(decompose, "measure_plan", measure)
     monkeypatch.setattr(decompose._Probes, "speedup_of",
@@ -231,7 +231,7 @@ def _fake_latency(monkeypatch, whole_model_speedup):
 def test_auto_skips_chains_that_realize_little_of_their_mac_cut(monkeypatch):
     _fake_latency(monkeypatch, 1.5)
 
-    def measure(layer, plan, model, config):  # faster, but by a third of the MAC cut
+    def measure(layer, plan, model, config, cache=None):  # faster, but by a third of the MAC cut
         return layer.macs * 1e-6, 3 * plan.macs * 1e-6
     monkeypatch.setattr(decompose, "measure_plan", measure)
     model = _two_layer_model()
@@ -322,7 +322,7 @@ def test_speed_target_search_goes_back_to_milder_ranks(monkeypatch):
     and with the bisection not on the most aggressive one."""
     from onnxcomp import cost
 
-    def measure(layer, plan, model, config):
+    def measure(layer, plan, model, config, cache=None):
         return layer.macs * 1e-6, plan.macs * 1e-6
     monkeypatch.setattr(decompose, "measure_plan", measure)
     model = _two_layer_model()
