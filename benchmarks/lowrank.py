@@ -153,8 +153,10 @@ def main() -> None:
         docs.append(doc)
         print(" | ".join(str(c) for c in row), flush=True)
     pre = ("Low-rank passes with `--rank auto`, after canonicalize + fold_bn + fold_affine "
-           "(lossless; speedups are vs the original, so they include what those bring: "
-           "see spine.md). Fidelity on "
+           "in the same run (lossless; speedups are vs the original, so they include what "
+           "those bring: see spine.md; a speed target is for the whole run, so the method "
+           "aims at what the clean-up leaves). Sensitivity weighting is on unless the row "
+           "says `--sensitivity False`. Fidelity on "
            "held-out inputs; latency ORT CPU 1 thread batch 1, interleaved, "
            f"{args.runs} rounds; {platform.machine()} ({platform.processor() or 'cpu'}).\n\n")
     headers = ["model", "method", "setting", "layers", "speedup (p10-p90)",

@@ -173,3 +173,28 @@ def test_readme_recipe_is_valid():
     steps = _steps(text)
     assert [s.name for s in steps] == ["canonicalize", "fold_bn", "cp", "quantize"]
     assert steps[2].config.target_speedup == 2.0 and steps[3].config.max_drop == 0.01
+
+
+def test_latency_cache_is_run_level(tmp_path):
+    """--latency-cache goes with --recipe, reaches the passes, and stays out of saved recipes."""
+    from builders import conv_model
+
+    w = np.random.default_rng(1).standard_normal([64, 64, 3, 3]).astype(np.float32)
+    model = tmp_path / "big.onnx"
+    onnx.save(conv_model(w, size=16, batch="N", pads=[1, 1, 1, 1]), model)
+    calib = tmp_path / "big.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal([8, 64, 16, 16]).astype("f4"))
+    cache = tmp_path / "lat.json"
+    first = _invoke(["optimize", model, "-o", tmp_path / "a.onnx", "--pass", "svd",
+                     "--min-realized", 0, "--calib", calib, "--no-bench", "--latency-cache",
+                     cache, "--save-recipe", tmp_path / "r.toml"])
+    assert first.exit_code == 0, first.output
+    assert "latency" not in (tmp_path / "r.toml").read_text()
+    assert cache.exists()
+    second = _invoke(["optimize", model, "-o", tmp_path / "b.onnx", "--recipe",
+                      tmp_path / "r.toml", "--calib", calib, "--no-bench", "--latency-cache",
+                      cache, "--report", tmp_path / "rep.json"])
+    assert second.exit_code == 0, second.output
+    doc = json.loads((tmp_path / "rep.json").read_text())
+    stats = doc["steps"][0]["report"]["metrics"]["latency_cache"]
+    assert stats["hits"] > 0 and stats["file"] == str(cache)
