@@ -197,8 +197,8 @@ class Layer:
     # Covariance of the layer's input rows (im2col columns) on the calibration data, set
     # before planning; None without data or with fewer than 10 sampled rows per dimension.
     input_cov: np.ndarray | None = None
-    # The same from the even and the odd calibration samples, to check that a basis fitted on
-    # one half still helps on the other (see data_basis_generalizes).
+    # The same from the first and the second half of the calibration samples, to check that a
+    # basis fitted on one half still helps on the other (see data_basis_generalizes).
     input_cov_halves: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
@@ -433,7 +433,7 @@ class Moments:
     xy: np.ndarray | None
     yy: float
     rows: int
-    odd: Moments | None = None  # the odd-numbered samples' share (collect_original only)
+    second: Moments | None = None  # the second half of the samples' share (collect_original)
 
     def normalized(self) -> tuple[np.ndarray, np.ndarray | None, float]:
         """Means instead of sums."""
@@ -496,7 +496,11 @@ def collect_original(
     per_sample = max(1, config.max_rows // max(calib.num_samples, 1))
     samplers = [_Sampler(i, layer, per_sample, config.seed) for i, layer in enumerate(layers)]
     moments = [Moments(np.zeros((_xdim(layer) + 1,) * 2), None, 0.0, 0) for layer in layers]
-    odd = [Moments(np.zeros((_xdim(layer) + 1,) * 2), None, 0.0, 0) for layer in layers]
+    second = [Moments(np.zeros((_xdim(layer) + 1,) * 2), None, 0.0, 0) for layer in layers]
+    # Halves are contiguous, not alternate samples: calibration sets come in runs of related
+    # samples (crops of one photo, files of one folder), and a basis that only holds within
+    # such a run must fail the check, not pass it on both sides of every run.
+    middle = calib.num_samples // 2
     targets: list[list[np.ndarray]] = [[] for _ in layers]
     sample = 0
     for batch in calibrate.iter_capture(model, list(dict.fromkeys(names)), calib):
@@ -513,14 +517,14 @@ def collect_original(
                 m.xx += gram
                 m.yy += float(np.sum(yr * yr))
                 m.rows += len(pos)
-                if halves and (sample + s) % 2:
-                    odd[li].xx += gram
-                    odd[li].rows += len(pos)
+                if halves and sample + s >= middle:
+                    second[li].xx += gram
+                    second[li].rows += len(pos)
                 targets[li].append(yr.astype(np.float32))
         sample += n
     if halves:
-        for m, o in zip(moments, odd, strict=True):
-            m.odd = o
+        for m, o in zip(moments, second, strict=True):
+            m.second = o
     return moments, targets
 
 
@@ -927,10 +931,10 @@ def run_decomposition(
             # such layers keep the weights' own basis.
             if m.rows >= REFIT_ROWS_PER_UNKNOWN * _xdim(layer):
                 layer.input_cov = input_covariance(m)
-                o = m.odd
+                o = m.second
                 if o is not None and 0 < o.rows < m.rows:
-                    even = Moments(m.xx - o.xx, None, 0.0, m.rows - o.rows)
-                    layer.input_cov_halves = (input_covariance(even), input_covariance(o))
+                    first = Moments(m.xx - o.xx, None, 0.0, m.rows - o.rows)
+                    layer.input_cov_halves = (input_covariance(first), input_covariance(o))
 
     choices: list[LayerChoice] = []
     for i, layer in enumerate(kept):

@@ -164,3 +164,28 @@ def test_fc_layer_with_few_rows_keeps_the_weight_basis():
     result = svd(model, LowRankConfig(rank=8, basis="data", **EXACT),
                  calibration(model, n=4, batch=2))
     assert result.report.applied[0].details["basis"] == "weights"
+
+
+def test_data_basis_must_hold_across_runs_of_related_samples():
+    """Calibration sets come in runs (crops of one photo, one folder): a basis fitted on the
+    first half of the samples must also serve the second. Here the two halves live in
+    different input subspaces, so the check keeps the weights' basis; the same samples
+    interleaved (each half sees both subspaces) pass it."""
+    from onnxcomp.calibrate import Calibration
+
+    w = np.random.default_rng(3).standard_normal([64, 64, 1, 1]).astype(np.float32)
+    model = conv_model(w, size=8, batch="N")
+    rng = np.random.default_rng(4)
+
+    def batch(lo: int) -> dict[str, np.ndarray]:
+        x = np.zeros([2, 64, 8, 8], np.float32)
+        x[:, lo:lo + 24] = rng.standard_normal([2, 24, 8, 8])
+        return {"x": x}
+
+    runs = [batch(0) for _ in range(4)] + [batch(32) for _ in range(4)]
+    mixed = [runs[i // 2 + (i % 2) * 4] for i in range(8)]
+    cfg = LowRankConfig(rank=16, refit=False, basis="data", **EXACT)
+    split = svd(model, cfg, Calibration(runs, False, "runs"))
+    interleaved = svd(model, cfg, Calibration(mixed, False, "mixed"))
+    assert split.report.applied[0].details["basis"].startswith("weights (the data basis did not")
+    assert interleaved.report.applied[0].details["basis"] == "data"
