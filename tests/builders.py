@@ -165,3 +165,18 @@ def relative_error(a: onnx.ModelProto, b: onnx.ModelProto, calib) -> float:
     ya = np.concatenate([run(a, batch)[0] for batch in calib.batches])
     yb = np.concatenate([run(b, batch)[0] for batch in calib.batches])
     return float(np.linalg.norm(yb - ya) / np.linalg.norm(ya))
+
+
+def loud_channels_model(weight: np.ndarray, loud: int, size: int = 8,
+                        **attrs: object) -> onnx.ModelProto:
+    """x -> 1x1 "scale" (the first ``loud`` channels x30) -> Conv(weight) "conv" -> y.
+
+    Inputs that live mostly in a few channels: what the data bases are for.
+    """
+    o, c = weight.shape[:2]
+    scale = np.ones(c, np.float32)
+    scale[:loud] = 30.0
+    nodes = [helper.make_node("Conv", ["x", "S"], ["s"], name="scale"),
+             helper.make_node("Conv", ["s", "W"], ["y"], name="conv", **attrs)]
+    return make_model(nodes, [tensor("x", [1, c, size, size])], [tensor("y", [1, o, size, size])],
+                      {"S": np.diag(scale).reshape(c, c, 1, 1), "W": weight.astype(np.float32)})

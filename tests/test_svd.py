@@ -6,6 +6,7 @@ from builders import (
     assert_equivalent,
     calibration,
     conv_model,
+    loud_channels_model,
     make_model,
     op_count,
     relative_error,
@@ -120,15 +121,8 @@ def test_fc_refit_needs_enough_rows(batches, refit):
 def test_data_basis_beats_weight_basis_on_anisotropic_inputs():
     """Inputs living mostly in a few channels: keeping the outputs' principal subspace (data)
     loses far less than keeping W's top singular vectors (weights), at the same rank."""
-    rng = np.random.default_rng(5)
-    w = rng.standard_normal([48, 64]).astype(np.float32)  # full rank 48
-    scale = np.ones(64, np.float32)
-    scale[:6] = 30.0  # six loud input channels
-    mix = np.diag(scale).reshape(64, 64, 1, 1)
-    nodes = [helper.make_node("Conv", ["x", "S"], ["s"], name="scale"),
-             helper.make_node("Conv", ["s", "W"], ["y"], name="pw")]
-    model = make_model(nodes, [tensor("x", [1, 64, 8, 8])], [tensor("y", [1, 48, 8, 8])],
-                       {"S": mix, "W": w.reshape(48, 64, 1, 1)})
+    w = np.random.default_rng(5).standard_normal([48, 64, 1, 1])  # full rank 48
+    model = loud_channels_model(w, loud=6)
     calib = calibration(model, n=16)
     errors = {}
     for basis in ("data", "weights"):

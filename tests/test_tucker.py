@@ -60,17 +60,10 @@ def test_pointwise_is_skipped():
 def test_data_basis_beats_weight_basis_on_anisotropic_inputs():
     """Six loud input channels: the output subspace that matters on the data (data basis)
     loses less than the weights' leading subspace, at the same ranks and without refit."""
-    from builders import make_model, relative_error, tensor
-    from onnx import helper
+    from builders import loud_channels_model, relative_error
 
-    rng = np.random.default_rng(5)
-    w = rng.standard_normal([32, 16, 3, 3]).astype(np.float32)
-    scale = np.ones(16, np.float32)
-    scale[:3] = 30.0
-    nodes = [helper.make_node("Conv", ["x", "S"], ["s"], name="scale"),
-             helper.make_node("Conv", ["s", "W"], ["y"], name="conv", pads=[1] * 4)]
-    model = make_model(nodes, [tensor("x", [1, 16, 8, 8])], [tensor("y", [1, 32, 8, 8])],
-                       {"S": np.diag(scale).reshape(16, 16, 1, 1), "W": w})
+    w = np.random.default_rng(5).standard_normal([32, 16, 3, 3])
+    model = loud_channels_model(w, loud=3, pads=[1] * 4)
     calib = calibration(model, n=32)
     errors = {}
     for basis in ("data", "weights"):
