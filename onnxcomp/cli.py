@@ -359,6 +359,7 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], recipe_path:
                 "cost_after": cost_after.to_dict(),
                 "file_size": {"before": size_before, "after": size_after},
                 "latency": latency,
+                "realized": report.realized(latency, cost_before, cost_after),
                 **result.to_dict(),
             }
             _write_json(report_path, doc)

@@ -1516,7 +1516,8 @@ def _build(
         }
         if opt.base_ms:
             details.update(latency_before_ms=round(opt.base_ms, 4),
-                           latency_after_ms=round(opt.ms, 4))
+                           latency_after_ms=round(opt.ms, 4),
+                           realized=round(realized(opt, layer), 3))
         details.update({k: v for k, v in plan.extra.items() if k != "degenerate"})
         changes.append(Change(
             node=layer.name, op_type=layer.op,

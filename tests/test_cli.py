@@ -311,3 +311,20 @@ def test_quantize_entropy_on_too_few_samples_fails_cleanly(runner, conv_file, tm
                               "--calibrator", "entropy", "--calib", calib])
     _assert_clean_failure(result, 1, "entropy calibrator needs at least 8", tmp_path,
                           ["conv.onnx", "calib.npz"])
+
+
+def test_report_shows_realized_share_of_the_mac_cut(runner, tmp_path):
+    from builders import conv_model
+
+    w = np.random.default_rng(1).standard_normal([64, 64, 3, 3]).astype(np.float32)
+    src = tmp_path / "in.onnx"
+    onnx.save(conv_model(w, size=16, batch="N", pads=[1, 1, 1, 1]), src)
+    rep = tmp_path / "r.json"
+    result = _invoke(runner, ["optimize", src, "-o", tmp_path / "o.onnx", "--pass", "svd",
+                              "--rank", "0.25", "--no-latency-check", "--runs", 5,
+                              "--report", rep])
+    assert result.exit_code == 0, result.output
+    assert "realized (speedup / MAC cut)" in result.output
+    doc = json.loads(rep.read_text())
+    macs = doc["cost_before"]["macs"] / doc["cost_after"]["macs"]
+    assert doc["realized"] == pytest.approx(doc["latency"]["speedup"] / macs)

@@ -27,3 +27,10 @@ def test_layer_table_renders_totals():
     console.print(report.layer_table(cost, "m"))
     text = console.export_text()
     assert "conv" in text and "relu" not in text and "total" in text
+
+
+def test_realized_is_speedup_over_mac_cut():
+    before, after = ModelCost((), 10, 4000, 40), ModelCost((), 5, 1000, 20)
+    assert report.realized({"speedup": 3.0}, before, after) == 0.75
+    assert report.realized(None, before, after) is None  # not timed
+    assert report.realized({"speedup": 1.4}, before, before) is None  # no MAC cut to realize
