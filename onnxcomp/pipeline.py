@@ -137,7 +137,7 @@ def run_pipeline(
         log.info("%s: %d applied, %d skipped, rel error %.3g", step.name,
                  len(result.report.applied), len(result.report.skipped), fidelity.rel_l2)
         results.append(StepResult(step.name, pass_.lossless, result.report, fidelity, seconds,
-                                  config))
+                                  config or step.config))
         changed = changed or result.modified
         current = result.model
         previous = outputs
@@ -150,8 +150,8 @@ def pipeline_target(config: PassConfig, original: onnx.ModelProto, current: onnx
     """The step's config with its targets turned into what is left of the pipeline's.
 
     ``target_speedup`` and ``target_macs`` are for the whole pipeline. Returns (config, note,
-    speedup so far); config ``None`` when the earlier steps already reach the target (the step
-    then leaves the model alone). The speedup so far is measured on the step's provider
+    speedup so far); config ``None`` when the earlier steps already reach every target (the
+    step then leaves the model alone). The speedup so far is measured on the step's provider
     (interleaved, batch 1), or read from MACs when the step does not measure latency
     (``latency_check`` off).
     """
@@ -159,36 +159,35 @@ def pipeline_target(config: PassConfig, original: onnx.ModelProto, current: onnx
     keep = getattr(config, "target_macs", None)
     if target is None and keep is None:
         return config, None, None
-    mac_ratio = 1.0
-    if keep is not None or not getattr(config, "latency_check", True):
+    timed = target is not None and getattr(config, "latency_check", True)
+    mac_ratio = 1.0  # MACs now / MACs of the original
+    if keep is not None or not timed:
         shapes = {k: (1, *v.shape[1:]) for k, v in calib.batches[0].items()}
         mac_ratio = (cost.model_cost(current, shapes).macs
                      / max(cost.model_cost(original, shapes).macs, 1))
-    if target is not None and getattr(config, "latency_check", True):
+    so_far = 1 / max(mac_ratio, 1e-12)
+    if timed:
         feeds = {k: v[:1] for k, v in calib.batches[0].items()}
-        runs = max(int(getattr(config, "bench_runs", 30)), 30)
         so_far = bench.compare_models(original, current, feeds,
                                       str(getattr(config, "provider", "cpu")),
-                                      int(getattr(config, "threads", 1)), runs=runs)
-        what, flag, goal = "measured", "--target-speedup", float(target)
-    elif target is not None:
-        so_far, what, flag, goal = 1 / mac_ratio, "cut the MACs", "--target-speedup", target
-    else:
-        assert keep is not None
-        so_far, what, flag, goal = 1 / mac_ratio, "cut the MACs", "--target-macs", 1 / keep
-    if so_far >= goal:
-        return None, (f"{flag} is for the whole pipeline and the earlier passes {what} "
-                      f"{so_far:.2f}x: nothing left to do"), so_far
-    if so_far <= 1.0:
+                                      int(getattr(config, "threads", 1)),
+                                      runs=max(int(getattr(config, "bench_runs", 30)), 30))
+    what = "measured" if timed else "cut the MACs"
+    changes: dict[str, float | None] = {}
+    if target is not None and so_far > 1.0:
+        changes["target_speedup"] = target / so_far if so_far < target else None
+    if keep is not None and mac_ratio < 1.0:
+        changes["target_macs"] = keep / mac_ratio if mac_ratio > keep else None
+    if not changes:
         return config, None, None
-    changes: dict[str, float] = {}
-    if target is not None:
-        changes["target_speedup"] = target / so_far
-    if keep is not None:
-        changes["target_macs"] = min(keep / mac_ratio, 1.0)
-    rest = ", ".join(f"--{k.replace('_', '-')} {v:.3g}" for k, v in changes.items())
-    note = (f"{flag} is for the whole pipeline; the earlier passes {what} {so_far:.2f}x, so "
-            f"this pass aims at {rest}")
+    if all(v is None for v in changes.values()) and len(changes) == (target is not None) + (
+            keep is not None):
+        return None, (f"the targets are for the whole pipeline and the earlier passes {what} "
+                      f"{so_far:.2f}x: nothing left to do"), so_far
+    rest = ", ".join(f"--{k.replace('_', '-')} {v:.3g}" for k, v in changes.items()
+                     if v is not None)
+    note = (f"the targets are for the whole pipeline; the earlier passes {what} {so_far:.2f}x, "
+            f"so this pass aims at {rest or 'the remaining target'}")
     return dataclasses.replace(config, **changes), note, so_far
 
 

@@ -138,6 +138,7 @@ def test_registry_names_match_files():
 class TargetConfig(PassConfig):
     target_speedup: float | None = None
     latency_check: bool = True
+    target_macs: float | None = None
 
 
 class RecordTarget:
@@ -149,9 +150,11 @@ class RecordTarget:
 
     def __init__(self) -> None:
         self.seen: list[float | None] = []
+        self.macs_seen: list[float | None] = []
 
     def __call__(self, model, config, calib=None):
         self.seen.append(config.target_speedup)
+        self.macs_seen.append(config.target_macs)
         return PassResult(copy_model(model), Report(self.name))
 
 
@@ -202,8 +205,7 @@ def test_target_untouched_when_earlier_passes_gave_no_speed(monkeypatch):
     assert "pipeline_speedup_before" not in result.steps[-1].report.metrics
 
 
-def test_mac_targets_without_latency_measurements(monkeypatch):
-    """With latency checks off, the earlier passes' share is read from the MACs."""
+def _halved_run(monkeypatch, config):
     import types
 
     from onnxcomp import pipeline
@@ -222,7 +224,19 @@ def test_mac_targets_without_latency_measurements(monkeypatch):
     record = RecordTarget()
     model = conv_bn_model()
     registry = {"halve": Halve(1.0, lossless=True), "record": record}
-    steps = [Step("halve", NoConfig()), Step("record", TargetConfig(3.0, latency_check=False))]
-    result = run_pipeline(model, steps, _calib(model), registry)
+    steps = [Step("halve", NoConfig()), Step("record", config)]
+    return record, run_pipeline(model, steps, _calib(model), registry)
+
+
+def test_mac_targets_without_latency_measurements(monkeypatch):
+    """With latency checks off, the earlier passes' share is read from the MACs."""
+    record, result = _halved_run(monkeypatch, TargetConfig(3.0, latency_check=False))
     assert record.seen == [pytest.approx(1.5)]
     assert "cut the MACs 2.00x" in result.steps[-1].report.notes[0]
+
+
+def test_a_reached_target_is_dropped_the_other_kept(monkeypatch):
+    config = TargetConfig(1.5, latency_check=False, target_macs=0.25)
+    record, result = _halved_run(monkeypatch, config)
+    assert record.seen == [None] and record.macs_seen == [pytest.approx(0.5)]
+    assert result.steps[-1].config.target_macs == pytest.approx(0.5)
