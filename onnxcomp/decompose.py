@@ -96,9 +96,9 @@ class LowRankConfig(PassConfig):
     latency_check: bool = True
     min_layer_speedup: float = 1.05
     # --rank auto uses only options whose micro-benchmarked speedup is at least this share
-    # of their MAC cut. 0.8 would be the honest ideal, but CP chains realize 0.52-0.63 on the
-    # Fashion-MNIST VGG on this CPU (the depthwise stages are memory-bound), and at 0.8 CP
-    # applies nothing there (Tucker reaches 1.31x instead of 2.09x).
+    # of their MAC cut. 0.8 would be the honest ideal, but CP chains realize 0.5-0.7 on the
+    # small Fashion-MNIST VGG layers on this CPU (the depthwise stages are memory-bound), and
+    # at 0.8 CP applies nothing there (Tucker reaches 1.31x instead of 2.09x).
     min_realized: float = 0.5
     # --rank auto: weight each layer's error by how much of it reaches the model's outputs
     # (one probe run per layer, see layer_gains).
