@@ -180,3 +180,19 @@ def loud_channels_model(weight: np.ndarray, loud: int, size: int = 8,
              helper.make_node("Conv", ["s", "W"], ["y"], name="conv", **attrs)]
     return make_model(nodes, [tensor("x", [1, c, size, size])], [tensor("y", [1, o, size, size])],
                       {"S": np.diag(scale).reshape(c, c, 1, 1), "W": weight.astype(np.float32)})
+
+
+def basis_errors(pass_, model: onnx.ModelProto, calib, **config) -> dict[str, float]:
+    """Output error of ``pass_`` at fixed rank, without refit, with each ``--basis``.
+
+    Also checks that the report names the basis used (the "scale" stage is left alone).
+    """
+    from onnxcomp.decompose import LowRankConfig
+
+    errors = {}
+    for basis in ("data", "weights"):
+        cfg = LowRankConfig(refit=False, basis=basis, exclude=("scale",), **config)
+        result = pass_(model, cfg, calib)
+        assert result.report.applied[0].details["basis"] == basis
+        errors[basis] = relative_error(model, result.model, calib)
+    return errors

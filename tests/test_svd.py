@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from builders import (
     assert_equivalent,
+    basis_errors,
     calibration,
     conv_model,
     loud_channels_model,
@@ -93,7 +94,6 @@ def test_grouped_conv_skipped():
 @pytest.mark.parametrize(("batches", "refit"), [(2, "none"), (60, "asymmetric")])
 def test_fc_refit_needs_enough_rows(batches, refit):
     """One row per sample for an FC layer: a rank-16 refit needs 10 x 17 rows or is skipped."""
-    from builders import relative_error
 
     rng = np.random.default_rng(4)
     w1 = rng.standard_normal([96, 64]).astype(np.float32)
@@ -123,13 +123,7 @@ def test_data_basis_beats_weight_basis_on_anisotropic_inputs():
     loses far less than keeping W's top singular vectors (weights), at the same rank."""
     w = np.random.default_rng(5).standard_normal([48, 64, 1, 1])  # full rank 48
     model = loud_channels_model(w, loud=6)
-    calib = calibration(model, n=16)
-    errors = {}
-    for basis in ("data", "weights"):
-        cfg = LowRankConfig(rank=8, refit=False, basis=basis, exclude=("scale",), **EXACT)
-        result = svd(model, cfg, calib)
-        assert result.report.applied[0].details["basis"] == basis
-        errors[basis] = relative_error(model, result.model, calib)
+    errors = basis_errors(svd, model, calibration(model, n=16), rank=8, **EXACT)
     assert errors["data"] < 0.5 * errors["weights"]
 
 

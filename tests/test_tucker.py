@@ -60,15 +60,9 @@ def test_pointwise_is_skipped():
 def test_data_basis_beats_weight_basis_on_anisotropic_inputs():
     """Six loud input channels: the output subspace that matters on the data (data basis)
     loses less than the weights' leading subspace, at the same ranks and without refit."""
-    from builders import loud_channels_model, relative_error
+    from builders import basis_errors, loud_channels_model
 
     w = np.random.default_rng(5).standard_normal([32, 16, 3, 3])
     model = loud_channels_model(w, loud=3, pads=[1] * 4)
-    calib = calibration(model, n=32)
-    errors = {}
-    for basis in ("data", "weights"):
-        cfg = LowRankConfig(rank=8, refit=False, basis=basis, exclude=("scale",), **EXACT)
-        result = tucker(model, cfg, calib)
-        assert result.report.applied[0].details["basis"] == basis
-        errors[basis] = relative_error(model, result.model, calib)
+    errors = basis_errors(tucker, model, calibration(model, n=32), rank=8, **EXACT)
     assert errors["data"] < 0.8 * errors["weights"]
