@@ -324,9 +324,7 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], recipe_path:
                 on_step=lambda n: progress.update(task, description=f"pass {n}"))
             model_io.save(result.model, output)
             if save_recipe is not None:
-                tmp = save_recipe.with_name(f".{save_recipe.name}.tmp")
-                tmp.write_text(recipe_mod.dump(steps))
-                tmp.replace(save_recipe)
+                _write_text(save_recipe, recipe_mod.dump(steps))
             # Costs per sample (batch 1), like the latency figures.
             shapes = {k: (1, *v.shape[1:]) for k, v in calib.batches[0].items()}
             cost_before = cost.model_cost(model, shapes)
@@ -380,10 +378,15 @@ def _latency(a: Any, b: Any, calib: calibrate.Calibration, provider: str, thread
     }
 
 
-def _write_json(path: Path, doc: dict[str, Any]) -> None:
+def _write_text(path: Path, text: str) -> None:
+    """Write ``text`` atomically (a half-written file never replaces a good one)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2, default=str))
+    tmp.write_text(text)
     tmp.replace(path)
+
+
+def _write_json(path: Path, doc: dict[str, Any]) -> None:
+    _write_text(path, json.dumps(doc, indent=2, default=str))
 
 
 def _progress() -> Progress:

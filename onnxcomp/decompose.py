@@ -1172,8 +1172,8 @@ def layer_gains(probes: _Probes, usable: list[LayerChoice]) -> dict[int, float]:
     they grow).
     """
     config = probes.config
-    graph = Graph(probes.model)
-    switches: dict[int, str] = {}
+    graph = Graph(probes.model, infer=False)  # chains are written from the layers' own shapes
+    switches: dict[int, tuple[str, np.dtype[Any]]] = {}
     probed: dict[int, Option] = {}
     for ch in usable:
         opt = min(ch.options, key=lambda o: abs(np.log(max(o.error, 1e-6)
@@ -1200,7 +1200,7 @@ def layer_gains(probes: _Probes, usable: list[LayerChoice]) -> dict[int, float]:
         graph.add_node("Sub", [y_chain, y_orig], [delta], suffix="delta", **kw)
         graph.add_node("Mul", [delta, switch], [scaled], suffix="scale", **kw)
         graph.add_node("Add", [y_orig, scaled], [y], suffix="blend", **kw)
-        switches[ch.index] = switch.name
+        switches[ch.index] = (switch.name, dtype)
         probed[ch.index] = opt
     if not switches:
         return {}
@@ -1212,13 +1212,14 @@ def layer_gains(probes: _Probes, usable: list[LayerChoice]) -> dict[int, float]:
     sizes = probes.calib.batch_sizes()
     pairs = list(zip(probes.calib.batches, sizes, strict=True))
 
-    def off(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {**batch, **{name: np.zeros(1, np.float32) for name in switches.values()}}
+    def flags(on: int | None) -> dict[str, np.ndarray]:
+        return {name: np.array([1.0 if i == on else 0.0], dtype=dt)
+                for i, (name, dt) in switches.items()}
 
     # As many samples as fit the time budget (whole batches: a model may have a fixed batch).
     def fitting() -> float:
         start = time.perf_counter()
-        session.run(names, off(pairs[0][0]))
+        session.run(names, {**pairs[0][0], **flags(None)})
         per_sample = (time.perf_counter() - start) / max(pairs[0][1], 1)
         want = int(SENSITIVITY_SECONDS / ((len(switches) + 1) * max(per_sample, 1e-6)))
         return float(min(max(want, SENSITIVITY_SAMPLES[0]), SENSITIVITY_SAMPLES[1]))
@@ -1232,9 +1233,7 @@ def layer_gains(probes: _Probes, usable: list[LayerChoice]) -> dict[int, float]:
         count += size
 
     def outputs(on: int | None) -> list[np.ndarray]:
-        flags = {name: np.array([1.0 if i == on else 0.0], dtype=np.float32)
-                 for i, name in switches.items()}
-        runs = [session.run(names, {**b, **flags}) for b in batches]
+        runs = [session.run(names, {**b, **flags(on)}) for b in batches]
         return [np.concatenate([r[k] for r in runs]) for k in range(len(names))]
 
     ref = outputs(None)

@@ -123,9 +123,7 @@ class Recipe:
                     merged[field] = _coerce(value, fields[field], f"{where}: option '{key}'")
             try:
                 config = cls(**merged)
-            except ConfigError as exc:
-                raise RecipeError(f"{where}: {exc}") from exc
-            except TypeError as exc:
+            except (ConfigError, TypeError) as exc:
                 raise RecipeError(f"{where}: {exc}") from exc
             steps.append(Step(name, config))
         unused = sorted(set(self.defaults) - known_anywhere)
