@@ -56,6 +56,7 @@ KNOWN_DATA: dict[str, str] = {
     "photos_calib_224.npz": "calibration photo crops, key 'images': [64, 224, 224, 3] uint8 RGB",
     "photos_heldout_224.npz": "held-out photo crops, key 'images': [64, 224, 224, 3] uint8 RGB",
     "photos_calib_dir": "folder of PNG/JPEG calibration crops (224x224 RGB) for --calib folder",
+    "scans": "two scanned pages (linn.png, typewriter.png) from ocrmypdf's sdist test resources",
     "text_crops_calib.npz": "text-line crops for the OCR recognizer, [N, 48, 320, 3] uint8 RGB",
     "text_crops_heldout.npz": "held-out text-line crops, same layout as text_crops_calib.npz",
     "ppocrv4_rec_keys.txt": "character dictionary of ppocrv4_rec (one character per line)",

@@ -27,16 +27,31 @@ Text crops (for the PP-OCRv4 recognizer, 3 x 48 x W input):
   with an ink mask and row/column projection profiles, plus a few windows of the handwriting in
   ``skimage.data.text()``. Lines 0, 2, 4, 6 of the page go to the calibration set, lines 1, 3, 5
   to the held-out set; text() windows from its left half to calibration, right half to held-out.
+* Words and groups of words cut from two scanned pages in ocrmypdf's source distribution (its
+  test resources, fetched once from PyPI's simple index and checked against a pinned sha256;
+  their licences are in that package's REUSE.toml: ``linn.png``, a 1985 product brochure in
+  English, (C) Forat Electronics; ``typewriter.png``, a typewritten Dutch recipe, (C) 2005
+  Ellywa; CC-BY-SA-3.0 or GFDL). Every third crop of ``linn`` goes to the held-out set, every
+  other crop of ``typewriter`` to the calibration set: no page is shared between the sets.
+  Words are found at half resolution (150 dpi) by dilating the ink mask along rows by about
+  one letter height and cutting the connected pieces at their column gaps.
 * Each crop is resized to height 48 keeping its aspect ratio (width at most 320) and stored
   left-aligned in a [48, 320, 3] uint8 canvas; the rest of the canvas is 0 and ``widths`` holds
   the used width. :func:`text_batch` normalizes like PaddleOCR, ``(x / 255 - 0.5) / 0.5``, and
   sets the padding to 0 *after* normalization, exactly as rapidocr pads its batches.
+  ``sources`` names the page of each crop (``page``, ``text``, ``linn``, ``typewriter``).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
 import logging
+import os
+import re
+import tarfile
+import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -52,6 +67,14 @@ CALIB_SEED = 1234
 HELDOUT_SEED = 5678
 N_DIR_PNG = 12
 N_DIR_JPEG = 4
+
+# Version of the text sets: caches written by an older build are rebuilt.
+TEXT_SETS_VERSION = 2
+# Scanned pages (test resources of ocrmypdf's source distribution, fetched from PyPI).
+SCANS_SDIST = "ocrmypdf-17.13.0.tar.gz"
+SCANS_SHA256 = "151c35d810eb628fbc5cb9bbe80b834ecf094737efa0e7a2e9e1fac3c730ed49"
+SCANS = ("linn", "typewriter")
+SCAN_EVERY = {"linn": 3, "typewriter": 2}  # keep every n-th crop
 
 # source image -> number of crops taken from it
 CALIB_SOURCES: dict[str, int] = {
@@ -243,20 +266,92 @@ def to_text_canvas(crops: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return images, widths
 
 
-def make_text_sets() -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Return {"calib": (images, widths), "heldout": (images, widths)} of text crops."""
+def fetch_scans(force: bool = False) -> dict[str, Path]:
+    """The scanned pages as PNG files in the cache (downloaded and extracted once)."""
+    folder = paths.data_path("scans")
+    files = {name: folder / f"{name}.png" for name in SCANS}
+    if not force and all(f.exists() for f in files.values()):
+        return files
+    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+    listing = urllib.request.urlopen(f"{index}/ocrmypdf/", timeout=120).read().decode()
+    links = [h.replace("&amp;", "&") for h in re.findall(r'href="([^"]+)"', listing)
+             if SCANS_SDIST in h]
+    if not links:
+        raise RuntimeError(f"{SCANS_SDIST} is not listed in {index}/ocrmypdf/")
+    url = links[0] if "://" in links[0] else f"{index}/ocrmypdf/{links[0]}"
+    log.info("downloading %s", url.split("#")[0])
+    data = urllib.request.urlopen(url, timeout=300).read()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != SCANS_SHA256:
+        raise RuntimeError(f"{SCANS_SDIST}: sha256 {digest}, expected {SCANS_SHA256}")
+    folder.mkdir(parents=True, exist_ok=True)
+    root = SCANS_SDIST.removesuffix(".tar.gz")
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        for name, path in files.items():
+            member = tar.extractfile(f"{root}/tests/resources/{name}.png")
+            if member is None:
+                raise RuntimeError(f"{name}.png is not a file in {SCANS_SDIST}")
+            tmp = path.with_suffix(".part")
+            tmp.write_bytes(member.read())
+            tmp.replace(path)
+    return files
+
+
+def scan_crops(name: str) -> list[np.ndarray]:
+    """Words and groups of words of one scanned page, at half resolution, in reading order.
+
+    Ink is what is darker than mid-gray. The letter height ``h`` is the median height of the
+    ink's connected pieces; dilating the ink along rows by ``0.9 h`` joins the letters (and
+    close words) of a line into pieces; pieces 1.2-4 ``h`` high and at least 2 ``h`` wide are
+    text. Each is cut into words at column gaps of ``h / 2`` and cropped with
+    :func:`_line_crops` (every word, and greedy groups that fit the canvas).
+    """
+    from PIL import Image
+    from scipy import ndimage
+
+    with Image.open(paths.data_path("scans") / f"{name}.png") as source:
+        gray = source.convert("L")
+        gray = gray.resize((gray.width // 2, gray.height // 2), Image.LANCZOS)
+    image = np.asarray(gray)
+    ink = image < 128
+    labels, _ = ndimage.label(ink)
+    heights = np.array([s[0].stop - s[0].start for s in ndimage.find_objects(labels)])
+    letter = float(np.median(heights[heights >= 5]))
+    joined, _ = ndimage.label(ndimage.binary_dilation(
+        ink, np.ones((1, max(3, round(0.9 * letter))), bool)))
+    crops: list[np.ndarray] = []
+    for rows, cols in ndimage.find_objects(joined):
+        top, bottom, left, right = rows.start, rows.stop, cols.start, cols.stop
+        height = bottom - top
+        if not 1.2 * letter <= height <= 4 * letter or right - left < 2 * letter:
+            continue
+        pad = max(2, height // 6)
+        top, bottom = max(0, top - pad), min(image.shape[0], bottom + pad)
+        inked = ink[rows, cols].any(axis=0)
+        words = [(top, bottom, left + a, left + b)
+                 for a, b in _runs(inked, min_gap=max(3, round(letter / 2)))]
+        crops += _line_crops(image, words)
+    return crops
+
+
+def make_text_sets() -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Return {"calib": ..., "heldout": ...} text crops as (images, widths, sources)."""
     import skimage.data
 
     page = skimage.data.page()
     lines = page_words()
+    fetch_scans()
     sets = {}
-    for split, parity, seed in (("calib", 0, CALIB_SEED), ("heldout", 1, HELDOUT_SEED)):
-        crops: list[np.ndarray] = []
+    for split, parity, seed, scan in (("calib", 0, CALIB_SEED, "typewriter"),
+                                      ("heldout", 1, HELDOUT_SEED, "linn")):
+        named: list[tuple[str, np.ndarray]] = []
         for index, words in enumerate(lines):
             if index % 2 == parity:
-                crops += _line_crops(page, words)
-        crops += _text_windows(np.random.default_rng(seed), 6, half=parity)
-        sets[split] = to_text_canvas(crops)
+                named += [("page", c) for c in _line_crops(page, words)]
+        named += [("text", c) for c in _text_windows(np.random.default_rng(seed), 6, parity)]
+        named += [(scan, c) for c in scan_crops(scan)[::SCAN_EVERY[scan]]]
+        images, widths = to_text_canvas([c for _, c in named])
+        sets[split] = (images, widths, np.array([n for n, _ in named]))
     return sets
 
 
@@ -277,6 +372,22 @@ def load_text_crops(split: str) -> tuple[np.ndarray, np.ndarray]:
     """Load the cached ``"calib"`` or ``"heldout"`` text crops as (images, widths)."""
     with np.load(paths.data_path(f"text_crops_{split}.npz")) as data:
         return data["images"], data["widths"]
+
+
+def text_crop_sources(split: str) -> np.ndarray:
+    """The page each cached text crop of ``split`` was cut from."""
+    with np.load(paths.data_path(f"text_crops_{split}.npz")) as data:
+        return data["sources"]
+
+
+def _text_sets_current(text_paths: list[Path]) -> bool:
+    for path in text_paths:
+        if not path.exists():
+            return False
+        with np.load(path) as data:
+            if "version" not in data or int(data["version"]) != TEXT_SETS_VERSION:
+                return False
+    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,12 +427,13 @@ def build(force: bool = False) -> list[Path]:
         log.info("wrote %s/", folder.name)
     written.append(folder)
     text_paths = [paths.data_path(f"text_crops_{s}.npz") for s in ("calib", "heldout")]
-    if force or not all(p.exists() for p in text_paths):
-        for split, (images, widths) in make_text_sets().items():
+    if force or not _text_sets_current(text_paths):
+        for split, (images, widths, sources) in make_text_sets().items():
             path = paths.data_path(f"text_crops_{split}.npz")
-            np.savez_compressed(path, images=images, widths=widths)
+            np.savez_compressed(path, images=images, widths=widths, sources=sources,
+                                version=TEXT_SETS_VERSION)
             log.info("wrote %s %s", path.name, images.shape)
-    written += text_paths
+    written += [paths.data_path("scans"), *text_paths]
     return written
 
 

@@ -70,7 +70,7 @@ MIN_GAIN = 0.3
 # Closed-loop rounds that re-measure the whole model to reach ``target_speedup``.
 TARGET_ROUNDS = 4
 # Extra whole-model measurements spent looking for a milder pick that still meets the target.
-MILDER_ROUNDS = 2
+MILDER_ROUNDS = 3
 # Relative speed difference treated as measurement noise when comparing whole models.
 NOISE = 0.03
 # A refit needs this many sampled rows per unknown of each output (see refit_rows_needed).
@@ -1259,18 +1259,44 @@ def _savings(opt: Option, config: LowRankConfig, layer: Layer) -> float:
     return opt.saved_ms
 
 
-def _pick(usable: list[LayerChoice], lam: float, config: LowRankConfig) -> dict[int, Option]:
-    """For trade-off ``lam``: each layer minimizes error^2 - lam * saving (or stays)."""
-    out: dict[int, Option] = {}
-    for ch in usable:
-        best_val, best = 0.0, None
-        for o in ch.options:
-            val = (ch.gain * o.error) ** 2 - lam * _savings(o, config, ch.layer)
-            if val < best_val:
-                best_val, best = val, o
-        if best is not None:
-            out[ch.index] = best
-    return out
+def _hull_steps(ch: LayerChoice, config: LowRankConfig) -> list[tuple[float, Option]]:
+    """One layer's moves along its lower convex hull of (saving, weighted error^2).
+
+    Starting from "leave it alone" (0, 0), each move goes to the option that adds saving at the
+    least cost per unit saved (ties: the larger saving); the slopes rise move by move. These are
+    the options the Lagrangian ``min error^2 - lam * saving`` picks as ``lam`` grows.
+    """
+    points = [(_savings(o, config, ch.layer), (ch.gain * o.error) ** 2, o) for o in ch.options]
+    points = [pt for pt in points if pt[0] > 0]
+    steps: list[tuple[float, Option]] = []
+    at_s, at_c = 0.0, 0.0
+    while True:
+        ahead = [pt for pt in points if pt[0] > at_s]
+        if not ahead:
+            return steps
+        slope, neg_s, i = min(((c - at_c) / (sv - at_s), -sv, i)
+                              for i, (sv, c, _) in enumerate(ahead))
+        at_s, at_c, opt = ahead[i]
+        steps.append((slope, opt))
+
+
+def _lagrangian_path(usable: list[LayerChoice], config: LowRankConfig
+                     ) -> list[dict[int, Option]]:
+    """Allocations from nothing to the most aggressive, one layer's move at a time.
+
+    Every layer's hull moves are merged in order of their cost per unit saved, so each
+    allocation is the least-error one for its saving (the Lagrangian solutions) and the next
+    differs from it in one layer. A sweep of ``lam`` would jump several layers at once where
+    layers of one shape move at nearly the same ``lam`` (measured on PP-OCRv4 rec: four
+    240-channel 1x1 convs took the whole-model speedup from 1.13x to 1.35x in one step).
+    """
+    moves = [(slope, order, ch.index, opt)
+             for order, ch in enumerate(usable) for slope, opt in _hull_steps(ch, config)]
+    moves.sort(key=lambda m: (m[0], m[1]))
+    path: list[dict[int, Option]] = [{}]
+    for _, _, index, opt in moves:
+        path.append({**path[-1], index: opt})
+    return path
 
 
 def _auto_allocate(
@@ -1278,8 +1304,8 @@ def _auto_allocate(
 ) -> dict[int, Option]:
     """Choose per-layer options: predicted savings first, then whole-model measurements.
 
-    Candidates are the Lagrangian picks for a sweep of trade-offs (least isolated error for a
-    given saving). ``target_speedup``: the least aggressive pick predicted to reach it, then
+    Candidates are the Lagrangian allocations, one layer's move apart (least isolated error
+    for a given saving). ``target_speedup``: the least aggressive pick predicted to reach it, then
     re-measured as a whole model and moved up while the measured speedup falls short (per-layer
     micro-benchmarks over- or under-predict what a whole model realizes). ``max_error`` (or
     :data:`DEFAULT_MAX_ERROR` when no target is given): the most aggressive pick, no more
@@ -1293,12 +1319,8 @@ def _auto_allocate(
         return {}
     model, calib = probes.model, probes.calib
     layer_of = {c.index: c.layer for c in usable}
-    lams = np.concatenate([[0.0], np.geomspace(1e-9, 1e9, 73)])
-    picks: list[dict[int, Option]] = []
-    for lam in lams:
-        p = _pick(usable, float(lam), config)
-        if not picks or probes.key(p) != probes.key(picks[-1]):
-            picks.append(p)
+    picks = _lagrangian_path(usable, config)
+    report.metrics["allocations"] = len(picks)
 
     def saving(p: dict[int, Option]) -> float:
         return sum(_savings(o, config, layer_of[i]) for i, o in p.items())

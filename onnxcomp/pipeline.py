@@ -78,6 +78,37 @@ def model_outputs(model: onnx.ModelProto, calib: Calibration) -> tuple[list[str]
     return names, runtime.concat_outputs(runtime.run_batches(session, calib.batches, names))
 
 
+def _check_lossless(
+    name: str,
+    before: onnx.ModelProto,
+    calib: Calibration,
+    reference: Sequence[np.ndarray],
+    fidelity: verify.Fidelity,
+    report: Report,
+) -> None:
+    """Raise :class:`PassError` unless a lossless pass's change is float32 noise.
+
+    Called when the outputs moved past the fixed tolerance. Some inputs drive a deep network
+    into regions where float32 reassociation alone moves its outputs further (seen here: a
+    scanned typewriter crop moves PP-OCRv4 rec's probabilities by 2.3e-4 between ORT's fusions
+    on and off). The pre-pass model run with fusions on gives that noise floor on these inputs.
+    """
+    session = runtime.make_session(before, "cpu", threads=1, optimize=True)
+    names = runtime.output_names(session)
+    fused = runtime.concat_outputs(runtime.run_batches(session, calib.batches, names))
+    noise = verify.compare_outputs(names, reference, fused)
+    if not fidelity.within_noise(noise):
+        raise PassError(
+            f"lossless pass '{name}' changed the outputs (relative L2 error "
+            f"{fidelity.rel_l2:.3g}; ORT's own float32 noise on these inputs: {noise.rel_l2:.3g})"
+        )
+    report.notes.append(
+        f"outputs moved by up to {max(o.max_abs for o in fidelity.outputs):.3g}, past the "
+        f"fixed tolerance but within {verify.NOISE_FACTOR:g}x ORT's own float32 noise on these "
+        f"inputs (fusions on vs off: {max(o.max_abs for o in noise.outputs):.3g})"
+    )
+
+
 def run_pipeline(
     model: onnx.ModelProto,
     steps: Sequence[Step],
@@ -128,10 +159,7 @@ def run_pipeline(
             outputs = previous
         fidelity = verify.compare_outputs(names, previous, outputs)
         if pass_.lossless and not fidelity.within(verify.LOSSLESS_RTOL, verify.LOSSLESS_ATOL):
-            raise PassError(
-                f"lossless pass '{step.name}' changed the outputs "
-                f"(relative L2 error {fidelity.rel_l2:.3g})"
-            )
+            _check_lossless(step.name, current, calib, previous, fidelity, result.report)
         result.report.metrics.setdefault("rel_l2_error", fidelity.rel_l2)
         _note_quantized(current, result.report)
         log.info("%s: %d applied, %d skipped, rel error %.3g", step.name,

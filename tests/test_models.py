@@ -220,9 +220,17 @@ def test_ppocr_rec_reads_the_page(text_heldout: tuple[np.ndarray, np.ndarray]) -
         None, {"x": photos.text_batch(images, widths)}
     )
     assert probs.shape == (len(images), photos.TEXT_WIDTH // 8, len(keys) + 2)
-    text = " ".join(_decode_ctc(probs, keys)).lower()
+    texts = _decode_ctc(probs, keys)
+    text = " ".join(texts).lower()
     # The held-out lines of skimage.data.page() contain these words.
     for word in ("markers", "coins", "background", "histogram", "values"):
+        assert word in text, text
+    # The scanned brochure: its crops are words and phrases it reads as such.
+    scans = [t for t, src in zip(texts, photos.text_crop_sources("heldout"), strict=True)
+             if src == "linn"]
+    assert len(scans) >= 250
+    assert np.mean([len(t) >= 2 for t in scans]) >= 0.9
+    for word in ("sequence", "tempo", "midi", "chorus", "electronics"):
         assert word in text, text
 
 
@@ -289,9 +297,12 @@ def test_photo_sets(cache: Path) -> None:
 
 @pytest.mark.realmodel
 def test_text_crops(cache: Path) -> None:
+    expected = {"calib": {"page", "text", "typewriter"}, "heldout": {"page", "text", "linn"}}
     for split in ("calib", "heldout"):
         images, widths = photos.load_text_crops(split)
         assert images.shape[1:] == (48, 320, 3) and len(images) >= 20
+        sources = photos.text_crop_sources(split)
+        assert len(sources) == len(images) and set(sources) == expected[split]
         assert np.all((widths > 0) & (widths <= 320))
         x = photos.text_batch(images, widths)
         for i, used in enumerate(widths):

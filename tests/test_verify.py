@@ -35,3 +35,15 @@ def test_check_interface():
     c.graph.output[0].name = "renamed"
     with pytest.raises(PassError, match="outputs changed"):
         verify.check_interface(a, c)
+
+
+def test_within_noise_allows_a_multiple_of_the_reference_noise():
+    ref = [np.array([[0.999, 0.001]], np.float32)]
+    moved = [ref[0] + np.float32(3e-4)]
+    fidelity = verify.compare_outputs(["p"], ref, moved)
+    assert not fidelity.within()  # past the fixed tolerance (1e-5 + 1e-4 * 0.999)
+    quiet = verify.compare_outputs(["p"], ref, [ref[0] + np.float32(1e-6)])
+    loud = verify.compare_outputs(["p"], ref, [ref[0] + np.float32(1e-4)])
+    assert not fidelity.within_noise(quiet)
+    assert fidelity.within_noise(loud)  # 3e-4 <= 1.1e-4 + 4 * 1e-4
+    assert not fidelity.within_noise(loud, factor=1.0)
