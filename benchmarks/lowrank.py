@@ -118,7 +118,10 @@ def row_of(doc: dict[str, Any]) -> list[Any]:
     fidelity = f"{metric} {doc['fidelity'][metric]:.1%}"
     if "string_match_text" in doc["fidelity"]:
         fidelity += (f" (text crops {doc['fidelity']['string_match_text']:.1%} of "
-                     f"{doc['fidelity']['text_crops']:.0f})")
+                     f"{doc['fidelity']['text_crops']:.0f}")
+        if "string_match_nospace" in doc["fidelity"]:
+            fidelity += f"; ignoring spaces {doc['fidelity']['string_match_nospace']:.1%}"
+        fidelity += ")"
     if "accuracy" in doc:
         acc = doc["accuracy"]
         fidelity = f"acc {acc['before']:.2%} -> {acc['after']:.2%}; {fidelity}"

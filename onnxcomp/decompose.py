@@ -1165,7 +1165,8 @@ def layer_gains(probes: _Probes, usable: list[LayerChoice]) -> dict[int, float]:
     One probe model holds every usable layer twice, the original and one rewritten option (the
     one whose isolated error is nearest :data:`SENSITIVITY_PROBE_ERROR`, symmetric refit),
     blended by a switch input per layer: ``y = y_orig + s * (y_chain - y_orig)``. Running it
-    on the first 8 to 32 calibration samples (as many as fit :data:`SENSITIVITY_SECONDS`) with
+    on 8 to 32 calibration samples (as many as fit :data:`SENSITIVITY_SECONDS`; whole batches
+    spread over the set, see :func:`spread_batches`) with
     one switch on at a time gives the relative error of the model's outputs with that layer
     alone rewritten; divided by the option's isolated error, that is the layer's gain (about 1
     when its errors pass through, far below 1 when later layers wash them out, above 1 when
@@ -1225,12 +1226,7 @@ def layer_gains(probes: _Probes, usable: list[LayerChoice]) -> dict[int, float]:
         return float(min(max(want, SENSITIVITY_SAMPLES[0]), SENSITIVITY_SAMPLES[1]))
 
     want = int(probes.cached(f"sensitivity_samples {len(switches)}", fitting))
-    batches, count = [], 0
-    for batch, size in pairs:
-        if count >= want:
-            break
-        batches.append(batch)
-        count += size
+    batches = [pairs[i][0] for i in spread_batches([size for _, size in pairs], want)]
 
     def outputs(on: int | None) -> list[np.ndarray]:
         runs = [session.run(names, {**b, **flags(on)}) for b in batches]
@@ -1242,6 +1238,20 @@ def layer_gains(probes: _Probes, usable: list[LayerChoice]) -> dict[int, float]:
         err = verify.compare_outputs(names, ref, outputs(index)).rel_l2
         gains[index] = float(err / opt.error)
     return gains
+
+
+def spread_batches(sizes: Sequence[int], want: int) -> list[int]:
+    """Indices of whole batches holding about ``want`` samples, spread evenly over the set.
+
+    Calibration sets come in runs of related samples (crops of one page or photo, files of one
+    folder); the first batches alone would see only the first run.
+    """
+    total = sum(sizes)
+    if want >= total:
+        return list(range(len(sizes)))
+    mean = total / max(len(sizes), 1)
+    count = min(len(sizes), max(1, int(np.ceil(want / mean))))
+    return sorted({int(round(i)) for i in np.linspace(0, len(sizes) - 1, count)})
 
 
 def realized(opt: Option, layer: Layer) -> float:

@@ -65,3 +65,14 @@ def test_same_inputs_same_bytes_with_sensitivity():
     a = svd(model, _config(True), calib).model.SerializeToString()
     b = svd(model, _config(True), calib).model.SerializeToString()
     assert a == b
+
+
+def test_sensitivity_batches_are_spread_over_the_calibration_set():
+    from onnxcomp.decompose import spread_batches
+
+    # 12 batches of 8: 32 samples are 4 batches from the start, the middle and the end.
+    picked = spread_batches([8] * 12, 32)
+    assert len(picked) == 4 and picked[0] == 0 and picked[-1] == 11
+    assert spread_batches([8] * 3, 32) == [0, 1, 2]  # fewer samples than wanted: all
+    assert spread_batches([8, 8, 3], 8) == [0, 2]  # by the mean batch size: 11 samples
+    assert spread_batches([1] * 100, 8) == [0, 14, 28, 42, 57, 71, 85, 99]
