@@ -1432,8 +1432,11 @@ def _reach_speedup(picks: list[dict[int, Option]], savings: list[float], base_ms
             if 0 < i < len(picks) and i not in measured:
                 measured[i] = probes.speedup(picks[i])
                 rounds += 1
+        # The mildest pick beyond noise of the original (1.0) and within noise of the
+        # fastest; nothing when no pick is beyond noise of the original.
         fastest = max(measured.values())
-        best = min(i for i, v in measured.items() if v >= fastest - NOISE * fastest)
+        gains = [i for i, v in measured.items() if v >= 1 + NOISE]
+        best = min((i for i in gains if measured[i] >= fastest - NOISE * fastest), default=0)
     report.metrics["target_rounds"] = rounds
     report.metrics["probe_speedups"] = {str(i): round(v, 3) for i, v in sorted(measured.items())
                                         if i}

@@ -345,3 +345,13 @@ def test_error_bound_below_the_target_is_reported(monkeypatch):
                                      latency_check=False), calibration(model))
     assert result.report.metrics["target_met"] is False
     assert any("--max-error" in n for n in result.report.notes)
+
+
+def test_unreachable_target_with_only_noise_level_gains_applies_nothing(monkeypatch):
+    # Every candidate measures 1.02x: within noise of the original, so no error is spent.
+    _fake_latency(monkeypatch, 1.02)
+    model = _two_layer_model()
+    result = cp(model, LowRankConfig(target_speedup=3.0, min_macs=0), calibration(model))
+    assert result.report.metrics["target_met"] is False
+    assert not result.report.applied
+    assert any("beyond noise" in n for n in result.report.notes)
