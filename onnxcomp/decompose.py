@@ -1284,7 +1284,7 @@ def _hull_steps(ch: LayerChoice, config: LowRankConfig) -> list[tuple[float, Opt
         ahead = [pt for pt in points if pt[0] > at_s]
         if not ahead:
             return steps
-        slope, neg_s, i = min(((c - at_c) / (sv - at_s), -sv, i)
+        slope, _, i = min(((c - at_c) / (sv - at_s), -sv, i)
                               for i, (sv, c, _) in enumerate(ahead))
         at_s, at_c, opt = ahead[i]
         steps.append((slope, opt))

@@ -74,3 +74,24 @@ def test_rank_ladder():
     assert decompose.rank_ladder(64, 8, 4) == [8, 16, 32, 64]
     assert decompose.rank_ladder(5, 8) == [5]
     assert all(r % 8 == 0 for r in decompose.rank_ladder(500, 8))
+
+
+def test_lagrangian_path_moves_one_layer_at_a_time_along_each_frontier():
+    from onnxcomp.decompose import LayerChoice, Option, _lagrangian_path
+
+    def opt(saved: float, error: float) -> Option:
+        return Option(plan=None, error=error, raw_error=error, base_ms=1.0, ms=1.0 - saved)
+
+    # Layer 0: the middle option is dominated (off the convex frontier), never picked.
+    a = [opt(0.2, 0.1), opt(0.3, 0.5), opt(0.6, 0.4)]
+    b = [opt(0.2, 0.1), opt(0.5, 0.3)]  # same shape as layer 0's first option: a tie
+    choices = [LayerChoice(None, 0, a), LayerChoice(None, 1, b)]  # type: ignore[arg-type]
+    path = _lagrangian_path(choices, LowRankConfig())
+    assert path[0] == {}
+    for before, after in zip(path[:-1], path[1:], strict=True):
+        changed = [i for i in after if before.get(i) is not after[i]]
+        assert len(changed) == 1  # one layer's move per step, even on a tie
+    assert all(a[1] not in p.values() for p in path)
+    saved = [sum(o.saved_ms for o in p.values()) for p in path]
+    assert saved == sorted(saved) and path[-1] == {0: a[2], 1: b[1]}
+    assert len(path) == 5
