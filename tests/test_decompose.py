@@ -95,3 +95,29 @@ def test_lagrangian_path_moves_one_layer_at_a_time_along_each_frontier():
     saved = [sum(o.saved_ms for o in p.values()) for p in path]
     assert saved == sorted(saved) and path[-1] == {0: a[2], 1: b[1]}
     assert len(path) == 5
+
+
+def test_refine_step_finds_a_milder_option_off_the_frontier():
+    from onnxcomp.decompose import LayerChoice, Option, _lagrangian_path, _refine_step
+
+    def opt(saved: float, error: float) -> Option:
+        return Option(plan=None, error=error, raw_error=error, base_ms=1.0, ms=1.0 - saved)
+
+    options = [opt(0.2, 0.1), opt(0.4, 0.9), opt(0.6, 0.9), opt(0.8, 0.3)]
+    usable = [LayerChoice(None, 0, options)]  # type: ignore[arg-type]
+    config = LowRankConfig()
+    picks = _lagrangian_path(usable, config)
+    assert [p[0] for p in picks[1:]] == [options[0], options[3]]  # 0.4 and 0.6: off the hull
+
+    class Probes:  # whole-model speedup: 1 + the milliseconds saved
+        calls = 0
+
+        def speedup(self, pick):
+            Probes.calls += 1
+            return 1.0 + sum(o.saved_ms for o in pick.values())
+
+    measured = {0: 1.0, 1: 1.2, 2: 1.8}
+    best, rounds = _refine_step(picks, 1, 2, measured, 1.5, Probes(), config, usable, 0)
+    assert picks[best][0] is options[2]  # 1.6x: the mildest that meets 1.5x
+    assert rounds == Probes.calls and measured[best] >= 1.5
+    assert measured[len(picks) - 1] == 1.8  # the old neighbour's measurement moved with it
