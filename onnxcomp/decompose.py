@@ -70,7 +70,7 @@ MIN_GAIN = 0.3
 # Closed-loop rounds that re-measure the whole model to reach ``target_speedup``.
 TARGET_ROUNDS = 4
 # Extra whole-model measurements spent looking for a milder pick that still meets the target.
-MILDER_ROUNDS = 3
+MILDER_ROUNDS = 5
 # Relative speed difference treated as measurement noise when comparing whole models.
 NOISE = 0.03
 # A refit needs this many sampled rows per unknown of each output (see refit_rows_needed).
