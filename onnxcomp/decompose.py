@@ -1413,16 +1413,7 @@ def _reach_speedup(picks: list[dict[int, Option]], savings: list[float], base_ms
     if met:
         hi = min(met)
         lo = max(i for i, v in measured.items() if v < target and i < hi)
-        for _ in range(MILDER_ROUNDS):
-            if hi - lo <= 1:
-                break
-            mid = (lo + hi) // 2
-            measured[mid] = probes.speedup(picks[mid])
-            rounds += 1
-            if measured[mid] >= target:
-                hi = mid
-            else:
-                lo = mid
+        lo, hi, rounds = _bisect_milder(picks, lo, hi, measured, target, probes, rounds)
         best = hi
         if hi - lo == 1:
             best, rounds = _refine_step(picks, lo, hi, measured, target, probes, config, usable,
@@ -1455,6 +1446,26 @@ def _reach_speedup(picks: list[dict[int, Option]], savings: list[float], base_ms
     return best
 
 
+def _bisect_milder(picks: list[dict[int, Option]], lo: int, hi: int,
+                   measured: dict[int, float], target: float, probes: _Probes,
+                   rounds: int) -> tuple[int, int, int]:
+    """Narrow ``lo`` (short of ``target``) and ``hi`` (meets it) by bisection.
+
+    Up to :data:`MILDER_ROUNDS` whole-model measurements; returns (lo, hi, rounds).
+    """
+    for _ in range(MILDER_ROUNDS):
+        if hi - lo <= 1:
+            break
+        mid = (lo + hi) // 2
+        measured[mid] = probes.speedup(picks[mid])
+        rounds += 1
+        if measured[mid] >= target:
+            hi = mid
+        else:
+            lo = mid
+    return lo, hi, rounds
+
+
 def _refine_step(picks: list[dict[int, Option]], lo: int, hi: int, measured: dict[int, float],
                  target: float, probes: _Probes, config: LowRankConfig,
                  usable: Sequence[LayerChoice], rounds: int) -> tuple[int, int]:
@@ -1483,17 +1494,7 @@ def _refine_step(picks: list[dict[int, Option]], lo: int, hi: int, measured: dic
     shift = len(between)
     for key in sorted((k for k in measured if k >= hi), reverse=True):
         measured[key + shift] = measured.pop(key)
-    hi += shift
-    for _ in range(MILDER_ROUNDS):
-        if hi - lo <= 1:
-            break
-        mid = (lo + hi) // 2
-        measured[mid] = probes.speedup(picks[mid])
-        rounds += 1
-        if measured[mid] >= target:
-            hi = mid
-        else:
-            lo = mid
+    _, hi, rounds = _bisect_milder(picks, lo, hi + shift, measured, target, probes, rounds)
     return hi, rounds
 
 
