@@ -59,7 +59,47 @@ def test_scale_and_shift_before_unpadded_conv_fold_into_it():
     assert_equivalent(model, result.model, **LOSSLESS)
 
 
-def test_shift_before_padded_conv_is_kept_scale_is_folded():
+def test_shift_before_padded_conv_becomes_one_batchnorm():
+    """Mul -> Add before a padded conv cannot fold (the border): one BatchNormalization."""
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("Mul", ["r", "S"], ["m"], name="scale"),
+             helper.make_node("Add", ["m", "T"], ["a"], name="shift"),
+             helper.make_node("Conv", ["a", "W"], ["y"], name="dw", pads=[1] * 4, group=4)]
+    inits = {"S": np.array(0.5, np.float32), "T": np.array([0.25, -1, 2, 0], np.float32
+                                                             ).reshape(4, 1, 1),
+             "W": w(4, 1, 3, 3)}
+    model = make_model(nodes, [tensor("x", [1, 4, 6, 6])], [tensor("y", [1, 4, 6, 6])], inits)
+    result = run_pass(model)
+    assert [c.node for c in result.report.applied] == ["scale"]
+    assert result.report.applied[0].details["nodes"] == ["scale", "shift"]
+    assert not result.report.skipped
+    assert op_count(result.model, "BatchNormalization") == 1
+    assert op_count(result.model, "Mul") == op_count(result.model, "Add") == 0
+    assert_equivalent(model, result.model, **LOSSLESS)
+
+
+@pytest.mark.parametrize("chain", [["Add", "Mul"], ["Mul"], ["Add"]])
+def test_affine_between_activation_and_pool_becomes_batchnorm(chain):
+    """conv -> x*HardSigmoid(x) -> affine chain -> GlobalAveragePool: converted (either order)."""
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv"),
+             helper.make_node("HardSigmoid", ["c"], ["g"], name="gate"),
+             helper.make_node("Mul", ["c", "g"], ["h"], name="hswish")]
+    inits = {"W": w(4, 3, 1, 1)}
+    prev = "h"
+    for i, op in enumerate(chain):
+        inits[f"K{i}"] = w(1, 4, 1, 1)
+        nodes.append(helper.make_node(op, [prev, f"K{i}"], [f"a{i}"], name=f"affine{i}"))
+        prev = f"a{i}"
+    nodes.append(helper.make_node("GlobalAveragePool", [prev], ["y"], name="pool"))
+    model = make_model(nodes, [tensor("x", [1, 3, 5, 5])], [tensor("y", [1, 4, 1, 1])], inits)
+    result = run_pass(model)
+    assert len(result.report.applied) == 1 and not result.report.skipped
+    assert op_count(result.model, "BatchNormalization") == 1
+    assert op_count(result.model, "Mul") == 1  # the swish's own Mul
+    assert_equivalent(model, result.model, **LOSSLESS)
+
+
+def test_batchnorm_off_keeps_the_shift_with_its_reason():
     nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
              helper.make_node("Mul", ["r", "S"], ["m"], name="scale"),
              helper.make_node("Add", ["m", "T"], ["a"], name="shift"),
@@ -67,7 +107,7 @@ def test_shift_before_padded_conv_is_kept_scale_is_folded():
     inits = {"S": np.array(0.5, np.float32), "T": np.array([0.25], np.float32),
              "W": w(4, 1, 3, 3)}
     model = make_model(nodes, [tensor("x", [1, 4, 6, 6])], [tensor("y", [1, 4, 6, 6])], inits)
-    result = run_pass(model)
+    result = fold_affine(model, FoldAffineConfig(batchnorm=False))
     skipped = {s.node: s for s in result.report.skipped}
     assert skipped["shift"].reason == SkipReason.UNSUPPORTED_ATTRIBUTE
     assert "padded" in skipped["shift"].detail
@@ -127,3 +167,16 @@ def test_integer_constants_are_not_candidates_for_folding():
                        inits)
     result = run_pass(model)
     assert result.report.skipped[0].reason == SkipReason.UNSUPPORTED_DTYPE
+
+
+def test_affine_without_a_conv_layout_neighbour_stays():
+    """Relu -> Mul -> Softmax (no conv or pool near): nothing to gain, the Mul keeps its reason."""
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("Mul", ["r", "S"], ["m"], name="scale"),
+             helper.make_node("Softmax", ["m"], ["y"], name="softmax", axis=1)]
+    model = make_model(nodes, [tensor("x", [1, 4, 6, 6])], [tensor("y", [1, 4, 6, 6])],
+                       {"S": w(1, 4, 1, 1)})
+    result = run_pass(model)
+    assert not result.report.applied
+    assert result.report.skipped[0].reason == SkipReason.UNSUPPORTED_PRODUCER
+    assert op_count(result.model, "BatchNormalization") == 0
