@@ -105,9 +105,9 @@ def lowrank_options(func: F) -> F:
                      help="Rewrite layers even when not measured faster."),
         click.option("--min-realized", type=click.FloatRange(0, 1),
                      help="--rank auto: use only chains whose measured speedup is at least "
-                          "this share of their MAC reduction (default 0.5; CP chains "
-                          "realize 0.5-0.7 on the small Fashion-MNIST VGG layers here, so 0.8 "
-                          "leaves CP nothing to apply there)."),
+                          "this share of their MAC reduction (default 0.8). Measured in "
+                          "context: what a one-layer model pays at its edges (layout "
+                          "conversions, per-run overhead) is taken off both timings."),
         click.option("--sensitivity/--no-sensitivity", default=True, show_default=True,
                      help="--rank auto: weight each layer's error by how much of it reaches "
                           "the model's outputs (measured, one probe run per layer on 8-32 "

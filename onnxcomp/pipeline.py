@@ -199,7 +199,7 @@ def pipeline_target(config: PassConfig, original: onnx.ModelProto, current: onnx
         so_far = bench.compare_models(original, current, feeds,
                                       str(getattr(config, "provider", "cpu")),
                                       int(getattr(config, "threads", 1)),
-                                      runs=max(int(getattr(config, "bench_runs", 30)), 30))
+                                      runs=max(int(getattr(config, "bench_runs", 30)), 100))
     what = "measured" if timed else "cut the MACs"
     changes: dict[str, float | None] = {}
     if target is not None and so_far > 1.0:

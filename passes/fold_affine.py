@@ -355,7 +355,8 @@ def _chains_to_batchnorm(graph: Graph, candidates: set[str]) -> list[Change]:
             chain[0].name, chain[0].op,
             f"{' -> '.join(n.op for n in chain)} as one BatchNormalization (stays in the conv "
             f"layout)", params_before=int(scale.size * len(chain)),
-            params_after=4 * int(scale.size), details={"nodes": names, "into": "BatchNormalization"}))
+            params_after=4 * int(scale.size),
+            details={"nodes": names, "into": "BatchNormalization"}))
     return changes
 
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from builders import (
@@ -14,10 +16,11 @@ from builders import (
 )
 from onnx import helper
 
-from onnxcomp import decompose
+from onnxcomp import bench, decompose
 from onnxcomp.decompose import LowRankConfig
+from onnxcomp.graph import Graph
 from onnxcomp.lowrank import cp_macs
-from onnxcomp.passbase import ConfigError, SkipReason
+from onnxcomp.passbase import ConfigError, Report, SkipReason
 from onnxcomp.passes import REGISTRY
 
 cp = REGISTRY["cp"]
@@ -234,6 +237,7 @@ def test_auto_skips_chains_that_realize_little_of_their_mac_cut(monkeypatch):
     def measure(layer, plan, model, config, cache=None):  # faster, but by a third of the MAC cut
         return layer.macs * 1e-6, 3 * plan.macs * 1e-6
     monkeypatch.setattr(decompose, "measure_plan", measure)
+    monkeypatch.setattr(decompose, "layer_edges_ms", lambda *args, **kwargs: 0.0)
     model = _two_layer_model()
     result = cp(model, LowRankConfig(min_macs=0, max_error=10.0), calibration(model))
     assert not result.report.applied
@@ -355,3 +359,29 @@ def test_unreachable_target_with_only_noise_level_gains_applies_nothing(monkeypa
     assert result.report.metrics["target_met"] is False
     assert not result.report.applied
     assert any("beyond noise" in n for n in result.report.notes)
+
+
+def test_realized_in_context_takes_the_edges_off_both_timings():
+    layer, plan = SimpleNamespace(macs=4000), SimpleNamespace(macs=1000)  # a 4x MAC cut
+    opt = decompose.Option(plan, error=0.1, raw_error=0.1, base_ms=1.0, ms=0.4, edges_ms=0.2)
+    assert decompose.realized(opt, layer, in_context=False) == pytest.approx(2.5 / 4)
+    assert decompose.realized(opt, layer) == pytest.approx((0.8 / 0.2) / 4)
+    # Edges above half of the faster timing are capped there (a noisy edge estimate).
+    greedy = decompose.Option(plan, 0.1, 0.1, base_ms=1.0, ms=0.4, edges_ms=0.39)
+    assert decompose.realized(greedy, layer) == pytest.approx((0.8 / 0.2) / 4)
+
+
+def test_edges_of_a_one_layer_model_are_measured_and_below_its_time():
+    """Timed alone, a conv pays edge costs (layout conversions, per-run overhead): positive,
+    but less than its whole time. c2 keeps its input's shape (stacked copies of itself),
+    c1 does not (cheap stand-in layers)."""
+    model = _two_layer_model()
+    config = LowRankConfig(bench_runs=15, min_macs=0)
+    layers = decompose.find_layers(Graph(model), decompose.static_shapes(
+        model, calibration(model)), ["Conv"], config, Report("test"))
+    assert [lay.name for lay in layers] == ["c1", "c2"]
+    for layer in layers:
+        edges = decompose.layer_edges_ms(layer, model, config)
+        one = decompose.standalone(layer, None, model.ir_version, model.opset_import)
+        alone = bench.benchmark([one], bench.BenchConfig(runs=15)).models[0].median_ms
+        assert 0 < edges < alone
