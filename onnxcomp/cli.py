@@ -77,8 +77,7 @@ PASS_FLAGS = frozenset({
     "no_fold_pad", "rank", "target_speedup", "target_macs", "max_error", "no_refit",
     "refit_mode", "rank_multiple", "no_latency_check", "exclude", "seed", "groups", "weighted",
     "depth_multiplier", "share_groups", "ratio", "criterion", "round_to", "layers",
-    "min_realized", "sensitivity", "sensitivity_metric", "cp_depthwise", "basis", "mode",
-    "calibrator", "max_drop",
+    "min_realized", "sensitivity", "cp_depthwise", "basis", "mode", "calibrator", "max_drop",
     "activations", "reduce_range", "bits",
 })
 LOWRANK = ("cp", "tucker", "svd", "kernel_sharing", "depthwise_separable")
@@ -113,12 +112,6 @@ def lowrank_options(func: F) -> F:
                      help="--rank auto: weight each layer's error by how much of it reaches "
                           "the model's outputs (measured, one probe run per layer on 8-32 "
                           "calibration samples)."),
-        click.option("--sensitivity-metric", type=click.Choice(["auto", "error", "decisions"]),
-                     help="--rank auto: what the sensitivity probes measure at the outputs: "
-                          "relative error (error), the share of argmaxes over the last axis "
-                          "that change (decisions: a classifier's top-1, a recognizer's "
-                          "per-step characters), or decisions when an output holds "
-                          "probability distributions (auto, the default)."),
         click.option("--cp-depthwise", type=click.Choice(["separate", "merged", "auto"]),
                      help="cp: the chain's spatial stages as depthwise kx1 then 1xk "
                           "(separate: the classic 4-layer chain), as one depthwise kxk of "
@@ -262,8 +255,7 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], recipe_path:
              no_latency_check: bool, exclude: Sequence[str], seed: int, groups: str | None,
              weighted: bool, depth_multiplier: str | None, share_groups: int | None,
              ratio: float | None, criterion: str, round_to: int, layers: int | None,
-             min_realized: float | None, sensitivity: bool, sensitivity_metric: str | None,
-             cp_depthwise: str | None,
+             min_realized: float | None, sensitivity: bool, cp_depthwise: str | None,
              basis: str | None,
              mode: str, calibrator: str,
              max_drop: float | None, activations: str, reduce_range: bool | None,
@@ -291,7 +283,7 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], recipe_path:
         "share_groups": share_groups, "ratio": ratio, "criterion": criterion,
         "round_to": round_to, "layers": layers, "mode": mode, "bits": bits,
         "calibrator": calibrator, "max_drop": max_drop, "min_realized": min_realized,
-        "sensitivity": sensitivity, "sensitivity_metric": sensitivity_metric,
+        "sensitivity": sensitivity,
         "cp_depthwise": cp_depthwise, "basis": basis,
         "activations": activations, "reduce_range": reduce_range,
     }

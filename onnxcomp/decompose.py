@@ -103,12 +103,6 @@ class LowRankConfig(PassConfig):
     # --rank auto: weight each layer's error by how much of it reaches the model's outputs
     # (one probe run per layer, see layer_gains).
     sensitivity: bool = True
-    # What the sensitivity probes measure at the outputs: "error" (relative L2), "decisions"
-    # (share of argmaxes over the last axis that change), or "auto": decisions when an output
-    # holds probability distributions (softmax), else error. On PP-OCRv4's recognizer a neck
-    # conv moved the probabilities by 2.8 % but flipped 6 % of the strings, for 0.3 % of the
-    # time; relative error ranked it among the cheapest layers to rewrite.
-    sensitivity_metric: str = "auto"
     # A JSON file of measured latencies read before measuring and written after (see
     # onnxcomp/latency_cache.py): with it a second compile replays the first one's choices.
     latency_cache: str | None = None
@@ -159,9 +153,6 @@ class LowRankConfig(PassConfig):
         if self.cp_depthwise not in ("separate", "merged", "auto"):
             raise ConfigError(f"--cp-depthwise must be separate, merged or auto, got "
                               f"'{self.cp_depthwise}'")
-        if self.sensitivity_metric not in ("auto", "error", "decisions"):
-            raise ConfigError(f"--sensitivity-metric must be auto, error or decisions, got "
-                              f"{self.sensitivity_metric!r}")
         if self.basis not in ("data", "weights"):
             raise ConfigError(f"--basis must be data or weights, got '{self.basis}'")
         if self.rank_multiple < 1:
@@ -1248,16 +1239,11 @@ def _allocate(
     if not config.auto:
         return {ch.index: ch.options[0] for ch in usable}
     if config.sensitivity and not probes.calib.synthetic and len(usable) > 1:
-        gains, metric = layer_gains(probes, usable)
+        gains = layer_gains(probes, usable)
         for ch in usable:
             ch.gain = max(gains.get(ch.index, 1.0), MIN_GAIN)
         report.metrics["sensitivity"] = {ch.layer.name: round(gains.get(ch.index, 1.0), 3)
                                          for ch in usable}
-        report.metrics["sensitivity_metric"] = metric
-        if config.sensitivity_metric == "decisions" and metric != "decisions":
-            report.notes.append("--sensitivity-metric decisions: no output holds probability "
-                                "distributions over its last axis (or no decision changed in "
-                                "the probes); sensitivity from relative error")
     chosen = _auto_allocate(usable, probes, config, report)
     for ch in usable:
         if ch.index not in chosen:
@@ -1268,7 +1254,7 @@ def _allocate(
     return chosen
 
 
-def layer_gains(probes: _Probes, usable: list[LayerChoice]) -> tuple[dict[int, float], str]:
+def layer_gains(probes: _Probes, usable: list[LayerChoice]) -> dict[int, float]:
     """Each layer's sensitivity: model output error per unit of its isolated error.
 
     One probe model holds every usable layer twice, the original and one rewritten option (the
@@ -1313,7 +1299,7 @@ def layer_gains(probes: _Probes, usable: list[LayerChoice]) -> tuple[dict[int, f
         switches[ch.index] = (switch.name, dtype)
         probed[ch.index] = opt
     if not switches:
-        return {}, "error"
+        return {}
     blended = graph.export(check=False)
     # Compile-time work, not a latency measurement: every core, graph optimizations on.
     session = runtime.make_session(blended, config.provider, max(config.threads, os.cpu_count()
@@ -1342,21 +1328,11 @@ def layer_gains(probes: _Probes, usable: list[LayerChoice]) -> tuple[dict[int, f
         return [np.concatenate([r[k] for r in runs]) for k in range(len(names))]
 
     ref = outputs(None)
-    gains, flips = {}, {}
+    gains = {}
     for index, opt in probed.items():
-        got = outputs(index)
-        gains[index] = float(verify.compare_outputs(names, ref, got).rel_l2 / opt.error)
-        changed = verify.decision_changes(ref, got)
-        if changed is not None:
-            flips[index] = float(changed / opt.error)
-    if config.sensitivity_metric != "error" and flips and sum(flips.values()) > 0:
-        # Decisions per unit of isolated error, on the scale of the relative-error gains (so
-        # MIN_GAIN keeps its meaning): which layers flip the model's choices, not only how far
-        # they move its probabilities.
-        scale = sum(gains[i] for i in flips) / sum(flips.values())
-        gains.update({i: f * scale for i, f in flips.items()})
-        return gains, "decisions"
-    return gains, "error"
+        err = verify.compare_outputs(names, ref, outputs(index)).rel_l2
+        gains[index] = float(err / opt.error)
+    return gains
 
 
 def spread_batches(sizes: Sequence[int], want: int) -> list[int]:

@@ -80,31 +80,6 @@ class Fidelity:
         }
 
 
-def is_distribution(values: np.ndarray, tol: float = 1e-3) -> bool:
-    """True when ``values`` hold probability distributions over their last axis (K >= 2)."""
-    if values.ndim < 2 or values.shape[-1] < 2 or values.size == 0:
-        return False
-    v = np.asarray(values, dtype=np.float64)
-    return bool(v.min() >= -tol and np.allclose(v.sum(axis=-1), 1.0, atol=tol))
-
-
-def decision_changes(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]
-                     ) -> float | None:
-    """Share of decisions that change, over every sample and position.
-
-    Decisions are argmaxes over the last axis of the outputs holding probability
-    distributions (a classifier's top-1, a sequence recognizer's per-step character). None
-    when no output holds distributions.
-    """
-    changed, total = 0, 0
-    for ref, got in zip(reference, candidate, strict=True):
-        if not is_distribution(ref):
-            continue
-        changed += int(np.sum(ref.argmax(axis=-1) != got.argmax(axis=-1)))
-        total += int(np.prod(ref.shape[:-1]))
-    return changed / total if total else None
-
-
 def compare_outputs(
     names: Sequence[str], reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]
 ) -> Fidelity:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 from builders import calibration, make_model, relative_error, tensor
 from onnx import helper
@@ -78,35 +76,3 @@ def test_sensitivity_batches_are_spread_over_the_calibration_set():
     assert spread_batches([8] * 3, 32) == [0, 1, 2]  # fewer samples than wanted: all
     assert spread_batches([8, 8, 3], 8) == [0, 2]  # by the mean batch size: 11 samples
     assert spread_batches([1] * 100, 8) == [0, 14, 28, 42, 57, 71, 85, 99]
-
-
-def _softmax_model():
-    """The two-branch model read out as per-position class probabilities (last axis)."""
-    model = _two_branch_model(scale=0.5)
-    graph = model.graph
-    graph.node.extend([
-        helper.make_node("Transpose", ["y"], ["t"], name="nhwc", perm=[0, 2, 3, 1]),
-        helper.make_node("Softmax", ["t"], ["probs"], name="softmax", axis=-1)])
-    del graph.output[:]
-    graph.output.append(tensor("probs", ["N", 8, 8, 64]))
-    return model
-
-
-def test_softmax_outputs_get_decision_sensitivity_by_default():
-    model = _softmax_model()
-    calib = calibration(model, n=4, batch=4)
-    auto = svd(model, _config(True), calib)
-    assert auto.report.metrics["sensitivity_metric"] == "decisions"
-    forced = svd(model, dataclasses.replace(_config(True), sensitivity_metric="error"), calib)
-    assert forced.report.metrics["sensitivity_metric"] == "error"
-    for result in (auto, forced):
-        gains = result.report.metrics["sensitivity"]
-        assert gains["P"] > gains["Q"]  # Q's errors reach the outputs at half strength
-
-
-def test_decision_metric_falls_back_to_error_without_distributions():
-    model = _two_branch_model()
-    config = dataclasses.replace(_config(True), sensitivity_metric="decisions")
-    result = svd(model, config, calibration(model, n=4, batch=4))
-    assert result.report.metrics["sensitivity_metric"] == "error"
-    assert any("--sensitivity-metric decisions" in n for n in result.report.notes)

@@ -47,18 +47,3 @@ def test_within_noise_allows_a_multiple_of_the_reference_noise():
     assert not fidelity.within_noise(quiet)
     assert fidelity.within_noise(loud)  # 3e-4 <= 1.1e-4 + 4 * 1e-4
     assert not fidelity.within_noise(loud, factor=1.0)
-
-
-def test_decision_changes_count_argmax_flips_of_distribution_outputs():
-    rng = np.random.default_rng(0)
-    logits = rng.standard_normal([4, 10, 5])
-    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
-    assert verify.is_distribution(probs) and not verify.is_distribution(logits)
-    assert not verify.is_distribution(probs[..., :1] / probs[..., :1])  # one class: no decision
-    flipped = probs.copy()
-    for i, j in ((0, 0), (2, 7), (3, 9)):  # three of 40 decisions change
-        flipped[i, j] = probs[i, j][::-1] if probs[i, j].argmax() != 2 else np.roll(
-            probs[i, j], 1)
-    assert verify.decision_changes([probs], [flipped]) == pytest.approx(3 / 40)
-    assert verify.decision_changes([logits], [logits + 1]) is None  # no distributions
-    assert verify.decision_changes([logits, probs], [logits, probs]) == 0.0
