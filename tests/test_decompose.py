@@ -121,3 +121,24 @@ def test_refine_step_finds_a_milder_option_off_the_frontier():
     assert picks[best][0] is options[2]  # 1.6x: the mildest that meets 1.5x
     assert rounds == Probes.calls and measured[best] >= 1.5
     assert measured[len(picks) - 1] == 1.8  # the old neighbour's measurement moved with it
+
+
+def test_rewrites_saving_under_one_percent_of_the_model_are_left_alone():
+    from types import SimpleNamespace
+
+    from onnxcomp.passbase import SkipReason
+
+    def opt(base_ms, ms):
+        return decompose.Option(SimpleNamespace(macs=1), 0.1, 0.1, base_ms=base_ms, ms=ms)
+
+    big = decompose.LayerChoice(SimpleNamespace(name="big", op="Conv"), 0,
+                                [opt(1.0, 0.5), opt(1.0, 0.995)])
+    tiny = decompose.LayerChoice(SimpleNamespace(name="tiny", op="Conv"), 1,
+                                 [opt(0.1, 0.08), opt(0.1, 0.09)])
+    report = Report("svd")
+    kept = decompose._drop_unseen_savings([big, tiny], 10.0, report)  # 1 % of 10 ms: 0.1 ms
+    assert [ch.layer.name for ch in kept] == ["big"]
+    assert [o.ms for o in kept[0].options] == [0.5]  # 0.005 ms saved is dropped too
+    assert report.skipped[0].node == "tiny"
+    assert report.skipped[0].reason == SkipReason.TOO_SMALL
+    assert "0.020 ms" in report.skipped[0].detail
