@@ -874,30 +874,36 @@ def _edge_model(shape: Sequence[int], copies: int, ir_version: int, opsets: Sequ
 _EDGE_CACHE: dict[tuple[Any, ...], float] = {}
 
 
+def _edges_from_copies(key: tuple[Any, ...], build: Callable[[int], onnx.ModelProto],
+                       config: LowRankConfig, cache: LatencyCache | None) -> float:
+    """Edge cost (ms) from timing 1 and 3 chained copies: t(1) - (t(3) - t(1)) / 2; cached."""
+    full_key = (*key, config.provider, config.threads)
+    file_key = f"edge {full_key!r}"
+    if cache is not None and (hit := cache.get(file_key)) is not None:
+        _EDGE_CACHE[full_key] = float(hit[0])
+        return _EDGE_CACHE[full_key]
+    if full_key not in _EDGE_CACHE:
+        cfg = bench.BenchConfig(provider=config.provider, threads=config.threads, warmup=3,
+                                runs=config.bench_runs)
+        res = bench.benchmark([build(1), build(3)], cfg)
+        t1, t3 = res.models[0].median_ms, res.models[1].median_ms
+        _EDGE_CACHE[full_key] = min(max(t1 - max(t3 - t1, 0.0) / 2, 0.0), t1)
+    if cache is not None:
+        cache.put(file_key, [_EDGE_CACHE[full_key]])
+    return _EDGE_CACHE[full_key]
+
+
 def edge_ms(shape: Sequence[int], model: onnx.ModelProto, config: LowRankConfig,
             cache: LatencyCache | None = None) -> float:
     """What a one-layer model on a tensor of ``shape`` pays at its edges, in ms.
 
     A layer timed alone pays costs a layer inside a network does not: the conversion into and
     out of the provider's blocked layout (ONNX Runtime CPU), per-run overhead. Timing 1 and 3
-    copies of a cheap layer separates them: edges = t(1) - (t(3) - t(1)) / 2.
+    copies of a cheap layer separates them.
     """
-    key = (tuple(shape), config.provider, config.threads)
-    file_key = f"edge {key!r}"
-    if cache is not None and (hit := cache.get(file_key)) is not None:
-        _EDGE_CACHE[key] = float(hit[0])
-        return _EDGE_CACHE[key]
-    if key not in _EDGE_CACHE:
-        one = _edge_model(shape, 1, model.ir_version, model.opset_import)
-        three = _edge_model(shape, 3, model.ir_version, model.opset_import)
-        cfg = bench.BenchConfig(provider=config.provider, threads=config.threads, warmup=3,
-                                runs=config.bench_runs)
-        res = bench.benchmark([one, three], cfg)
-        t1, t3 = res.models[0].median_ms, res.models[1].median_ms
-        _EDGE_CACHE[key] = min(max(t1 - max(t3 - t1, 0.0) / 2, 0.0), t1)
-    if cache is not None:
-        cache.put(file_key, [_EDGE_CACHE[key]])
-    return _EDGE_CACHE[key]
+    return _edges_from_copies(
+        (tuple(shape),),
+        lambda n: _edge_model(shape, n, model.ir_version, model.opset_import), config, cache)
 
 
 def layer_edges_ms(layer: Layer, model: onnx.ModelProto, config: LowRankConfig,
@@ -910,23 +916,10 @@ def layer_edges_ms(layer: Layer, model: onnx.ModelProto, config: LowRankConfig,
     if tuple(layer.in_shape) != tuple(layer.out_shape):
         return 0.5 * (edge_ms(layer.in_shape, model, config, cache)
                       + edge_ms(layer.out_shape, model, config, cache))
-    key = ("layer", layer.op, layer.weight.shape, tuple(layer.in_shape), layer.geom,
-           config.provider, config.threads)
-    file_key = f"edge {key!r}"
-    if cache is not None and (hit := cache.get(file_key)) is not None:
-        _EDGE_CACHE[key] = float(hit[0])
-        return _EDGE_CACHE[key]
-    if key not in _EDGE_CACHE:
-        one = standalone(layer, None, model.ir_version, model.opset_import)
-        three = standalone(layer, None, model.ir_version, model.opset_import, copies=3)
-        cfg = bench.BenchConfig(provider=config.provider, threads=config.threads, warmup=3,
-                                runs=config.bench_runs)
-        res = bench.benchmark([one, three], cfg)
-        t1, t3 = res.models[0].median_ms, res.models[1].median_ms
-        _EDGE_CACHE[key] = min(max(t1 - max(t3 - t1, 0.0) / 2, 0.0), t1)
-    if cache is not None:
-        cache.put(file_key, [_EDGE_CACHE[key]])
-    return _EDGE_CACHE[key]
+    return _edges_from_copies(
+        ("layer", layer.op, layer.weight.shape, tuple(layer.in_shape), layer.geom),
+        lambda n: standalone(layer, None, model.ir_version, model.opset_import, copies=n),
+        config, cache)
 
 
 # ============================================================================ the driver

@@ -27,7 +27,8 @@ default)::
 
 The same arithmetic in one node, and the one ONNX Runtime's CPU provider runs in its blocked
 conv layout (NCHWc): a Mul or Add there is bracketed by two layout conversions. On PP-OCRv4's
-recognizer (16 such learnable affine blocks after HardSwish) this made the model 1.06x faster.
+recognizer (16 such learnable affine blocks after HardSwish) this made the model 1.07x faster
+(the detector 1.05x).
 Only for 4-D tensors whose channel count is known and constants that are scalars or per channel.
 
 Supported: 2-D or N-D Conv with constant float weights; into consumers, per-channel constants
