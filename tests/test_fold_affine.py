@@ -59,16 +59,19 @@ def test_scale_and_shift_before_unpadded_conv_fold_into_it():
     assert_equivalent(model, result.model, **LOSSLESS)
 
 
-def test_shift_before_padded_conv_becomes_one_batchnorm():
-    """Mul -> Add before a padded conv cannot fold (the border): one BatchNormalization."""
+def _affine_before_padded_depthwise(shift: np.ndarray):
+    """relu -> Mul(0.5) -> Add(shift) -> padded depthwise 3x3 conv."""
     nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
              helper.make_node("Mul", ["r", "S"], ["m"], name="scale"),
              helper.make_node("Add", ["m", "T"], ["a"], name="shift"),
              helper.make_node("Conv", ["a", "W"], ["y"], name="dw", pads=[1] * 4, group=4)]
-    inits = {"S": np.array(0.5, np.float32), "T": np.array([0.25, -1, 2, 0], np.float32
-                                                             ).reshape(4, 1, 1),
-             "W": w(4, 1, 3, 3)}
-    model = make_model(nodes, [tensor("x", [1, 4, 6, 6])], [tensor("y", [1, 4, 6, 6])], inits)
+    inits = {"S": np.array(0.5, np.float32), "T": shift.astype(np.float32), "W": w(4, 1, 3, 3)}
+    return make_model(nodes, [tensor("x", [1, 4, 6, 6])], [tensor("y", [1, 4, 6, 6])], inits)
+
+
+def test_shift_before_padded_conv_becomes_one_batchnorm():
+    """Mul -> Add before a padded conv cannot fold (the border): one BatchNormalization."""
+    model = _affine_before_padded_depthwise(np.array([0.25, -1, 2, 0]).reshape(4, 1, 1))
     result = run_pass(model)
     assert [c.node for c in result.report.applied] == ["scale"]
     assert result.report.applied[0].details["nodes"] == ["scale", "shift"]
@@ -100,13 +103,7 @@ def test_affine_between_activation_and_pool_becomes_batchnorm(chain):
 
 
 def test_batchnorm_off_keeps_the_shift_with_its_reason():
-    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
-             helper.make_node("Mul", ["r", "S"], ["m"], name="scale"),
-             helper.make_node("Add", ["m", "T"], ["a"], name="shift"),
-             helper.make_node("Conv", ["a", "W"], ["y"], name="dw", pads=[1] * 4, group=4)]
-    inits = {"S": np.array(0.5, np.float32), "T": np.array([0.25], np.float32),
-             "W": w(4, 1, 3, 3)}
-    model = make_model(nodes, [tensor("x", [1, 4, 6, 6])], [tensor("y", [1, 4, 6, 6])], inits)
+    model = _affine_before_padded_depthwise(np.array([0.25]))
     result = fold_affine(model, FoldAffineConfig(batchnorm=False))
     skipped = {s.node: s for s in result.report.skipped}
     assert skipped["shift"].reason == SkipReason.UNSUPPORTED_ATTRIBUTE
