@@ -77,8 +77,8 @@ PASS_FLAGS = frozenset({
     "no_fold_pad", "rank", "target_speedup", "target_macs", "max_error", "no_refit",
     "refit_mode", "rank_multiple", "no_latency_check", "exclude", "seed", "groups", "weighted",
     "depth_multiplier", "share_groups", "ratio", "criterion", "round_to", "layers",
-    "min_realized", "sensitivity", "cp_depthwise", "basis", "mode", "calibrator", "max_drop",
-    "activations", "reduce_range", "bits",
+    "min_realized", "min_agreement", "sensitivity", "cp_depthwise", "basis", "mode",
+    "calibrator", "max_drop", "activations", "reduce_range", "bits",
 })
 LOWRANK = ("cp", "tucker", "svd", "kernel_sharing", "depthwise_separable")
 
@@ -108,6 +108,11 @@ def lowrank_options(func: F) -> F:
                           "this share of their MAC reduction (default 0.8). Measured in "
                           "context: what a one-layer model pays at its edges (layout "
                           "conversions, per-run overhead) is taken off both timings."),
+        click.option("--min-agreement", type=click.FloatRange(0, 1),
+                     help="--rank auto: keep at least this share of the calibration samples' "
+                          "decisions (argmax of a softmax or logits output, at every "
+                          "position) unchanged, with or without a target (default 0.97; 0: "
+                          "off). Models with no such output are not bound by it."),
         click.option("--sensitivity/--no-sensitivity", default=True, show_default=True,
                      help="--rank auto: weight each layer's error by how much of it reaches "
                           "the model's outputs (measured, one probe run per layer on 8-32 "
@@ -255,8 +260,8 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], recipe_path:
              no_latency_check: bool, exclude: Sequence[str], seed: int, groups: str | None,
              weighted: bool, depth_multiplier: str | None, share_groups: int | None,
              ratio: float | None, criterion: str, round_to: int, layers: int | None,
-             min_realized: float | None, sensitivity: bool, cp_depthwise: str | None,
-             basis: str | None,
+             min_realized: float | None, min_agreement: float | None, sensitivity: bool,
+             cp_depthwise: str | None, basis: str | None,
              mode: str, calibrator: str,
              max_drop: float | None, activations: str, reduce_range: bool | None,
              bits: int,
@@ -283,6 +288,7 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], recipe_path:
         "share_groups": share_groups, "ratio": ratio, "criterion": criterion,
         "round_to": round_to, "layers": layers, "mode": mode, "bits": bits,
         "calibrator": calibrator, "max_drop": max_drop, "min_realized": min_realized,
+        "min_agreement": min_agreement,
         "sensitivity": sensitivity,
         "cp_depthwise": cp_depthwise, "basis": basis,
         "activations": activations, "reduce_range": reduce_range,

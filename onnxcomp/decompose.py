@@ -60,6 +60,10 @@ log = logging.getLogger(__name__)
 FLOAT_TYPES = (np.float16, np.float32, np.float64)
 # ``--rank auto`` with no target and no bound: the fastest ranks within this model error.
 DEFAULT_MAX_ERROR = 0.03
+# ``--rank auto`` on a model with decision outputs (a classifier's top-1, a recognizer's
+# character per step): keep at least this share of the calibration samples' decisions, with
+# or without a target.
+DEFAULT_MIN_AGREEMENT = 0.97
 # Sensitivity probes: calibration samples run (at least, at most: as many as fit the time
 # budget in seconds), the isolated error of the option each layer is probed with, and the
 # floor of a gain (errors far beyond the probe's stop washing out).
@@ -93,6 +97,9 @@ class LowRankConfig(PassConfig):
     target_speedup: float | None = None
     target_macs: float | None = None
     max_error: float | None = None
+    # --rank auto, models with decision outputs (verify.decision_outputs): keep at least this
+    # share of the calibration samples' decisions (0: no such bound).
+    min_agreement: float = DEFAULT_MIN_AGREEMENT
     refit: bool = True
     refit_mode: str = "asymmetric"
     rank_multiple: int = 8
@@ -148,6 +155,8 @@ class LowRankConfig(PassConfig):
             raise ConfigError(f"--target-speedup must be > 1, got {self.target_speedup}")
         if self.target_macs is not None and not 0 < self.target_macs <= 1:
             raise ConfigError(f"--target-macs must be in (0, 1], got {self.target_macs}")
+        if not 0 <= self.min_agreement <= 1:
+            raise ConfigError(f"--min-agreement must be in [0, 1], got {self.min_agreement}")
         if self.max_error is not None and self.max_error <= 0:
             raise ConfigError(f"--max-error must be > 0, got {self.max_error}")
         if self.refit_mode not in ("asymmetric", "symmetric"):
@@ -1094,8 +1103,10 @@ class _Probes:
         self.feeds = {k: v[:1] for k, v in calib.batches[0].items()}
         self._built: dict[tuple[Any, ...], onnx.ModelProto] = {}
         self._speedup: dict[tuple[Any, ...], float] = {}
-        self._error: dict[tuple[Any, ...], float] = {}
+        self._fidelity: dict[tuple[Any, ...], tuple[float, float | None]] = {}
         self._ref: tuple[list[str], list[np.ndarray]] | None = None
+        # Decision outputs (see verify.decision_outputs); random inputs decide nothing.
+        self.decisions = [] if calib.synthetic else verify.decision_outputs(model)
 
     def model_ms(self) -> float:
         """The model's measured latency (ms), once."""
@@ -1149,18 +1160,26 @@ class _Probes:
             self._speedup[k] = 1.0 if not chosen else self.speedup_of(self.build(chosen))
         return self._speedup[k]
 
-    def error(self, chosen: dict[int, Option]) -> float:
+    def fidelity(self, chosen: dict[int, Option]) -> tuple[float, float | None]:
+        """(relative output error, decision agreement or None) of ``chosen``.
+
+        Both on the calibration data; the agreement is None without decision outputs.
+        """
         k = self.key(chosen)
-        if k not in self._error:
+        if k not in self._fidelity:
             if not chosen:
-                self._error[k] = 0.0
+                self._fidelity[k] = (0.0, 1.0 if self.decisions else None)
             else:
                 if self._ref is None:
                     self._ref = _outputs(self.model, self.calib)
                 names, ref = self._ref
                 _, got = _outputs(self.build(chosen), self.calib)
-                self._error[k] = verify.compare_outputs(names, ref, got).rel_l2
-        return self._error[k]
+                self._fidelity[k] = (verify.compare_outputs(names, ref, got).rel_l2,
+                                     verify.decision_agreement(self.decisions, ref, got))
+        return self._fidelity[k]
+
+    def error(self, chosen: dict[int, Option]) -> float:
+        return self.fidelity(chosen)[0]
 
 
 def batch1_shapes(model: onnx.ModelProto, calib: Calibration) -> dict[str, tuple[int, ...]]:
@@ -1467,15 +1486,23 @@ def _auto_allocate(
         max_error = DEFAULT_MAX_ERROR
         report.notes.append(f"no target given: the fastest ranks within a model output error "
                             f"of {DEFAULT_MAX_ERROR} (the default --max-error)")
-    if max_error is not None:
+    min_agreement = config.min_agreement if config.min_agreement > 0 else None
+    if probes.decisions:
+        report.metrics["decision_outputs"] = [model.graph.output[i].name
+                                              for i, _ in probes.decisions]
+    else:
+        min_agreement = None
+    if max_error is not None or min_agreement is not None:
         target_index = index
-        index = _bound_error(picks, index, max_error, probes, report,
-                             explicit=config.max_error is not None)
+        index = _bound_fidelity(picks, index, max_error, min_agreement, probes, report,
+                                explicit=config.max_error is not None)
         has_target = config.target_speedup is not None or target_macs is not None
         if has_target and index < target_index and report.metrics.get("target_met") is not False:
             report.metrics["target_met"] = False
-            report.notes.append(f"target not met: --max-error {max_error} allows only milder "
-                                f"ranks")
+            bounds = " and ".join(b for b, v in (("--max-error", max_error),
+                                                 ("--min-agreement", min_agreement))
+                                  if v is not None)
+            report.notes.append(f"target not met: {bounds} allow(s) only milder ranks")
     return picks[index]
 
 
@@ -1624,36 +1651,53 @@ def _refine_step(picks: list[dict[int, Option]], lo: int, hi: int, measured: dic
     return hi, rounds
 
 
-def _bound_error(picks: list[dict[int, Option]], limit: int, bound: float, probes: _Probes,
-                 report: Report, explicit: bool) -> int:
-    """Index of the most aggressive pick up to ``limit`` whose model error is within bound.
+def _bound_fidelity(picks: list[dict[int, Option]], limit: int, max_error: float | None,
+                    min_agreement: float | None, probes: _Probes, report: Report,
+                    explicit: bool) -> int:
+    """Index of the most aggressive pick up to ``limit`` within both fidelity bounds.
 
-    Errors are measured on the calibration data with probe builds (symmetric refit, which
-    errs high: the final asymmetric refit is at least as good on average).
+    The model error must be at most ``max_error``, the decision agreement at least
+    ``min_agreement`` (either may be None: no such bound). Both are measured on the
+    calibration data with probe builds (symmetric refit, which errs high: the final
+    asymmetric refit is at least as good on average).
     """
-    tried: dict[int, float] = {}
+    tried: dict[int, tuple[float, float | None]] = {}
 
-    def error(i: int) -> float:
-        tried[i] = probes.error(picks[i])
-        return tried[i]
+    def within(i: int) -> bool:
+        tried[i] = probes.fidelity(picks[i])
+        err, agree = tried[i]
+        return ((max_error is None or err <= max_error)
+                and (min_agreement is None or agree is None or agree >= min_agreement))
 
     lo, hi = 0, limit  # picks[0] is "nothing" (lam 0): error 0
-    if error(limit) <= bound:
+    if within(limit):
         lo = hi = limit
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if error(mid) <= bound:
+        if within(mid):
             lo = mid
         else:
             hi = mid
     report.metrics["error_probes"] = {f"{i} ({len(picks[i])} layers)": round(e, 4)
-                                      for i, e in sorted(tried.items())}
+                                      for i, (e, _) in sorted(tried.items())}
+    if any(a is not None for _, a in tried.values()):
+        report.metrics["agreement_probes"] = {
+            f"{i} ({len(picks[i])} layers)": round(a, 4)
+            for i, (_, a) in sorted(tried.items()) if a is not None}
     if lo == limit:
         return limit
-    if explicit:
+    err, agree = tried[hi]
+    if max_error is not None and err > max_error and explicit:
         report.metrics["max_error_bound_active"] = True
-        report.notes.append(f"--max-error {bound} limits the ranks (measured model error "
-                            f"{probes.error(picks[lo]):.4g})")
+        report.notes.append(f"--max-error {max_error} limits the ranks (measured model error "
+                            f"{probes.fidelity(picks[lo])[0]:.4g})")
+    if min_agreement is not None and agree is not None and agree < min_agreement:
+        report.metrics["min_agreement_bound_active"] = True
+        kept = probes.fidelity(picks[lo])[1]
+        report.notes.append(
+            f"--min-agreement {min_agreement} limits the ranks: the next faster choice keeps "
+            f"{agree:.1%} of the calibration samples' decisions"
+            + (f" (this one {kept:.1%})" if kept is not None else ""))
     return lo
 
 

@@ -110,6 +110,65 @@ def compare_outputs(
     return Fidelity(tuple(per_output), samples)
 
 
+# Nodes a decision output may pass through after the layer that decides it.
+_PASS_THROUGH = frozenset({"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast"})
+
+
+def decision_outputs(model: onnx.ModelProto) -> list[tuple[int, int]]:
+    """(output index, class axis) of the outputs that carry a decision (argmax of classes).
+
+    Outputs computed by Softmax/LogSoftmax are the decisions (their ``axis``). A model with no
+    such output reads linear-layer outputs (Gemm, MatMul, MatMul + Add) as logits over the last
+    axis. Anything else (a probability map from Sigmoid, a box regression beside a softmax
+    output) carries no argmax decision.
+    """
+    producer = {o: n for n in model.graph.node for o in n.output}
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+
+    def source(name: str) -> onnx.NodeProto | None:
+        node = producer.get(name)
+        while node is not None and node.op_type in _PASS_THROUGH and node.input:
+            node = producer.get(node.input[0])
+        return node
+
+    softmax: list[tuple[int, int]] = []
+    logits: list[tuple[int, int]] = []
+    for i, out in enumerate(model.graph.output):
+        node = source(out.name)
+        if node is None:
+            continue
+        if node.op_type in ("Softmax", "LogSoftmax"):
+            axis = next((a.i for a in node.attribute if a.name == "axis"),
+                        -1 if opset >= 13 else 1)
+            softmax.append((i, int(axis)))
+        elif node.op_type in ("Gemm", "MatMul") or (node.op_type == "Add" and any(
+                (p := producer.get(x)) is not None and p.op_type == "MatMul"
+                for x in node.input)):
+            logits.append((i, -1))
+    return softmax or logits
+
+
+def decision_agreement(decisions: Sequence[tuple[int, int]], reference: Sequence[np.ndarray],
+                       candidate: Sequence[np.ndarray]) -> float | None:
+    """Share of samples (axis 0) whose every decision is unchanged.
+
+    A decision is the argmax over the class axis, at every other position (a CTC recognizer
+    decides one character per step). None when ``decisions`` names no output with a batch
+    axis and at least two classes.
+    """
+    agree: np.ndarray | None = None
+    for index, axis in decisions:
+        ref, got = np.asarray(reference[index]), np.asarray(candidate[index])
+        if ref.ndim < 2 or ref.shape != got.shape:
+            continue
+        axis %= ref.ndim
+        if axis == 0 or ref.shape[axis] < 2:
+            continue
+        same = (ref.argmax(axis=axis) == got.argmax(axis=axis)).reshape(ref.shape[0], -1)
+        agree = same.all(axis=1) if agree is None else agree & same.all(axis=1)
+    return None if agree is None else float(agree.mean())
+
+
 def check_interface(before: onnx.ModelProto, after: onnx.ModelProto) -> None:
     """Raise :class:`PassError` unless the outputs keep their names, types and static dims."""
     b_out = {o.name: o for o in before.graph.output}

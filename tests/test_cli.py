@@ -215,6 +215,14 @@ def test_rank_out_of_range(runner, conv_file, tmp_path, rank, needle):
     _assert_clean_failure(result, 2, needle, tmp_path, ["conv.onnx", "calib.npz"])
 
 
+@pytest.mark.parametrize("value", ["1.5", "-0.1"])
+def test_min_agreement_out_of_range(runner, conv_file, tmp_path, value):
+    src, calib = conv_file
+    result = _invoke(runner, ["optimize", src, "-o", tmp_path / "o.onnx", "--pass", "cp",
+                              "--min-agreement", value, "--calib", calib])
+    _assert_clean_failure(result, 2, "--min-agreement", tmp_path, ["conv.onnx", "calib.npz"])
+
+
 def test_rank_auto_without_calib_warns_loudly(runner, conv_file, tmp_path):
     src, _ = conv_file
     out = tmp_path / "o.onnx"

@@ -12,11 +12,12 @@ from builders import (
     make_model,
     op_count,
     relative_error,
+    run,
     tensor,
 )
 from onnx import helper
 
-from onnxcomp import bench, decompose
+from onnxcomp import bench, decompose, verify
 from onnxcomp.decompose import LowRankConfig
 from onnxcomp.graph import Graph
 from onnxcomp.lowrank import cp_macs
@@ -385,3 +386,46 @@ def test_edges_of_a_one_layer_model_are_measured_and_below_its_time():
         one = decompose.standalone(layer, None, model.ir_version, model.opset_import)
         alone = bench.benchmark([one], bench.BenchConfig(runs=15)).models[0].median_ms
         assert 0 < edges < alone
+
+
+def _softmax_model():
+    """_two_layer_model with a per-pixel softmax over its 32 channels: a decision output."""
+    model = _two_layer_model()
+    model.graph.node.append(helper.make_node("Softmax", ["y"], ["p"], name="sm", axis=1))
+    del model.graph.output[:]
+    model.graph.output.append(tensor("p", [1, 32, 12, 12]))
+    return model
+
+
+def _agreement(a, b, calib):
+    ya = [np.concatenate([run(a, batch)[0] for batch in calib.batches])]
+    yb = [np.concatenate([run(b, batch)[0] for batch in calib.batches])]
+    return verify.decision_agreement([(0, 1)], ya, yb)
+
+
+def test_decision_agreement_floor_limits_a_speed_target(monkeypatch):
+    _fake_latency(monkeypatch, 5.0)
+    model = _softmax_model()
+    calib = calibration(model, n=8, batch=1)
+    free = cp(model, LowRankConfig(target_speedup=1.5, min_macs=0, min_agreement=0.0), calib)
+    assert free.report.applied
+    loose = _agreement(model, free.model, calib)
+    assert loose < 1.0  # the aggressive choice changes some samples' decisions
+    floor = (loose + 1) / 2
+    bound = cp(model, LowRankConfig(target_speedup=1.5, min_macs=0, min_agreement=floor), calib)
+    assert bound.report.metrics["decision_outputs"] == ["p"]
+    assert bound.report.metrics["min_agreement_bound_active"] is True
+    assert bound.report.metrics["target_met"] is False
+    assert any("--min-agreement" in n for n in bound.report.notes)
+    macs = decompose.cost.model_cost
+    assert macs(bound.model).macs > macs(free.model).macs
+    probes = bound.report.metrics["agreement_probes"]
+    assert min(probes.values()) < floor  # the bound was measured, and it bit
+
+
+def test_decision_agreement_floor_ignores_synthetic_calibration(monkeypatch):
+    _fake_latency(monkeypatch, 5.0)
+    model = _softmax_model()
+    result = cp(model, LowRankConfig(target_speedup=1.5, min_macs=0, min_agreement=1.0), None)
+    assert "decision_outputs" not in result.report.metrics
+    assert "min_agreement_bound_active" not in result.report.metrics

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from builders import conv_bn_model
 
@@ -47,3 +48,45 @@ def test_within_noise_allows_a_multiple_of_the_reference_noise():
     assert not fidelity.within_noise(quiet)
     assert fidelity.within_noise(loud)  # 3e-4 <= 1.1e-4 + 4 * 1e-4
     assert not fidelity.within_noise(loud, factor=1.0)
+
+
+def _heads_model(heads: list[tuple[str, dict]]) -> onnx.ModelProto:
+    """x[N,8] -> MatMul + Add -> each head op -> its own graph output (out0, out1, ...)."""
+    from builders import make_model, tensor
+    from onnx import helper
+
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="fc"),
+             helper.make_node("Add", ["h", "B"], ["hb"], name="bias")]
+    outputs = []
+    for i, (op, attrs) in enumerate(heads):
+        nodes.append(helper.make_node(op, ["hb"], [f"out{i}"], name=f"head{i}", **attrs))
+        outputs.append(tensor(f"out{i}", ["N", 4]))
+    inits = {"W": np.ones((8, 4), np.float32), "B": np.zeros(4, np.float32)}
+    return make_model(nodes, [tensor("x", ["N", 8])], outputs, inits)
+
+
+def test_decision_outputs_prefer_softmax_over_linear_regressions():
+    # Softmax beside a box regression (MTCNN): only the softmax decides.
+    model = _heads_model([("Identity", {}), ("Softmax", {"axis": 1})])
+    assert verify.decision_outputs(model) == [(1, 1)]
+    # No softmax: a linear layer's output is read as logits over the last axis.
+    assert verify.decision_outputs(_heads_model([("Identity", {})])) == [(0, -1)]
+    # A sigmoid map decides nothing by argmax.
+    assert verify.decision_outputs(_heads_model([("Sigmoid", {})])) == []
+
+
+def test_decision_agreement_counts_a_sample_once_for_all_its_positions():
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((4, 5, 3))  # 4 samples, 5 steps, 3 classes
+    got = ref.copy()
+    got[1, 2] = -got[1, 2]  # sample 1 changes its decision at one step
+    got[3, 0] = -got[3, 0]
+    got[3, 4] = -got[3, 4]  # sample 3 at two steps
+    changed = [(ref[i].argmax(-1) != got[i].argmax(-1)).any() for i in range(4)]
+    expected = 1 - np.mean(changed)
+    assert expected < 1
+    assert verify.decision_agreement([(0, -1)], [ref], [got]) == pytest.approx(expected)
+    assert verify.decision_agreement([(0, -1)], [ref], [ref]) == 1.0
+    # A batch axis is not a class axis; no decision output: no agreement.
+    assert verify.decision_agreement([(0, 0)], [ref], [got]) is None
+    assert verify.decision_agreement([], [ref], [got]) is None
