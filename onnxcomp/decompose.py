@@ -22,7 +22,9 @@ that are not measured faster than the original layer are dropped ("no latency wi
 Lagrangian allocation picks per-layer options that meet ``target_speedup`` / ``target_macs``
 with the least isolated error, each layer's error weighted by its measured sensitivity (how
 much of it reaches the model's outputs, :func:`layer_gains`); ``max_error`` bounds the
-measured relative error of the model's outputs (binary search over the savings).
+measured relative error of the model's outputs and ``min_agreement`` the share of calibration
+samples whose decisions (argmax of a softmax or logits output) are unchanged (binary search
+over the savings).
 """
 
 from __future__ import annotations
@@ -1178,9 +1180,6 @@ class _Probes:
                                      verify.decision_agreement(self.decisions, ref, got))
         return self._fidelity[k]
 
-    def error(self, chosen: dict[int, Option]) -> float:
-        return self.fidelity(chosen)[0]
-
 
 def batch1_shapes(model: onnx.ModelProto, calib: Calibration) -> dict[str, tuple[int, ...]]:
     """Calibration input shapes with symbolic batch dims set to 1."""
@@ -1499,10 +1498,10 @@ def _auto_allocate(
         has_target = config.target_speedup is not None or target_macs is not None
         if has_target and index < target_index and report.metrics.get("target_met") is not False:
             report.metrics["target_met"] = False
-            bounds = " and ".join(b for b, v in (("--max-error", max_error),
-                                                 ("--min-agreement", min_agreement))
-                                  if v is not None)
-            report.notes.append(f"target not met: {bounds} allow(s) only milder ranks")
+            bounds = [b for b, v in (("--max-error", max_error), ("--min-agreement", min_agreement))
+                      if v is not None]
+            report.notes.append(f"target not met: {' and '.join(bounds)} "
+                                f"allow{'s' if len(bounds) == 1 else ''} only milder ranks")
     return picks[index]
 
 

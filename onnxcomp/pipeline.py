@@ -169,7 +169,8 @@ def run_pipeline(
         changed = changed or result.modified
         current = result.model
         previous = outputs
-    final = verify.compare_outputs(names, original, previous)
+    decisions = [] if calib.synthetic else verify.decision_outputs(model)
+    final = verify.compare_outputs(names, original, previous, decisions)
     return PipelineResult(current, tuple(results), final, calib.synthetic)
 
 

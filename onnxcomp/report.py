@@ -57,7 +57,9 @@ def summary_rows(
                      "1.00 = every MAC saved is time saved"])
     fid = result.fidelity
     fid_text = f"rel L2 error {fid.rel_l2:.3g}"
-    if fid.top1_agreement is not None:
+    if fid.decision_agreement is not None:
+        fid_text += f", decisions kept on {fid.decision_agreement:.1%} of samples"
+    elif fid.top1_agreement is not None:
         fid_text += f", top-1 agreement {fid.top1_agreement:.1%}"
     rows.append(["fidelity vs original", "-", fid_text + f" ({fid.num_samples} samples)", ""])
     return rows

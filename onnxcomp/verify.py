@@ -39,6 +39,9 @@ class Fidelity:
 
     outputs: tuple[OutputFidelity, ...]
     num_samples: int
+    # Share of samples whose decisions are all unchanged (see decision_agreement); None when
+    # the model has no decision output or none was named.
+    decision_agreement: float | None = None
 
     @property
     def rel_l2(self) -> float:
@@ -75,15 +78,21 @@ class Fidelity:
         return {
             "rel_l2": self.rel_l2,
             "top1_agreement": self.top1_agreement,
+            "decision_agreement": self.decision_agreement,
             "num_samples": self.num_samples,
             "outputs": [o.to_dict() for o in self.outputs],
         }
 
 
 def compare_outputs(
-    names: Sequence[str], reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]
+    names: Sequence[str], reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray],
+    decisions: Sequence[tuple[int, int]] = (),
 ) -> Fidelity:
-    """Fidelity of ``candidate`` outputs against ``reference`` outputs."""
+    """Fidelity of ``candidate`` outputs against ``reference`` outputs.
+
+    ``decisions``: the decision outputs (see :func:`decision_outputs`) whose agreement to
+    measure.
+    """
     per_output = []
     samples = 0
     for name, ref, got in zip(names, reference, candidate, strict=True):
@@ -107,7 +116,8 @@ def compare_outputs(
                 top1_agreement=top1,
             )
         )
-    return Fidelity(tuple(per_output), samples)
+    return Fidelity(tuple(per_output), samples,
+                    decision_agreement(decisions, reference, candidate) if decisions else None)
 
 
 # Nodes a decision output may pass through after the layer that decides it.

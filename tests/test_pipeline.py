@@ -114,6 +114,19 @@ def test_lossy_pass_error_is_measured_and_reported():
     assert result.fidelity.rel_l2 == pytest.approx(own, rel=1e-6)
 
 
+@pytest.mark.parametrize(("factor", "kept"), [(1.05, 1.0), (-1.0, 0.0)])
+def test_final_fidelity_counts_kept_decisions(factor, kept):
+    rng = np.random.default_rng(1)
+    model = make_model([helper.make_node("Gemm", ["x", "W"], ["y"], name="fc")],
+                       [tensor("x", ["N", 4])], [tensor("y", ["N", 3])],
+                       {"W": rng.standard_normal([4, 3]).astype(np.float32)})
+    registry = {"scale": ScaleWeights(factor, lossless=False)}
+    result = run_pipeline(model, [Step("scale", NoConfig())], _calib(model), registry)
+    # Scaling logits keeps every argmax; negating them turns each into the argmin.
+    assert result.fidelity.decision_agreement == kept
+    assert result.to_dict()["fidelity_vs_original"]["decision_agreement"] == kept
+
+
 def test_interface_change_is_an_error():
     model = conv_bn_model()
     with pytest.raises(PassError, match="graph outputs changed"):
