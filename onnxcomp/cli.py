@@ -350,7 +350,8 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], recipe_path:
             console.print("[yellow]fidelity measured on synthetic inputs (no --calib)[/]")
         for step in result.steps:
             if step.report.metrics.get("target_met") is False:
-                notes = [n for n in step.report.notes if "target" in n]
+                notes = ([n for n in step.report.notes if n.startswith("target")]
+                         or [n for n in step.report.notes if "target" in n])
                 err_console.print(f"[bold yellow]warning:[/] {step.name}: "
                                   f"{notes[0] if notes else 'target not met'}", highlight=False)
         if report_path is not None:

@@ -1498,7 +1498,8 @@ def _auto_allocate(
         has_target = config.target_speedup is not None or target_macs is not None
         if has_target and index < target_index and report.metrics.get("target_met") is not False:
             report.metrics["target_met"] = False
-            bounds = [b for b, v in (("--max-error", max_error), ("--min-agreement", min_agreement))
+            bounds = [f"{b} {v:g}" for b, v in (("--max-error", max_error),
+                                                ("--min-agreement", min_agreement))
                       if v is not None]
             report.notes.append(f"target not met: {' and '.join(bounds)} "
                                 f"allow{'s' if len(bounds) == 1 else ''} only milder ranks")
