@@ -17,8 +17,7 @@ pytestmark = pytest.mark.realmodel
 
 
 def _cases():
-    import paths  # noqa: F401  (from models/, put on sys.path by cases)
-    from cases import CASES
+    from cases import CASES  # puts models/ on sys.path
 
     return CASES
 
@@ -89,3 +88,19 @@ def test_inspect_published_figures(name, params_m, macs_g):
     mc = cost.model_cost(load(case.path))
     assert mc.params / 1e6 == pytest.approx(params_m, rel=0.03)
     assert mc.macs / 1e9 == pytest.approx(macs_g, rel=0.03)
+
+
+@pytest.mark.parametrize(("name", "decisions"), [
+    ("fashion_mnist_vgg", [(0, -1)]),  # logits from a Gemm
+    ("efficientnet_lite0", [(0, -1)]),
+    ("ppocrv4_rec", [(0, 2)]),  # softmax over the 6625 characters of each step
+    ("mtcnn_onet", [(2, 1)]),  # face/no-face; the box and landmark regressions decide nothing
+    ("ppocr_cls", [(0, 1)]),
+    ("ppocrv4_det", []),  # a probability map
+])
+def test_decision_outputs_of_real_models(name, decisions):
+    from onnxcomp import verify
+
+    case = _cases()[name]
+    _require(case.path)
+    assert verify.decision_outputs(load(case.path)) == decisions
