@@ -47,6 +47,7 @@ import dataclasses
 import heapq
 import platform
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -522,17 +523,20 @@ def _share_ranges(graph: Graph, ranges: dict[str, tuple[float, float]]) -> int:
 
 
 def fidelity_drop(reference: list[np.ndarray], names: list[str], model: onnx.ModelProto,
-                  calib: Calibration) -> tuple[float, float]:
+                  calib: Calibration, decisions: Sequence[tuple[int, int]] = ()
+                  ) -> tuple[float, float]:
     """(drop, relative output error) of ``model`` against the float outputs ``reference``.
 
-    The drop is 1 - top-1 agreement for a classifier-like output (2-D, several classes),
-    else the relative L2 error of the outputs. Run with ONNX Runtime's optimizations, so the
-    QDQ pattern is fused as it will be when deployed.
+    The drop is 1 - the share of samples whose decisions are all kept, for the float model's
+    ``decisions`` (see :func:`verify.decision_outputs`: a classifier's top-1, a recognizer's
+    character at every step); with none, 1 - top-1 agreement for a classifier-like output
+    (2-D, several classes), else the relative L2 error of the outputs. Run with ONNX Runtime's
+    optimizations, so the QDQ pattern is fused as it will be when deployed.
     """
     got = calibrate.run_model(model, calib, optimize=True)
-    fid = verify.compare_outputs(names, reference, got)
-    top1 = fid.top1_agreement
-    return (1.0 - top1 if top1 is not None else fid.rel_l2), fid.rel_l2
+    fid = verify.compare_outputs(names, reference, got, decisions)
+    kept = fid.decision_agreement if fid.decision_agreement is not None else fid.top1_agreement
+    return (1.0 - kept if kept is not None else fid.rel_l2), fid.rel_l2
 
 
 def _subset(calib: Calibration, samples: int) -> Calibration:
@@ -560,7 +564,8 @@ def _meet_max_drop(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibr
     check = _subset(calib, DROP_SAMPLES)
     names = [o.name for o in model.graph.output]
     reference = calibrate.run_model(model, check, optimize=True)
-    drop, _ = fidelity_drop(reference, names, quantized, check)
+    decisions = [] if calib.synthetic else verify.decision_outputs(model)
+    drop, _ = fidelity_drop(reference, names, quantized, check, decisions)
     report.metrics["drop_all_layers"] = round(drop, 5)
     if drop <= config.max_drop:
         report.metrics["drop"] = round(drop, 5)
@@ -582,7 +587,8 @@ def _meet_max_drop(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibr
     def attempt(k: int) -> float:
         if k not in tried:
             m, r = _build_static(model, config, ranges, set(ranked[:k]), sensitivity)
-            tried[k] = (m, r, fidelity_drop(reference, names, m, check)[0] if r.applied
+            tried[k] = (m, r, fidelity_drop(reference, names, m, check, decisions)[0]
+                        if r.applied
                         else 0.0)
         return tried[k][2]
 

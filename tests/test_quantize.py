@@ -394,3 +394,30 @@ def test_equalization_is_exact_in_float_and_helps_int8():
     assert with_eq.report.metrics["tensors_equalized"] == 2
     assert relative_error(model, with_eq.model, calib) < 0.5 * relative_error(
         model, without.model, calib)
+
+
+def _softmax_conv(w):
+    """x -> Conv(w) -> Softmax over channels -> p: a per-pixel decision output."""
+    model = conv_model(w, size=6, bias=False, pads=[1] * 4)
+    model.graph.node.append(helper.make_node("Softmax", ["y"], ["p"], name="sm", axis=1))
+    model.graph.output[0].name = "p"
+    return model
+
+
+def test_drop_counts_kept_decisions_of_a_softmax_output():
+    """A per-pixel softmax (4-D, not a 2-D classifier): the drop is the share of samples
+    with a changed decision, not the relative error."""
+    from onnxcomp import calibrate, verify
+    from onnxcomp.passes.quantize import fidelity_drop
+
+    w = np.random.default_rng(3).standard_normal([6, 4, 3, 3]).astype(np.float32)
+    model = _softmax_conv(w)
+    decisions = verify.decision_outputs(model)
+    assert decisions == [(0, 1)]
+    calib = calibration(model)
+    ref = calibrate.run_model(model, calib)
+    scaled = _softmax_conv(w * 1.02)  # the same argmax at every pixel
+    drop, rel = fidelity_drop(ref, ["p"], scaled, calib, decisions)
+    assert rel > 1e-3 and drop == 0.0
+    assert fidelity_drop(ref, ["p"], scaled, calib)[0] == pytest.approx(rel)
+    assert fidelity_drop(ref, ["p"], _softmax_conv(-w), calib, decisions)[0] == 1.0
