@@ -164,8 +164,9 @@ def lowrank_options(func: F) -> F:
                           "without VNNI, where 8-bit products saturate in ONNX Runtime)."),
         click.option("--max-drop", type=float,
                      help="quantize --mode static: leave the most sensitive layers in float "
-                          "until the fidelity drop on the calibration data (1 - top-1 "
-                          "agreement, or relative output error) is at most this."),
+                          "until the fidelity drop on the calibration data (1 - the share "
+                          "of samples whose decisions are all kept, or relative output error "
+                          "without a decision output) is at most this."),
         click.option("--bits", type=click.IntRange(1, 8), default=8, show_default=True,
                      help="quantize: 8 or 4 (weight), 1..8 (kmeans)."),
         click.option("--share-groups", type=click.IntRange(min=1),

@@ -13,7 +13,8 @@ the calibration data: ``--calibrator percentile`` (99.99, default), ``minmax`` o
 (KL-optimal clipping). ONNX Runtime fuses the pattern into integer kernels (QLinearConv,
 QGemm). ``--max-drop X`` measures every layer's sensitivity (output error with it alone
 quantized) and leaves the most sensitive in float until the fidelity drop on the calibration
-data (1 - top-1 agreement for a classifier, else relative output error) is at most X. Before
+data (1 - the share of samples whose decisions are all kept, see ``fidelity_drop``; relative
+output error for a model with no decision output) is at most X. Before
 opset 13 weights are per tensor (the only form that stays fusable there), which costs
 fidelity.
 
