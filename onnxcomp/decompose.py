@@ -1107,8 +1107,7 @@ class _Probes:
         self._speedup: dict[tuple[Any, ...], float] = {}
         self._fidelity: dict[tuple[Any, ...], tuple[float, float | None]] = {}
         self._ref: tuple[list[str], list[np.ndarray]] | None = None
-        # Decision outputs (see verify.decision_outputs); random inputs decide nothing.
-        self.decisions = [] if calib.synthetic else verify.decision_outputs(model)
+        self.decisions = verify.calibrated_decisions(model, calib)
 
     def model_ms(self) -> float:
         """The model's measured latency (ms), once."""

@@ -169,8 +169,8 @@ def run_pipeline(
         changed = changed or result.modified
         current = result.model
         previous = outputs
-    decisions = [] if calib.synthetic else verify.decision_outputs(model)
-    final = verify.compare_outputs(names, original, previous, decisions)
+    final = verify.compare_outputs(names, original, previous,
+                                   verify.calibrated_decisions(model, calib))
     return PipelineResult(current, tuple(results), final, calib.synthetic)
 
 

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 
 from onnxcomp import model as model_io
 from onnxcomp.passbase import PassError
+
+if TYPE_CHECKING:
+    from onnxcomp.calibrate import Calibration
 
 LOSSLESS_RTOL = 1e-4
 LOSSLESS_ATOL = 1e-5
@@ -156,6 +159,11 @@ def decision_outputs(model: onnx.ModelProto) -> list[tuple[int, int]]:
                 for x in node.input)):
             logits.append((i, -1))
     return softmax or logits
+
+
+def calibrated_decisions(model: onnx.ModelProto, calib: Calibration) -> list[tuple[int, int]]:
+    """:func:`decision_outputs` of ``model``, or none on synthetic data (random inputs)."""
+    return [] if calib.synthetic else decision_outputs(model)
 
 
 def decision_agreement(decisions: Sequence[tuple[int, int]], reference: Sequence[np.ndarray],

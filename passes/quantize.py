@@ -565,7 +565,7 @@ def _meet_max_drop(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibr
     check = _subset(calib, DROP_SAMPLES)
     names = [o.name for o in model.graph.output]
     reference = calibrate.run_model(model, check, optimize=True)
-    decisions = [] if calib.synthetic else verify.decision_outputs(model)
+    decisions = verify.calibrated_decisions(model, calib)
     drop, _ = fidelity_drop(reference, names, quantized, check, decisions)
     report.metrics["drop_all_layers"] = round(drop, 5)
     if drop <= config.max_drop:
