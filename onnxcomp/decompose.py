@@ -1107,13 +1107,16 @@ class _Probes:
         self._speedup: dict[tuple[Any, ...], float] = {}
         self._fidelity: dict[tuple[Any, ...], tuple[float, float | None]] = {}
         self._ref: tuple[list[str], list[np.ndarray]] | None = None
+        self._model_ms: float | None = None
         self.decisions = verify.calibrated_decisions(model, calib)
 
     def model_ms(self) -> float:
-        """The model's measured latency (ms), once."""
-        return self.cached("model_ms", lambda: bench.time_model(
-            self.model, self.feeds, self.config.provider, self.config.threads,
-            runs=self.config.bench_runs))
+        """The model's measured latency (ms), once per compile (and per latency cache)."""
+        if self._model_ms is None:
+            self._model_ms = self.cached("model_ms", lambda: bench.time_model(
+                self.model, self.feeds, self.config.provider, self.config.threads,
+                runs=self.config.bench_runs))
+        return self._model_ms
 
     @staticmethod
     def key(chosen: dict[int, Option]) -> tuple[Any, ...]:

@@ -336,7 +336,7 @@ def _chains_to_batchnorm(graph: Graph, candidates: set[str]) -> list[Change]:
             chain.append(readers[0])
         y = chain[-1].outputs[0]
         before = graph.producer(x)
-        if before is not None and before.op == "Conv" or graph.is_graph_output(x):
+        if (before is not None and before.op == "Conv") or graph.is_graph_output(x):
             continue  # folding into that conv failed for a reason the report keeps
         neighbours = [_through_activation(graph, before)] + graph.consumers(y)
         if not any(n is not None and n.op in LAYOUT_OPS for n in neighbours):
