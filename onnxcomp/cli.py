@@ -355,6 +355,9 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], recipe_path:
                          or [n for n in step.report.notes if "target" in n])
                 err_console.print(f"[bold yellow]warning:[/] {step.name}: "
                                   f"{notes[0] if notes else 'target not met'}", highlight=False)
+            for warning in step.report.warnings:
+                err_console.print(f"[bold yellow]warning:[/] {step.name}: {warning.text}",
+                                  highlight=False)
         if report_path is not None:
             doc = {
                 "input": str(model_path),

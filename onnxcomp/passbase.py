@@ -103,15 +103,32 @@ class Skip:
         }
 
 
+@dataclasses.dataclass(frozen=True)
+class Warning_:
+    """Something the user must see: a stable ``code`` (what tools match) and the text."""
+
+    code: str
+    text: str
+
+    def to_dict(self) -> dict[str, str]:
+        """JSON-serializable form."""
+        return {"code": self.code, "text": self.text}
+
+
 @dataclasses.dataclass
 class Report:
-    """What one pass did: applied changes, skipped candidates, free-form notes."""
+    """What one pass did: applied changes, skipped candidates, notes and warnings."""
 
     pass_name: str
     applied: list[Change] = dataclasses.field(default_factory=list)
     skipped: list[Skip] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    warnings: list[Warning_] = dataclasses.field(default_factory=list)
+
+    def warn(self, code: str, text: str) -> None:
+        """Record a warning the front ends show loudly (the CLI prints it to stderr)."""
+        self.warnings.append(Warning_(code, text))
 
     def apply(self, change: Change) -> None:
         """Record an applied change."""
@@ -144,6 +161,7 @@ class Report:
             "applied": [c.to_dict() for c in self.applied],
             "skipped": [s.to_dict() for s in self.skipped],
             "notes": list(self.notes),
+            "warnings": [w.to_dict() for w in self.warnings],
             "metrics": dict(self.metrics),
             "totals": self.totals,
         }

@@ -196,3 +196,122 @@ def basis_errors(pass_, model: onnx.ModelProto, calib, **config) -> dict[str, fl
         assert result.report.applied[0].details["basis"] == basis
         errors[basis] = relative_error(model, result.model, calib)
     return errors
+
+
+def vgg_bn_unet(seed: int = 0, width: int = 8, size: int = 32, offset: float = 8.0,
+                calib_samples: int = 8) -> onnx.ModelProto:
+    """A small VGG-BN U-Net text detector (CRAFT-like), BN statistics fitted to the data.
+
+    conv-BN-ReLU stages with MaxPools; a skip taken from a BN output before its Relu (CRAFT's
+    slice boundaries) and one that feeds a MaxPool and a Concat with no Relu between; a
+    MaxPool(3, 1, 1) -> dilated conv -> 1x1 conv pair with nothing between; two upsampling
+    stages (bilinear Resize to sizes computed at run time from Shape/Gather/Slice/Cast, then
+    Concat with the skip); a 2-channel head whose output is transposed to NHWC.
+
+    Every conv has a bias of scale ``offset`` that its BN removes again (BN mean and variance
+    are measured on ``calib_samples`` seeded inputs in [0, 1], stage by stage, as training
+    leaves them): the conv outputs sit far from zero while what the BN passes on is small.
+    """
+    rng = np.random.default_rng(seed)
+    nodes: list[onnx.NodeProto] = []
+    inits: dict[str, np.ndarray] = {}
+    bns: list[tuple[str, str, int]] = []  # (BN name, its input, channels)
+    counter = [0]
+
+    def fresh(prefix: str) -> str:
+        counter[0] += 1
+        return f"{prefix}{counter[0]}"
+
+    def node(op: str, inputs: list[str], prefix: str, **attrs: object) -> str:
+        out = fresh(prefix)
+        nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+    def conv(x: str, cin: int, cout: int, k: int = 3, dilation: int = 1, bn: bool = True,
+             relu: bool = True) -> str:
+        name = fresh("conv")
+        std = np.sqrt(2.0 / (cin * k * k))
+        inits[f"{name}.w"] = (std * rng.standard_normal((cout, cin, k, k))).astype(np.float32)
+        bias = offset * rng.standard_normal(cout) if bn else 0.1 * rng.standard_normal(cout)
+        inits[f"{name}.b"] = bias.astype(np.float32)
+        pad = dilation * (k // 2)
+        nodes.append(helper.make_node("Conv", [x, f"{name}.w", f"{name}.b"], [name], name=name,
+                                      kernel_shape=[k, k], pads=[pad] * 4,
+                                      dilations=[dilation] * 2))
+        y = name
+        if bn:
+            b = fresh("bn")
+            inits[f"{b}.scale"] = rng.uniform(0.5, 1.5, cout).astype(np.float32)
+            inits[f"{b}.shift"] = (0.3 * rng.standard_normal(cout)).astype(np.float32)
+            inits[f"{b}.mean"] = np.zeros(cout, np.float32)
+            inits[f"{b}.var"] = np.ones(cout, np.float32)
+            nodes.append(helper.make_node(
+                "BatchNormalization", [y, f"{b}.scale", f"{b}.shift", f"{b}.mean", f"{b}.var"],
+                [b], name=b, epsilon=1e-5))
+            bns.append((b, y, cout))
+            y = b
+        return node("Relu", [y], "relu") if relu else y
+
+    def pool(x: str, k: int = 2, stride: int = 2, pad: int = 0) -> str:
+        return node("MaxPool", [x], "pool", kernel_shape=[k, k], strides=[stride] * 2,
+                    pads=[pad] * 4)
+
+    def resize_to(x: str, like: str) -> str:
+        """Bilinear Resize of ``x`` to the spatial size of ``like``, computed at run time."""
+        idx = fresh("idx")
+        inits[f"{idx}.nc"] = np.array([0, 1], np.int64)
+        inits[f"{idx}.start"] = np.array([2], np.int64)
+        inits[f"{idx}.end"] = np.array([4], np.int64)
+        nc = node("Gather", [node("Shape", [x], "shape"), f"{idx}.nc"], "gather", axis=0)
+        hw = node("Slice", [node("Shape", [like], "shape"), f"{idx}.start", f"{idx}.end"],
+                  "slice")
+        hw = node("Cast", [node("Cast", [hw], "cast", to=TensorProto.FLOAT)], "cast",
+                  to=TensorProto.INT64)
+        sizes = node("Concat", [nc, hw], "sizes", axis=0)
+        return node("Resize", [x, "", "", sizes], "resize", mode="linear")
+
+    w = width
+    x = conv("x", 3, w)
+    skip1 = conv(x, w, w, relu=False)                # BN output -> Relu and -> Concat
+    x = conv(pool(node("Relu", [skip1], "relu")), w, 2 * w)
+    skip2 = conv(x, 2 * w, 2 * w, relu=False)        # BN output -> MaxPool and -> Concat
+    x = conv(pool(skip2), 2 * w, 4 * w)
+    skip3 = conv(x, 4 * w, 4 * w, relu=False)
+    x = conv(pool(skip3, 3, 1, 1), 4 * w, 8 * w, dilation=2, bn=False, relu=False)
+    x = conv(x, 8 * w, 8 * w, k=1, bn=False, relu=False)  # fc6 -> fc7, nothing between
+    y = conv(node("Concat", [x, skip3], "cat", axis=1), 12 * w, 4 * w, k=1)
+    y = conv(y, 4 * w, 2 * w)
+    y = node("Concat", [resize_to(y, skip2), skip2], "cat", axis=1)
+    y = conv(conv(y, 4 * w, 2 * w, k=1), 2 * w, w)
+    y = node("Concat", [resize_to(y, skip1), skip1], "cat", axis=1)
+    y = conv(conv(y, 2 * w, w, k=1), w, w)
+    y = conv(conv(y, w, w, bn=False), w, 2, k=1, bn=False, relu=False)
+    nodes.append(helper.make_node("Transpose", [y], ["y"], name="to_nhwc", perm=[0, 2, 3, 1]))
+    model = make_model(nodes, [tensor("x", ["n", 3, size, size])],
+                       [tensor("y", ["n", size, size, 2])], inits)
+    # BN statistics as training leaves them: measured on the data, one BN after the other.
+    feeds = np.random.default_rng(seed + 1).uniform(0, 1, (calib_samples, 3, size, size))
+    feeds = feeds.astype(np.float32)
+    for bn_name, conv_out, _ in bns:
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        probe.graph.output.append(tensor(conv_out, ["n", None, None, None]))
+        sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+        t = sess.run([conv_out], {"x": feeds})[0]
+        for init in model.graph.initializer:
+            if init.name == f"{bn_name}.mean":
+                init.CopyFrom(numpy_helper.from_array(
+                    t.mean(axis=(0, 2, 3)).astype(np.float32), init.name))
+            elif init.name == f"{bn_name}.var":
+                init.CopyFrom(numpy_helper.from_array(
+                    t.var(axis=(0, 2, 3)).astype(np.float32), init.name))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def uniform_calibration(shape: Sequence[int], batches: int, seed: int = 0, name: str = "x"):
+    """A calibration set of ``batches`` seeded batches of U(0, 1) images of ``shape``."""
+    from onnxcomp.calibrate import Calibration
+
+    return Calibration([{name: np.random.default_rng(seed + s).uniform(0, 1, shape)
+                         .astype(np.float32)} for s in range(batches)], False, f"U(0,1) {seed}")
