@@ -56,6 +56,7 @@ from onnxcomp.passbase import (
     Skip,
     SkipReason,
 )
+from onnxcomp.stream import LayerStream
 
 log = logging.getLogger(__name__)
 
@@ -543,18 +544,19 @@ def collect_original(
 
 
 def collect_compressed(
-    model: onnx.ModelProto, layer_index: int, layer: Layer, targets: list[np.ndarray],
-    calib: Calibration, config: LowRankConfig,
+    stream: LayerStream, model: onnx.ModelProto, layer_index: int, layer: Layer,
+    targets: list[np.ndarray], config: LowRankConfig,
 ) -> Moments:
-    """``E[x_c~ x_c~^T]`` and ``E[x_c~ y^T]`` of a layer's input in the compressed model."""
-    per_sample = max(1, config.max_rows // max(calib.num_samples, 1))
+    """``E[x_c~ x_c~^T]`` and ``E[x_c~ y^T]`` of a layer's input in the compressed model.
+
+    The input comes from ``stream``: only what ``model`` has not computed yet runs.
+    """
+    per_sample = max(1, config.max_rows // max(stream.calib.num_samples, 1))
     sampler = _Sampler(layer_index, layer, per_sample, config.seed)
     d = _xdim(layer) + 1
     m = Moments(np.zeros((d, d)), np.zeros((d, layer.weight.shape[0])), 0.0, 0)
     sample = 0
-    name = layer.node.inputs[0].name
-    for batch in calibrate.iter_capture(model, [name], calib):
-        x = batch[name]
+    for x in stream.batches(model, layer.node.inputs[0].name):
         for s in range(x.shape[0]):
             pos = sampler.positions(sample + s)
             xr = _augment(im2col_rows(x[s], layer, pos))
@@ -1716,6 +1718,16 @@ def _build(
     pass_name: str, progress: Callable[[str], None] | None,
 ) -> tuple[onnx.ModelProto, list[Change]]:
     """Rewrite the chosen layers in graph order, refitting each on the compressed upstream."""
+    with LayerStream(calib) as stream:
+        return _build_streamed(model, chosen, layers, moments, targets, config, pass_name,
+                               progress, stream)
+
+
+def _build_streamed(
+    model: onnx.ModelProto, chosen: dict[int, Option], layers: Sequence[Layer],
+    moments: list[Moments], targets: list[list[np.ndarray]], config: LowRankConfig,
+    pass_name: str, progress: Callable[[str], None] | None, stream: LayerStream,
+) -> tuple[onnx.ModelProto, list[Change]]:
     current = model
     changes: list[Change] = []
     for index in sorted(chosen):  # layers are in graph order
@@ -1743,7 +1755,7 @@ def _build(
             err_before = plan_error(layer, plan, raw_ab, xx0, None, yy0)
             err_after = plan_error(layer, plan, ab, xx0, None, yy0)
         else:
-            mc = collect_compressed(current, index, layer, targets[index], calib, config)
+            mc = collect_compressed(stream, current, index, layer, targets[index], config)
             xx, xy, yy = mc.normalized()
             ab = refit_solution(layer, plan, xx, xy, config.ridge)
             err_before = plan_error(layer, plan, raw_ab, xx, xy, yy)

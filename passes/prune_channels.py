@@ -52,6 +52,7 @@ from onnxcomp.passbase import (
     Skip,
     SkipReason,
 )
+from onnxcomp.stream import LayerStream
 
 CRITERIA = ("l1", "l2", "bn_scale", "activation", "reconstruction")
 DEFAULT_RATIO = 0.3
@@ -522,6 +523,16 @@ def _asymmetric(model: onnx.ModelProto, prep: _Prepared,
     """
     lr = LowRankConfig(rank=1, min_macs=0, max_rows=config.max_rows, seed=config.seed)
     order = list(prep.layers)
+    with LayerStream(calib) as stream:
+        return _refit_streamed(model, prep, refits, out_keeps, config, calib, lr, order,
+                               stream)
+
+
+def _refit_streamed(model: onnx.ModelProto, prep: _Prepared,
+                    refits: dict[str, tuple[np.ndarray, np.ndarray | None, str]],
+                    out_keeps: dict[str, np.ndarray | None], config: PruneConfig,
+                    calib: Calibration, lr: LowRankConfig, order: list[str],
+                    stream: LayerStream) -> onnx.ModelProto:
     current = model
     for name in order:
         if name not in refits or not refits[name][2].startswith("least squares"):
@@ -536,7 +547,7 @@ def _asymmetric(model: onnx.ModelProto, prep: _Prepared,
             continue
         keep_out = out_keeps[name]
         targets = [t if keep_out is None else t[:, keep_out] for t in prep.targets[name]]
-        m = decompose.collect_compressed(current, order.index(name), layer, targets, calib, lr)
+        m = decompose.collect_compressed(stream, current, order.index(name), layer, targets, lr)
         xx, xy, _ = m.normalized()
         assert xy is not None
         use_bias = layer.op != "MatMul"

@@ -42,6 +42,7 @@ from onnxcomp.passbase import (
     Report,
     SkipReason,
 )
+from onnxcomp.stream import LayerStream
 
 # Up to this many candidates, importance is measured with the next layers refit (what the
 # removal really costs); beyond, without (one model run per candidate).
@@ -305,6 +306,14 @@ def _finish(model: onnx.ModelProto, units: Sequence[Unit], config: PruneLayersCo
     if not layers:
         return pruned
     _, targets = decompose.collect_original(model, layers, calib, lr)
+    with LayerStream(calib) as stream:
+        return _refit_streamed(pruned, layers, targets, config, calib, lr, stream)
+
+
+def _refit_streamed(pruned: onnx.ModelProto, layers: list[Layer],
+                    targets: list[list[np.ndarray]], config: PruneLayersConfig,
+                    calib: Calibration, lr: LowRankConfig, stream: LayerStream
+                    ) -> onnx.ModelProto:
     current = pruned
     for index, layer in enumerate(layers):
         g = Graph(current)
@@ -312,7 +321,7 @@ def _finish(model: onnx.ModelProto, units: Sequence[Unit], config: PruneLayersCo
         now = decompose.make_layer(g, decompose.static_shapes(current, calib), node, lr)
         if not isinstance(now, Layer):
             continue
-        m = decompose.collect_compressed(current, index, now, targets[index], calib, lr)
+        m = decompose.collect_compressed(stream, current, index, now, targets[index], lr)
         if m.rows < decompose.REFIT_ROWS_PER_UNKNOWN * (now.matrix.shape[1] + 1):
             continue
         xx, xy, _ = m.normalized()

@@ -62,7 +62,6 @@ from onnxcomp.calibrate import Calibration
 from onnxcomp.decompose import own_float_weight
 from onnxcomp.graph import Graph
 from onnxcomp.model import check_model, copy_model, default_opset
-from onnxcomp.passes import fold_bn
 from onnxcomp.passbase import (
     Change,
     ConfigError,
@@ -73,6 +72,7 @@ from onnxcomp.passbase import (
     Skip,
     SkipReason,
 )
+from onnxcomp.passes import fold_bn
 
 MODES = ("static", "weight", "kmeans", "binary")
 CALIBRATORS = ("percentile", "minmax", "entropy")
