@@ -26,7 +26,7 @@ import onnx.helper
 import onnxruntime as ort
 
 from onnxcomp import runtime
-from onnxcomp.passbase import ConfigError, InputError
+from onnxcomp.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ import onnxruntime as ort
 
 from onnxcomp import model as model_io
 from onnxcomp import runtime
-from onnxcomp.passbase import ConfigError, InputError
+from onnxcomp.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 

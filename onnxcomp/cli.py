@@ -17,7 +17,7 @@ from onnxcomp import bench as bench_mod
 from onnxcomp import calibrate, cost, pipeline, report
 from onnxcomp import model as model_io
 from onnxcomp import recipe as recipe_mod
-from onnxcomp.passbase import ConfigError, InputError, OnnxcompError
+from onnxcomp.errors import ConfigError, InputError, OnnxcompError
 
 F = TypeVar("F", bound=Callable[..., Any])
 

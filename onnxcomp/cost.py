@@ -51,7 +51,7 @@ import onnx.helper
 from google.protobuf.message import DecodeError
 
 from onnxcomp import model as model_io
-from onnxcomp.passbase import InputError
+from onnxcomp.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxcomp import model as model_io
-from onnxcomp.passbase import PassError
+from onnxcomp.errors import PassError
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Any
 import onnx
 import onnxruntime as ort
 
-from onnxcomp.passbase import InputError
+from onnxcomp.errors import InputError
 
 FORMAT = "onnxcomp-latency-cache"
 VERSION = 1

@@ -17,7 +17,7 @@ import onnx.external_data_helper
 import onnx.shape_inference
 from google.protobuf.message import DecodeError
 
-from onnxcomp.passbase import InputError
+from onnxcomp.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -12,30 +12,18 @@ import enum
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
+from onnxcomp.errors import (  # noqa: F401 - the pass contract names its errors
+    ConfigError,
+    InputError,
+    OnnxcompError,
+    PassError,
+    PreconditionError,
+)
+
 if TYPE_CHECKING:
     import onnx
 
     from onnxcomp.calibrate import Calibration
-
-
-class OnnxcompError(Exception):
-    """Base class of every error onnxcomp raises on purpose."""
-
-
-class InputError(OnnxcompError):
-    """Bad user input: a file that is not an ONNX model, a mismatched calibration set, ..."""
-
-
-class PreconditionError(OnnxcompError):
-    """The model as a whole is not supported by a pass (raised before any work is done)."""
-
-
-class PassError(OnnxcompError):
-    """An invariant broke after a rewrite: a bug in onnxcomp, never caught and ignored."""
-
-
-class ConfigError(OnnxcompError):
-    """A pass configuration value is out of range or inconsistent."""
 
 
 class SkipReason(str, enum.Enum):
@@ -104,7 +92,7 @@ class Skip:
 
 
 @dataclasses.dataclass(frozen=True)
-class Warning_:
+class ReportWarning:
     """Something the user must see: a stable ``code`` (what tools match) and the text."""
 
     code: str
@@ -124,11 +112,11 @@ class Report:
     skipped: list[Skip] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
-    warnings: list[Warning_] = dataclasses.field(default_factory=list)
+    warnings: list[ReportWarning] = dataclasses.field(default_factory=list)
 
     def warn(self, code: str, text: str) -> None:
         """Record a warning the front ends show loudly (the CLI prints it to stderr)."""
-        self.warnings.append(Warning_(code, text))
+        self.warnings.append(ReportWarning(code, text))
 
     def apply(self, change: Change) -> None:
         """Record an applied change."""

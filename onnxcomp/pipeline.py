@@ -12,8 +12,9 @@ import numpy as np
 import onnx
 
 from onnxcomp import bench, cost, runtime, verify
+from onnxcomp.errors import PassError
 from onnxcomp.model import QUANTIZED_OPS, copy_model
-from onnxcomp.passbase import PassConfig, PassError, PassResult, Report, SkipReason
+from onnxcomp.passbase import PassConfig, PassResult, Report, SkipReason
 
 if TYPE_CHECKING:
     from onnxcomp.calibrate import Calibration

@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import tomllib
 
-from onnxcomp.passbase import ConfigError, PassConfig
+from onnxcomp.errors import ConfigError
+from onnxcomp.passbase import PassConfig
 
 if TYPE_CHECKING:
     from onnxcomp.passbase import Pass

@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxcomp import model as model_io
-from onnxcomp.passbase import InputError
+from onnxcomp.errors import InputError
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 
 from onnxcomp import model as model_io
-from onnxcomp.passbase import PassError
+from onnxcomp.errors import PassError
 
 if TYPE_CHECKING:
     from onnxcomp.calibrate import Calibration

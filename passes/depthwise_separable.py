@@ -45,7 +45,8 @@ from onnxcomp.decompose import (
     full_attrs,
     skip_pointwise,
 )
-from onnxcomp.passbase import ConfigError, PassConfig, Skip
+from onnxcomp.errors import ConfigError
+from onnxcomp.passbase import PassConfig, Skip
 
 
 @dataclasses.dataclass(frozen=True)
