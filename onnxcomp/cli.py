@@ -350,11 +350,6 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], recipe_path:
         if calib.synthetic:
             console.print("[yellow]fidelity measured on synthetic inputs (no --calib)[/]")
         for step in result.steps:
-            if step.report.metrics.get("target_met") is False:
-                notes = ([n for n in step.report.notes if n.startswith("target")]
-                         or [n for n in step.report.notes if "target" in n])
-                err_console.print(f"[bold yellow]warning:[/] {step.name}: "
-                                  f"{notes[0] if notes else 'target not met'}", highlight=False)
             for warning in step.report.warnings:
                 err_console.print(f"[bold yellow]warning:[/] {step.name}: {warning.text}",
                                   highlight=False)

@@ -1450,9 +1450,8 @@ def _auto_allocate(
     """
     if not usable:
         if config.target_speedup is not None or config.target_macs is not None:
-            report.metrics["target_met"] = False
-            report.notes.append("target cannot be met: no layer can be rewritten "
-                                "(see the skip reasons)")
+            report.target_missed("target cannot be met: no layer can be rewritten "
+                                 "(see the skip reasons)")
         return {}
     model, calib = probes.model, probes.calib
     layer_of = {c.index: c.layer for c in usable}
@@ -1481,10 +1480,9 @@ def _auto_allocate(
         if feasible:
             index = feasible[0]
         else:
-            report.notes.append(
+            report.target_missed(
                 f"target cannot be met: at most {savings[-1] / total_macs:.1%} of the MACs can "
                 f"be saved, {1 - target_macs:.1%} asked; using the most aggressive ranks")
-            report.metrics["target_met"] = False
     elif max_error is None:
         max_error = DEFAULT_MAX_ERROR
         report.notes.append(f"no target given: the fastest ranks within a model output error "
@@ -1501,12 +1499,11 @@ def _auto_allocate(
                                 explicit=config.max_error is not None)
         has_target = config.target_speedup is not None or target_macs is not None
         if has_target and index < target_index and report.metrics.get("target_met") is not False:
-            report.metrics["target_met"] = False
             bounds = [f"{b} {v:g}" for b, v in (("--max-error", max_error),
                                                 ("--min-agreement", min_agreement))
                       if v is not None]
-            report.notes.append(f"target not met: {' and '.join(bounds)} "
-                                f"allow{'s' if len(bounds) == 1 else ''} only milder ranks")
+            report.target_missed(f"target not met: {' and '.join(bounds)} "
+                                 f"allow{'s' if len(bounds) == 1 else ''} only milder ranks")
     return picks[index]
 
 
@@ -1593,13 +1590,12 @@ def _reach_speedup(picks: list[dict[int, Option]], savings: list[float], base_ms
     report.metrics["probe_speedups"] = {str(i): round(v, 3) for i, v in sorted(measured.items())
                                         if i}
     if not met:
-        report.metrics["target_met"] = False
         if best == 0:
-            report.notes.append(f"target {target}x not reached: no choice of ranks measured "
-                                f"faster than the original beyond noise; nothing applied")
+            report.target_missed(f"target {target}x not reached: no choice of ranks measured "
+                                 f"faster than the original beyond noise; nothing applied")
         else:
-            report.notes.append(f"target {target}x not reached: best measured "
-                                f"{measured[best]:.2f}x, using it")
+            report.target_missed(f"target {target}x not reached: best measured "
+                                 f"{measured[best]:.2f}x, using it")
     return best
 
 

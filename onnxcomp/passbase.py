@@ -91,6 +91,9 @@ class Skip:
         }
 
 
+TARGET_NOT_MET = "target_not_met"
+
+
 @dataclasses.dataclass(frozen=True)
 class ReportWarning:
     """Something the user must see: a stable ``code`` (what tools match) and the text."""
@@ -117,6 +120,13 @@ class Report:
     def warn(self, code: str, text: str) -> None:
         """Record a warning the front ends show loudly (the CLI prints it to stderr)."""
         self.warnings.append(ReportWarning(code, text))
+
+    def target_missed(self, text: str) -> None:
+        """The pass could not reach the target it was given: say why (once), as a warning."""
+        self.metrics["target_met"] = False
+        if not any(w.code == TARGET_NOT_MET for w in self.warnings):
+            self.warn(TARGET_NOT_MET, text)
+        self.notes.append(text)
 
     def apply(self, change: Change) -> None:
         """Record an applied change."""

@@ -586,9 +586,8 @@ def _search_speed(model: onnx.ModelProto, prep: _Prepared, config: PruneConfig,
 
     lo, hi = 0.0, 0.9
     if speed(hi) < target:
-        report.metrics["target_met"] = False
-        report.notes.append(f"target {target}x not reached: {speed(hi):.2f}x with "
-                            f"{hi:.0%} of the prunable MACs removed; using it")
+        report.target_missed(f"target {target}x not reached: {speed(hi):.2f}x with "
+                             f"{hi:.0%} of the prunable MACs removed; using it")
     else:
         for _ in range(7):
             mid = round((lo + hi) / 2, 4)

@@ -376,9 +376,8 @@ def _to_speed(model: onnx.ModelProto, ranked: list[Unit], config: PruneLayersCon
             break
     report.metrics["measured_speedup_before_refit"] = round(measured, 3)
     if measured < target:
-        report.metrics["target_met"] = False
-        report.notes.append(f"target {target}x not reached: {measured:.2f}x with every "
-                            f"removable layer gone")
+        report.target_missed(f"target {target}x not reached: {measured:.2f}x with every "
+                             f"removable layer gone")
     if chosen:
         pruned = _finish(model, chosen, config, calib)
     return chosen, pruned

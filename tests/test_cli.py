@@ -245,6 +245,9 @@ def test_unreachable_target_warns_and_exits_zero(runner, conv_file, tmp_path):
     doc = json.loads(report.read_text())
     step = doc["steps"][0]["report"]
     assert step["metrics"]["target_met"] is False
+    assert [w["code"] for w in step["warnings"]] == ["target_not_met"]
+    assert step["warnings"][0]["text"] in result.output.replace("\n", " ") or "cannot be met" \
+        in step["warnings"][0]["text"]
     assert step["applied"]  # the best achievable is applied
 
 

@@ -145,6 +145,7 @@ def test_unreachable_target_is_reported():
     result = cp(model, LowRankConfig(target_macs=0.01, **EXACT), calibration(model))
     assert any("cannot be met" in n for n in result.report.notes)
     assert result.report.metrics["target_met"] is False
+    assert "target_not_met" in [w.code for w in result.report.warnings]
 
 
 def _shared_weight_model():
@@ -265,6 +266,7 @@ def test_unreachable_speedup_target_uses_best_measured(monkeypatch):
     model = _two_layer_model()
     result = cp(model, LowRankConfig(target_speedup=3.0, min_macs=0), calibration(model))
     assert result.report.metrics["target_met"] is False
+    assert "target_not_met" in [w.code for w in result.report.warnings]
     assert any("not reached" in n and "1.30x" in n for n in result.report.notes)
     assert result.report.applied  # the best achievable is still applied
     assert result.report.metrics["measured_speedup"] == 1.3
@@ -349,6 +351,7 @@ def test_error_bound_below_the_target_is_reported(monkeypatch):
     result = cp(model, LowRankConfig(target_macs=0.3, max_error=0.001, min_macs=0,
                                      latency_check=False), calibration(model))
     assert result.report.metrics["target_met"] is False
+    assert "target_not_met" in [w.code for w in result.report.warnings]
     assert any("--max-error" in n for n in result.report.notes)
 
 
@@ -358,6 +361,7 @@ def test_unreachable_target_with_only_noise_level_gains_applies_nothing(monkeypa
     model = _two_layer_model()
     result = cp(model, LowRankConfig(target_speedup=3.0, min_macs=0), calibration(model))
     assert result.report.metrics["target_met"] is False
+    assert "target_not_met" in [w.code for w in result.report.warnings]
     assert not result.report.applied
     assert any("beyond noise" in n for n in result.report.notes)
 
@@ -416,6 +420,7 @@ def test_decision_agreement_floor_limits_a_speed_target(monkeypatch):
     assert bound.report.metrics["decision_outputs"] == ["p"]
     assert bound.report.metrics["min_agreement_bound_active"] is True
     assert bound.report.metrics["target_met"] is False
+    assert "target_not_met" in [w.code for w in bound.report.warnings]
     assert any("--min-agreement" in n for n in bound.report.notes)
     macs = decompose.cost.model_cost
     assert macs(bound.model).macs > macs(free.model).macs

@@ -75,6 +75,7 @@ def test_unreachable_speed_target(monkeypatch):
     model = _residual_net(zero_branch=False)
     result = prune_layers(model, PruneLayersConfig(target_speedup=3.0), calibration(model))
     assert result.report.metrics["target_met"] is False
+    assert "target_not_met" in [w.code for w in result.report.warnings]
     assert result.report.applied
 
 
