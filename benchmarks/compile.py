@@ -51,7 +51,7 @@ CASES: dict[str, tuple[str, int, list[tuple[str, dict]]]] = {
 
 # Functions whose cumulative time is a phase (outermost match wins).
 PHASES = {
-    "capture": ("iter_capture", "_run_segment", "run_model", "capture"),
+    "capture": ("_stream", "_run_segment", "run_model", "capture"),
     "measure": ("benchmark", "measure_plan", "edge_ms", "layer_edges_ms", "_time_models"),
     "verify": ("model_outputs", "_check_lossless", "check_interface"),
     "solve": ("refit_solution", "shrunk_solve", "parafac", "cp_als", "tucker2", "plan",
