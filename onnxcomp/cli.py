@@ -166,7 +166,8 @@ def lowrank_options(func: F) -> F:
                      help="quantize --mode static: leave the most sensitive layers in float "
                           "until the fidelity drop on the calibration data (1 - the share "
                           "of samples whose decisions are all kept, or relative output error "
-                          "without a decision output) is at most this."),
+                          "without a decision output) is at most this. [default: 0.2; inf: "
+                          "no bound]"),
         click.option("--bits", type=click.IntRange(1, 8), default=8, show_default=True,
                      help="quantize: 8 or 4 (weight), 1..8 (kmeans)."),
         click.option("--share-groups", type=click.IntRange(min=1),
