@@ -39,20 +39,9 @@ from typing import ClassVar
 import numpy as np
 
 from onnxcomp import lowrank
-from onnxcomp.decompose import (
-    DecompositionPass,
-    Layer,
-    LowRankConfig,
-    Plan,
-    Stage,
-    conv_hw,
-    full_attrs,
-    horizontal_attrs,
-    rank_ladder,
-    round_up,
-    skip_pointwise,
-    vertical_attrs,
-)
+from onnxcomp.chain import conv_hw, full_attrs, horizontal_attrs, vertical_attrs
+from onnxcomp.decompose import DecompositionPass, LowRankConfig
+from onnxcomp.linear import Layer, Plan, Stage, rank_ladder, round_up, skip_pointwise
 from onnxcomp.passbase import PassConfig, Skip
 
 # Phan et al.'s degeneracy shows as rank-one terms far larger than W that cancel. Mild

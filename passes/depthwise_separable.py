@@ -35,17 +35,10 @@ from typing import ClassVar
 import numpy as np
 
 from onnxcomp import sharing
-from onnxcomp.decompose import (
-    DecompositionPass,
-    Layer,
-    LowRankConfig,
-    Plan,
-    Stage,
-    conv_hw,
-    full_attrs,
-    skip_pointwise,
-)
+from onnxcomp.chain import conv_hw, full_attrs
+from onnxcomp.decompose import DecompositionPass, LowRankConfig
 from onnxcomp.errors import ConfigError
+from onnxcomp.linear import Layer, Plan, Stage, skip_pointwise
 from onnxcomp.passbase import PassConfig, Skip
 
 

@@ -31,18 +31,9 @@ from typing import ClassVar
 import numpy as np
 
 from onnxcomp import sharing
-from onnxcomp.decompose import (
-    DecompositionPass,
-    Layer,
-    LowRankConfig,
-    Plan,
-    Stage,
-    conv_hw,
-    full_attrs,
-    rank_ladder,
-    round_up,
-    skip_pointwise,
-)
+from onnxcomp.chain import conv_hw, full_attrs
+from onnxcomp.decompose import DecompositionPass, LowRankConfig
+from onnxcomp.linear import Layer, Plan, Stage, rank_ladder, round_up, skip_pointwise
 from onnxcomp.passbase import PassConfig, Skip
 
 

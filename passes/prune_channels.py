@@ -37,12 +37,14 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx
 
-from onnxcomp import bench, calibrate, cost, decompose, depgraph
+from onnxcomp import bench, calibrate, cost, depgraph
 from onnxcomp.calibrate import Calibration
-from onnxcomp.decompose import Layer, LowRankConfig
+from onnxcomp.chain import write_linear
 from onnxcomp.depgraph import DepGraph, Group
 from onnxcomp.graph import Graph
+from onnxcomp.linear import Layer, batch1_shapes, make_layer, static_shapes
 from onnxcomp.model import copy_model
+from onnxcomp.moments import Moments, collect_compressed, collect_original
 from onnxcomp.passbase import (
     Change,
     ConfigError,
@@ -52,6 +54,7 @@ from onnxcomp.passbase import (
     Skip,
     SkipReason,
 )
+from onnxcomp.refit import REFIT_ROWS_PER_UNKNOWN, shrunk_solve
 from onnxcomp.stream import LayerStream
 
 CRITERIA = ("l1", "l2", "bn_scale", "activation", "reconstruction")
@@ -106,7 +109,7 @@ class _Prepared:
     scores: dict[int, np.ndarray]
     macs_per_channel: dict[int, float]  # MACs one channel of the group costs (batch 1)
     layers: dict[str, Layer]  # consumers of prunable groups, in graph order
-    moments: dict[str, decompose.Moments]
+    moments: dict[str, Moments]
     targets: dict[str, list[np.ndarray]]  # sampled original output rows per consumer
 
 
@@ -186,7 +189,7 @@ def _macs_per_channel(model: onnx.ModelProto, graph: Graph, dep: DepGraph,
     """
     if not group_ids:
         return {}
-    costs = cost.model_cost(model, decompose.batch1_shapes(model, calib)).by_name()
+    costs = cost.model_cost(model, batch1_shapes(model, calib)).by_name()
     out = dict.fromkeys(group_ids, 0.0)
     sizes = {g.id: g.size for g in dep.groups}
     for node in graph.nodes:
@@ -208,7 +211,7 @@ def _macs_per_channel(model: onnx.ModelProto, graph: Graph, dep: DepGraph,
 
 def _score(graph: Graph, dep: DepGraph, scores: dict[int, np.ndarray], config: PruneConfig,
            calib: Calibration, report: Report, layers: dict[str, Layer],
-           moments: dict[str, decompose.Moments]) -> None:
+           moments: dict[str, Moments]) -> None:
     nodes = {n.name: n for n in graph.nodes}
     watch: dict[str, tuple[int, str]] = {}
     fallback = 0
@@ -252,7 +255,7 @@ def _score(graph: Graph, dep: DepGraph, scores: dict[int, np.ndarray], config: P
 
 
 def _contributions(dep: DepGraph, group_id: int, layers: dict[str, Layer],
-                   moments: dict[str, decompose.Moments]) -> np.ndarray | None:
+                   moments: dict[str, Moments]) -> np.ndarray | None:
     """Per channel: how much the consumers' outputs change if it alone is removed.
 
     ``E||W[:, c] (x_c - E x_c)||^2 / E||y||^2`` summed over the consumers (centered: the
@@ -330,21 +333,20 @@ def _consumers_to_refit(graph: Graph, dep: DepGraph, group_ids: Sequence[int]) -
 
 def _consumer_moments(model: onnx.ModelProto, graph: Graph, dep: DepGraph,
                       scores: dict[int, np.ndarray], config: PruneConfig, calib: Calibration
-                      ) -> tuple[dict[str, Layer], dict[str, decompose.Moments],
+                      ) -> tuple[dict[str, Layer], dict[str, Moments],
                                  dict[str, list[np.ndarray]]]:
     """Input moments and sampled output rows (original model) of every affected consumer."""
     if not scores:
         return {}, {}, {}
-    shapes = decompose.static_shapes(model, calib)
-    lr = LowRankConfig(rank=1, min_macs=0, max_rows=config.max_rows, seed=config.seed)
+    shapes = static_shapes(model, calib)
     layers = []
     for node in _consumers_to_refit(graph, dep, list(scores)):
-        layer = decompose.make_layer(graph, shapes, node, lr)
+        layer = make_layer(graph, shapes, node)
         if isinstance(layer, Layer):
             layers.append(layer)
     if not layers:
         return {}, {}, {}
-    moments, targets = decompose.collect_original(model, layers, calib, lr)
+    moments, targets = collect_original(model, layers, calib, config.max_rows, config.seed)
     return ({layer.name: layer for layer in layers},
             {layer.name: m for layer, m in zip(layers, moments, strict=True)},
             {layer.name: t for layer, t in zip(layers, targets, strict=True)})
@@ -407,18 +409,18 @@ def _build(model: onnx.ModelProto, prep: _Prepared, keep: dict[int, np.ndarray],
     graph = Graph(model)
     dep = DepGraph(graph, ignore=config.exclude)
     sizes = {gid: len(prep.scores[gid]) for gid in keep}
-    before = cost.model_cost(model, decompose.batch1_shapes(model, calib)).by_name()
+    before = cost.model_cost(model, batch1_shapes(model, calib)).by_name()
     owner = _owners(graph, dep, keep)
     refits = _refits(graph, dep, keep, prep, config)
     out_keeps = {name: dep.keep_indices(prep.layers[name].node.outputs[0].name, keep)
                  for name in refits}
     depgraph.apply(dep, keep)
     for name, (w_new, b_new, _) in refits.items():
-        decompose.write_linear(graph, name, w_new, b_new)
+        write_linear(graph, name, w_new, b_new)
     pruned = graph.export()
     if config.refit and config.refit_mode == "asymmetric":
         pruned = _asymmetric(pruned, prep, refits, out_keeps, config, calib)
-    after = cost.model_cost(pruned, decompose.batch1_shapes(pruned, calib)).by_name()
+    after = cost.model_cost(pruned, batch1_shapes(pruned, calib)).by_name()
     changes = []
     for gid, k in keep.items():
         group = next(gr for gr in prep.groups if gr.id == gid)
@@ -498,12 +500,12 @@ def _refits(graph: Graph, dep: DepGraph, keep: dict[int, np.ndarray], prep: _Pre
         how = "mean compensation"
         if not config.refit:
             pass
-        elif m.rows >= decompose.REFIT_ROWS_PER_UNKNOWN * unknowns:
-            sol = decompose.shrunk_solve(xx[np.ix_(sel, sel)], target @ xx[:, sel], sol,
+        elif m.rows >= REFIT_ROWS_PER_UNKNOWN * unknowns:
+            sol = shrunk_solve(xx[np.ix_(sel, sel)], target @ xx[:, sel], sol,
                                          config.ridge)
             how = "least squares"
         else:
-            how = (f"mean compensation ({m.rows} rows < {decompose.REFIT_ROWS_PER_UNKNOWN}x"
+            how = (f"mean compensation ({m.rows} rows < {REFIT_ROWS_PER_UNKNOWN}x"
                    f"{unknowns} for a refit)")
         w_cols = sol[:, :len(cols)]
         bias_new = sol[:, len(cols)] if use_bias else None
@@ -521,33 +523,33 @@ def _asymmetric(model: onnx.ModelProto, prep: _Prepared,
     instead of accumulated (Zhang et al. 2016's asymmetric reconstruction). Consumers whose
     symmetric refit was replaced by mean compensation (too few rows) are left as they are.
     """
-    lr = LowRankConfig(rank=1, min_macs=0, max_rows=config.max_rows, seed=config.seed)
     order = list(prep.layers)
     with LayerStream(calib) as stream:
-        return _refit_streamed(model, prep, refits, out_keeps, config, calib, lr, order,
+        return _refit_streamed(model, prep, refits, out_keeps, config, calib, order,
                                stream)
 
 
 def _refit_streamed(model: onnx.ModelProto, prep: _Prepared,
                     refits: dict[str, tuple[np.ndarray, np.ndarray | None, str]],
                     out_keeps: dict[str, np.ndarray | None], config: PruneConfig,
-                    calib: Calibration, lr: LowRankConfig, order: list[str],
+                    calib: Calibration, order: list[str],
                     stream: LayerStream) -> onnx.ModelProto:
     current = model
     for name in order:
         if name not in refits or not refits[name][2].startswith("least squares"):
             continue
-        shapes = decompose.static_shapes(current, calib)
+        shapes = static_shapes(current, calib)
         graph = Graph(current)
         node = next((n for n in graph.nodes if n.name == name), None)
         if node is None:  # dead code (its output reaches no graph output): export removed it
             continue
-        layer = decompose.make_layer(graph, shapes, node, lr)
+        layer = make_layer(graph, shapes, node)
         if not isinstance(layer, Layer):
             continue
         keep_out = out_keeps[name]
         targets = [t if keep_out is None else t[:, keep_out] for t in prep.targets[name]]
-        m = decompose.collect_compressed(stream, current, order.index(name), layer, targets, lr)
+        m = collect_compressed(stream, current, order.index(name), layer, targets,
+                               config.max_rows, config.seed)
         xx, xy, _ = m.normalized()
         assert xy is not None
         use_bias = layer.op != "MatMul"
@@ -555,8 +557,8 @@ def _refit_streamed(model: onnx.ModelProto, prep: _Prepared,
         sel = np.arange(d + 1) if use_bias else np.arange(d)
         w0, b0, _ = refits[name]
         start = np.hstack([w0, b0[:, None]]) if use_bias and b0 is not None else w0
-        sol = decompose.shrunk_solve(xx[np.ix_(sel, sel)], xy[sel].T, start, config.ridge)
-        decompose.write_linear(graph, name, sol[:, :d], sol[:, d] if use_bias else None)
+        sol = shrunk_solve(xx[np.ix_(sel, sel)], xy[sel].T, start, config.ridge)
+        write_linear(graph, name, sol[:, :d], sol[:, d] if use_bias else None)
         current = graph.export()
     return current
 

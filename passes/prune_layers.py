@@ -29,11 +29,13 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx
 
-from onnxcomp import bench, calibrate, cost, decompose, verify
+from onnxcomp import bench, calibrate, cost, verify
 from onnxcomp.calibrate import Calibration
-from onnxcomp.decompose import Layer, LowRankConfig
+from onnxcomp.chain import write_linear
 from onnxcomp.graph import Graph
+from onnxcomp.linear import Layer, batch1_shapes, make_layer, static_shapes
 from onnxcomp.model import copy_model
+from onnxcomp.moments import collect_compressed, collect_original
 from onnxcomp.passbase import (
     Change,
     ConfigError,
@@ -42,6 +44,7 @@ from onnxcomp.passbase import (
     Report,
     SkipReason,
 )
+from onnxcomp.refit import REFIT_ROWS_PER_UNKNOWN, shrunk_solve
 from onnxcomp.stream import LayerStream
 
 # Up to this many candidates, importance is measured with the next layers refit (what the
@@ -126,7 +129,7 @@ class PruneLayers:
             _, got = verify_outputs(alone, calib)
             importance[unit.head] = verify.compare_outputs(names, ref, got).rel_l2
         report.metrics["importance"] = "after refit" if with_refit else "without refit"
-        before = cost.model_cost(model, decompose.batch1_shapes(model, calib)).by_name()
+        before = cost.model_cost(model, batch1_shapes(model, calib)).by_name()
 
         def saved(u: Unit) -> int:
             return sum(before[n].macs for n in u.nodes if n in before)
@@ -298,31 +301,31 @@ def _finish(model: onnx.ModelProto, units: Sequence[Unit], config: PruneLayersCo
     readers = [r for r in dict.fromkeys(readers) if r not in removed]
     if not readers:
         return pruned
-    lr = LowRankConfig(rank=1, min_macs=0, max_rows=config.max_rows, seed=config.seed)
-    shapes = decompose.static_shapes(model, calib)
-    made = [decompose.make_layer(graph, shapes, n, lr) for n in graph.nodes
+    shapes = static_shapes(model, calib)
+    made = [make_layer(graph, shapes, n) for n in graph.nodes
             if n.name in readers]
     layers = [layer for layer in made if isinstance(layer, Layer)]
     if not layers:
         return pruned
-    _, targets = decompose.collect_original(model, layers, calib, lr)
+    _, targets = collect_original(model, layers, calib, config.max_rows, config.seed)
     with LayerStream(calib) as stream:
-        return _refit_streamed(pruned, layers, targets, config, calib, lr, stream)
+        return _refit_streamed(pruned, layers, targets, config, calib, stream)
 
 
 def _refit_streamed(pruned: onnx.ModelProto, layers: list[Layer],
                     targets: list[list[np.ndarray]], config: PruneLayersConfig,
-                    calib: Calibration, lr: LowRankConfig, stream: LayerStream
+                    calib: Calibration, stream: LayerStream
                     ) -> onnx.ModelProto:
     current = pruned
     for index, layer in enumerate(layers):
         g = Graph(current)
         node = next(n for n in g.nodes if n.name == layer.name)
-        now = decompose.make_layer(g, decompose.static_shapes(current, calib), node, lr)
+        now = make_layer(g, static_shapes(current, calib), node)
         if not isinstance(now, Layer):
             continue
-        m = decompose.collect_compressed(stream, current, index, now, targets[index], lr)
-        if m.rows < decompose.REFIT_ROWS_PER_UNKNOWN * (now.matrix.shape[1] + 1):
+        m = collect_compressed(stream, current, index, now, targets[index],
+                               config.max_rows, config.seed)
+        if m.rows < REFIT_ROWS_PER_UNKNOWN * (now.matrix.shape[1] + 1):
             continue
         xx, xy, _ = m.normalized()
         assert xy is not None
@@ -330,8 +333,8 @@ def _refit_streamed(pruned: onnx.ModelProto, layers: list[Layer],
         use_bias = now.op != "MatMul"
         sel = np.arange(d + 1) if use_bias else np.arange(d)
         start = np.hstack([now.matrix, now.bias_vector[:, None]]) if use_bias else now.matrix
-        sol = decompose.shrunk_solve(xx[np.ix_(sel, sel)], xy[sel].T, start, config.ridge)
-        decompose.write_linear(g, node.name, sol[:, :d], sol[:, d] if use_bias else None)
+        sol = shrunk_solve(xx[np.ix_(sel, sel)], xy[sel].T, start, config.ridge)
+        write_linear(g, node.name, sol[:, :d], sol[:, d] if use_bias else None)
         current = g.export()
     return current
 

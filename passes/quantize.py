@@ -59,8 +59,8 @@ from onnx import TensorProto, helper, numpy_helper, version_converter
 
 from onnxcomp import bench, calibrate, verify
 from onnxcomp.calibrate import Calibration
-from onnxcomp.decompose import own_float_weight
 from onnxcomp.graph import Graph
+from onnxcomp.linear import own_float_weight
 from onnxcomp.model import check_model, copy_model, default_opset
 from onnxcomp.passbase import (
     Change,

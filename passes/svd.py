@@ -34,21 +34,10 @@ from typing import ClassVar
 import numpy as np
 
 from onnxcomp import lowrank
-from onnxcomp.decompose import (
-    DecompositionPass,
-    Layer,
-    LowRankConfig,
-    OutputBases,
-    Plan,
-    Stage,
-    conv_hw,
-    data_basis_generalizes,
-    full_attrs,
-    horizontal_attrs,
-    rank_ladder,
-    round_up,
-    vertical_attrs,
-)
+from onnxcomp.chain import conv_hw, full_attrs, horizontal_attrs, vertical_attrs
+from onnxcomp.decompose import DecompositionPass, LowRankConfig
+from onnxcomp.linear import Layer, Plan, Stage, rank_ladder, round_up
+from onnxcomp.moments import OutputBases, data_basis_generalizes
 from onnxcomp.passbase import PassConfig, Skip
 
 

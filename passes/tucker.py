@@ -33,19 +33,10 @@ from typing import ClassVar
 import numpy as np
 
 from onnxcomp import lowrank
-from onnxcomp.decompose import (
-    DecompositionPass,
-    Layer,
-    LowRankConfig,
-    OutputBases,
-    Plan,
-    Stage,
-    conv_hw,
-    data_basis_generalizes,
-    full_attrs,
-    round_up,
-    skip_pointwise,
-)
+from onnxcomp.chain import conv_hw, full_attrs
+from onnxcomp.decompose import DecompositionPass, LowRankConfig
+from onnxcomp.linear import Layer, Plan, Stage, round_up, skip_pointwise
+from onnxcomp.moments import OutputBases, data_basis_generalizes
 from onnxcomp.passbase import PassConfig, Skip
 
 FRACTIONS = (0.125, 0.1875, 0.25, 0.3125, 0.375, 0.5, 0.625, 0.75)

@@ -17,7 +17,7 @@ from builders import (
 )
 from onnx import helper
 
-from onnxcomp import bench, decompose, verify
+from onnxcomp import allocate, bench, chain, cost, linear, measure, verify
 from onnxcomp.decompose import LowRankConfig
 from onnxcomp.graph import Graph
 from onnxcomp.lowrank import cp_macs
@@ -186,7 +186,7 @@ def test_must_not_fire(build, config, reasons):
 
 
 def test_no_latency_win_is_skipped(monkeypatch):
-    monkeypatch.setattr(decompose, "measure_plan", lambda *a, **k: (1.0, 2.0))
+    monkeypatch.setattr(measure, "measure_plan", lambda *a, **k: (1.0, 2.0))
     model = conv_model(cp_kernel(16, 8, 3, 3, rank=4), pads=[1] * 4)
     result = cp(model, LowRankConfig(rank=4, min_macs=0), calibration(model))
     assert [s.reason for s in result.report.skipped] == [SkipReason.NO_LATENCY_WIN]
@@ -225,21 +225,22 @@ def _two_layer_model():
 
 def _fake_latency(monkeypatch, whole_model_speedup):
     """Per-layer micro-benchmarks: saving proportional to MACs; whole model: a fixed ratio."""
-    def measure(layer, plan, model, config, cache=None):
+    def fake_measure(layer, plan, model, config, cache=None):
         return layer.macs * 1e-6, plan.macs * 1e-6
-    monkeypatch.setattr(decompose, "measure_plan", measure)
-    monkeypatch.setattr(decompose._Probes, "speedup_of",
+    monkeypatch.setattr(measure, "measure_plan", fake_measure)
+    monkeypatch.setattr(allocate.Probes, "speedup_of",
                         lambda self, candidate: whole_model_speedup)
-    monkeypatch.setattr(decompose.bench, "time_model", lambda *a, **k: 1.0)
+    monkeypatch.setattr(bench, "time_model", lambda *a, **k: 1.0)
 
 
 def test_auto_skips_chains_that_realize_little_of_their_mac_cut(monkeypatch):
     _fake_latency(monkeypatch, 1.5)
 
-    def measure(layer, plan, model, config, cache=None):  # faster, but by a third of the MAC cut
+    # faster, but by a third of the MAC cut
+    def fake_measure(layer, plan, model, config, cache=None):
         return layer.macs * 1e-6, 3 * plan.macs * 1e-6
-    monkeypatch.setattr(decompose, "measure_plan", measure)
-    monkeypatch.setattr(decompose, "layer_edges_ms", lambda *args, **kwargs: 0.0)
+    monkeypatch.setattr(measure, "measure_plan", fake_measure)
+    monkeypatch.setattr(measure, "layer_edges_ms", lambda *args, **kwargs: 0.0)
     model = _two_layer_model()
     result = cp(model, LowRankConfig(min_macs=0, max_error=10.0), calibration(model))
     assert not result.report.applied
@@ -287,7 +288,7 @@ def test_auto_without_target_uses_default_error_bound(monkeypatch):
     result = cp(model, LowRankConfig(min_macs=0), calib)
     assert any("default --max-error" in n for n in result.report.notes)
     assert result.report.applied
-    assert relative_error(model, result.model, calib) <= decompose.DEFAULT_MAX_ERROR
+    assert relative_error(model, result.model, calib) <= allocate.DEFAULT_MAX_ERROR
 
 
 def test_explicit_max_error_is_respected(monkeypatch):
@@ -329,15 +330,15 @@ def test_speed_target_search_goes_back_to_milder_ranks(monkeypatch):
     and with the bisection not on the most aggressive one."""
     from onnxcomp import cost
 
-    def measure(layer, plan, model, config, cache=None):
+    def fake_measure(layer, plan, model, config, cache=None):
         return layer.macs * 1e-6, plan.macs * 1e-6
-    monkeypatch.setattr(decompose, "measure_plan", measure)
+    monkeypatch.setattr(measure, "measure_plan", fake_measure)
     model = _two_layer_model()
     base = cost.model_cost(model).macs
-    monkeypatch.setattr(decompose._Probes, "speedup_of",
+    monkeypatch.setattr(allocate.Probes, "speedup_of",
                         lambda self, cand: base / cost.model_cost(cand).macs)
     # Micro-benchmarks claim 4x more time than the model takes: the first guess overshoots.
-    monkeypatch.setattr(decompose.bench, "time_model", lambda *a, **k: base * 1e-6 / 4)
+    monkeypatch.setattr(bench, "time_model", lambda *a, **k: base * 1e-6 / 4)
     result = cp(model, LowRankConfig(target_speedup=1.3, min_macs=0), calibration(model))
     got = result.report.metrics["measured_speedup"]
     assert got >= 1.3
@@ -368,12 +369,12 @@ def test_unreachable_target_with_only_noise_level_gains_applies_nothing(monkeypa
 
 def test_realized_in_context_takes_the_edges_off_both_timings():
     layer, plan = SimpleNamespace(macs=4000), SimpleNamespace(macs=1000)  # a 4x MAC cut
-    opt = decompose.Option(plan, error=0.1, raw_error=0.1, base_ms=1.0, ms=0.4, edges_ms=0.2)
-    assert decompose.realized(opt, layer, in_context=False) == pytest.approx(2.5 / 4)
-    assert decompose.realized(opt, layer) == pytest.approx((0.8 / 0.2) / 4)
+    opt = allocate.Option(plan, error=0.1, raw_error=0.1, base_ms=1.0, ms=0.4, edges_ms=0.2)
+    assert allocate.realized(opt, layer, in_context=False) == pytest.approx(2.5 / 4)
+    assert allocate.realized(opt, layer) == pytest.approx((0.8 / 0.2) / 4)
     # Edges above half of the faster timing are capped there (a noisy edge estimate).
-    greedy = decompose.Option(plan, 0.1, 0.1, base_ms=1.0, ms=0.4, edges_ms=0.39)
-    assert decompose.realized(greedy, layer) == pytest.approx((0.8 / 0.2) / 4)
+    greedy = allocate.Option(plan, 0.1, 0.1, base_ms=1.0, ms=0.4, edges_ms=0.39)
+    assert allocate.realized(greedy, layer) == pytest.approx((0.8 / 0.2) / 4)
 
 
 def test_edges_of_a_one_layer_model_are_measured_and_below_its_time():
@@ -382,12 +383,12 @@ def test_edges_of_a_one_layer_model_are_measured_and_below_its_time():
     c1 does not (cheap stand-in layers)."""
     model = _two_layer_model()
     config = LowRankConfig(bench_runs=15, min_macs=0)
-    layers = decompose.find_layers(Graph(model), decompose.static_shapes(
-        model, calibration(model)), ["Conv"], config, Report("test"))
+    layers = linear.find_layers(Graph(model), linear.static_shapes(
+        model, calibration(model)), ["Conv"], Report("test"))
     assert [lay.name for lay in layers] == ["c1", "c2"]
     for layer in layers:
-        edges = decompose.layer_edges_ms(layer, model, config)
-        one = decompose.standalone(layer, None, model.ir_version, model.opset_import)
+        edges = measure.layer_edges_ms(layer, model, config)
+        one = chain.standalone(layer, None, model.ir_version, model.opset_import)
         alone = bench.benchmark([one], bench.BenchConfig(runs=15)).models[0].median_ms
         assert 0 < edges < alone
 
@@ -422,7 +423,7 @@ def test_decision_agreement_floor_limits_a_speed_target(monkeypatch):
     assert bound.report.metrics["target_met"] is False
     assert "target_not_met" in [w.code for w in bound.report.warnings]
     assert any("--min-agreement" in n for n in bound.report.notes)
-    macs = decompose.cost.model_cost
+    macs = cost.model_cost
     assert macs(bound.model).macs > macs(free.model).macs
     probes = bound.report.metrics["agreement_probes"]
     assert min(probes.values()) < floor  # the bound was measured, and it bit

@@ -7,8 +7,9 @@ import pytest
 from builders import calibration, conv_model
 
 from onnxcomp import bench, latency_cache
-from onnxcomp.decompose import _LATENCY_CACHE, LowRankConfig
+from onnxcomp.decompose import LowRankConfig
 from onnxcomp.latency_cache import LatencyCache, structure_hash
+from onnxcomp.measure import _LATENCY_CACHE
 from onnxcomp.passbase import InputError
 from onnxcomp.passes import REGISTRY
 

@@ -1,4 +1,4 @@
-"""Sensitivity-weighted rank allocation (decompose.layer_gains)."""
+"""Sensitivity-weighted rank allocation (sensitivity.layer_gains)."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def test_same_inputs_same_bytes_with_sensitivity():
 
 
 def test_sensitivity_batches_are_spread_over_the_calibration_set():
-    from onnxcomp.decompose import spread_batches
+    from onnxcomp.sensitivity import spread_batches
 
     # 12 batches of 8: 32 samples are 4 batches from the start, the middle and the end.
     picked = spread_batches([8] * 12, 32)
