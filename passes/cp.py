@@ -38,7 +38,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from onnxcomp import lowrank
+from onnxcomp import cp_als, lowrank
 from onnxcomp.chain import conv_hw, full_attrs, horizontal_attrs, vertical_attrs
 from onnxcomp.decompose import DecompositionPass, LowRankConfig
 from onnxcomp.linear import Layer, Plan, Stage, rank_ladder, round_up, skip_pointwise
@@ -70,7 +70,7 @@ class CPMethod:
     ops = ("Conv",)
 
     def __init__(self) -> None:
-        self._fits: dict[tuple[str, int], lowrank.CPResult] = {}
+        self._fits: dict[tuple[str, int], cp_als.CPResult] = {}
 
     def check(self, layer: Layer) -> Skip | None:
         """Skip 1x1 kernels (nothing spatial to separate)."""
@@ -111,10 +111,10 @@ class CPMethod:
         key = (hashlib.sha1(w.tobytes()).hexdigest(), config.seed)
         warm = self._fits.get(key)
         if warm is not None and warm.rank >= rank:
-            res = lowrank.cp_conv(w, rank, max_iter=40, max_seconds=config.max_seconds_per_layer,
+            res = cp_als.cp_conv(w, rank, max_iter=40, max_seconds=config.max_seconds_per_layer,
                                   seed=config.seed, init=warm)
         else:
-            res = lowrank.cp_conv(w, rank, max_seconds=config.max_seconds_per_layer,
+            res = cp_als.cp_conv(w, rank, max_seconds=config.max_seconds_per_layer,
                                   seed=config.seed)
             self._fits = {key: res}  # keep only the current layer's largest fit
         b, kh_f, kw_f, a = res.B, res.Kh, res.Kw, res.A
