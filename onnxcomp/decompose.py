@@ -220,15 +220,14 @@ class Method(Protocol):
 
 
 def _option(layer: Layer, plan: Plan, m: Moments, model: onnx.ModelProto,
-            config: LowRankConfig, measure: bool) -> Option:
+            config: LowRankConfig) -> Option:
     xx, _, _ = m.normalized()
     raw = plan_error(layer, plan, plan_ab(layer, plan), xx, None, 0.0)
     err = raw
     if config.refit and m.rows >= refit_rows_needed(plan):
         ab = refit_solution(layer, plan, xx, None, config.ridge)
         err = min(raw, plan_error(layer, plan, ab, xx, None, 0.0) * optimism(plan, m.rows))
-    base_ms, ms = measure.measure_plan(layer, plan, model, config) if measure else (0.0, 0.0)
-    return Option(plan, err, raw, base_ms, ms)
+    return Option(plan, err, raw, 0.0, 0.0)  # timed by _measure_options
 
 
 def _measure_options(layer: Layer, options: list[Option], model: onnx.ModelProto,
@@ -310,7 +309,7 @@ def run_decomposition(
             plan = method.plan(layer, ranks, config)
             if plan.extra.get("degenerate"):
                 continue
-            options.append(_option(layer, plan, moments[i], model, config, measure=False))
+            options.append(_option(layer, plan, moments[i], model, config))
         if config.latency_check:
             _measure_options(layer, options, model, config, cache)
         choices.append(LayerChoice(layer, i, options))

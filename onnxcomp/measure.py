@@ -25,9 +25,20 @@ from onnxcomp.linear import Layer, Plan
 class TimingSettings(Protocol):
     """Where and how long to time (a pass config with these fields)."""
 
-    provider: str
-    threads: int
-    bench_runs: int
+    @property
+    def provider(self) -> str:
+        """The ONNX Runtime execution provider."""
+        ...
+
+    @property
+    def threads(self) -> int:
+        """Intra-op threads."""
+        ...
+
+    @property
+    def bench_runs(self) -> int:
+        """Timed runs per measurement."""
+        ...
 
 
 _LATENCY_CACHE: dict[tuple[Any, ...], tuple[float, float]] = {}

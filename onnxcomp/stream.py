@@ -249,8 +249,9 @@ class LayerStream:
 def _feed_info(vi: onnx.ValueInfoProto | None, name: str, dtype: np.dtype[Any] | None
                ) -> onnx.ValueInfoProto:
     """A segment input: its element type (of the stored value when there is one), no shape."""
+    elem: int
     if dtype is not None:
-        elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+        elem = int(helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
     elif vi is not None and vi.type.HasField("tensor_type"):
         elem = vi.type.tensor_type.elem_type
     else:
