@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 
 from onnxcomp import bench, cost, pipeline
-from onnxcomp.calibrate import Calibration
+from onnxcomp.calibration import Calibration
 from onnxcomp.passes import REGISTRY
 from onnxcomp.report import markdown_table
 

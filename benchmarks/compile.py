@@ -71,7 +71,7 @@ RUNNER = textwrap.dedent("""
     s.loader.exec_module(m)
     import numpy as np, onnx
     from onnxcomp import pipeline
-    from onnxcomp.calibrate import Calibration
+    from onnxcomp.calibration import Calibration
     spec = json.load(open(spec_path))
     model = onnx.load(spec["model"])
     data = np.load(spec["calib"])

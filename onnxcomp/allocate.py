@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
-from onnxcomp import bench, calibrate, cost, search, verify
-from onnxcomp.calibrate import Calibration
+from onnxcomp import bench, capture, cost, search, verify
+from onnxcomp.calibration import Calibration
 from onnxcomp.latency_cache import LatencyCache, structure_hash
 from onnxcomp.linear import Layer, Plan, batch1_shapes
 from onnxcomp.moments import Moments
@@ -527,4 +527,4 @@ def _bound_fidelity(picks: list[dict[int, Option]], limit: int, max_error: float
 def _outputs(model: onnx.ModelProto, calib: Calibration) -> tuple[list[str], list[np.ndarray]]:
     """Outputs for error probes: compile-time work, so every core and graph optimizations."""
     names = [o.name for o in model.graph.output]
-    return names, calibrate.run_model(model, calib, threads=os.cpu_count() or 1, optimize=True)
+    return names, capture.run_model(model, calib, threads=os.cpu_count() or 1, optimize=True)

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from onnxcomp import bench as bench_mod
-from onnxcomp import calibrate, cost, pipeline, report
+from onnxcomp import calibration, cost, pipeline, report
 from onnxcomp import model as model_io
 from onnxcomp import recipe as recipe_mod
 from onnxcomp.errors import ConfigError, InputError, OnnxcompError
@@ -179,17 +179,17 @@ def lowrank_options(func: F) -> F:
     return func
 
 
-def _load_calibration(model: Any, kw: dict[str, Any]) -> calibrate.Calibration:
+def _load_calibration(model: Any, kw: dict[str, Any]) -> calibration.Calibration:
     path = kw["calib_path"]
     if path is None:
         err_console.print(
             "[bold yellow]warning:[/] no --calib given: using synthetic random inputs; "
             "refits and fidelity figures are then meaningless", highlight=False)
-        return calibrate.synthetic_calibration(
+        return calibration.synthetic_calibration(
             model, num_samples=kw["num_calib"] or 8, batch_size=kw["calib_batch"])
     image_given = (kw["size"] is not None or kw["mean"] is not None or kw["std"] is not None
                    or kw["scale"] != 1 / 255 or kw["layout"] != "nchw" or kw["bgr"])
-    options: calibrate.ImageOptions | None = calibrate.ImageOptions(
+    options: calibration.ImageOptions | None = calibration.ImageOptions(
         size=_size(kw["size"]),
         mean=_floats(kw["mean"]) or (0.0, 0.0, 0.0),
         std=_floats(kw["std"]) or (1.0, 1.0, 1.0),
@@ -199,7 +199,7 @@ def _load_calibration(model: Any, kw: dict[str, Any]) -> calibrate.Calibration:
     )
     if not image_given and not Path(path).is_dir():
         options = None
-    return calibrate.load_calibration(path, model, options, batch_size=kw["calib_batch"],
+    return calibration.load_calibration(path, model, options, batch_size=kw["calib_batch"],
                                       limit=kw["num_calib"])
 
 
@@ -372,7 +372,7 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], recipe_path:
     _run(body)
 
 
-def _latency(a: Any, b: Any, calib: calibrate.Calibration, provider: str, threads: int,
+def _latency(a: Any, b: Any, calib: calibration.Calibration, provider: str, threads: int,
              runs: int) -> dict[str, Any]:
     first = {k: v[:1] for k, v in calib.batches[0].items()}
     config = bench_mod.BenchConfig(provider=provider, threads=threads, batch=1, runs=runs)

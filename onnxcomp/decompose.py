@@ -39,9 +39,9 @@ from typing import Any, Protocol
 import numpy as np
 import onnx
 
-from onnxcomp import calibrate, measure
+from onnxcomp import calibration, measure
 from onnxcomp.allocate import LayerChoice, Option, Probes, allocate, realized
-from onnxcomp.calibrate import Calibration
+from onnxcomp.calibration import Calibration
 from onnxcomp.chain import build_chain
 from onnxcomp.graph import Graph
 from onnxcomp.latency_cache import LatencyCache
@@ -261,7 +261,7 @@ def run_decomposition(
     start = time.perf_counter()
     report = Report(pass_name)
     if calib is None:
-        calib = calibrate.synthetic_calibration(model, num_samples=8)
+        calib = calibration.synthetic_calibration(model, num_samples=8)
     if calib.synthetic:
         report.notes.append("synthetic calibration: ranks and refits come from random inputs "
                             "(weights alone); give --calib for meaningful results")

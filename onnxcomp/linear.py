@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxcomp import calibrate, cost
-from onnxcomp.calibrate import Calibration
+from onnxcomp import capture, cost
+from onnxcomp.calibration import Calibration
 from onnxcomp.graph import Graph, Node
 from onnxcomp.passbase import Report, Skip, SkipReason
 
@@ -296,7 +296,7 @@ def static_shapes(model: onnx.ModelProto, calib: Calibration) -> dict[str, tuple
         first = {k: v[:1] for k, v in calib.batches[0].items()}
         one = Calibration([first], calib.synthetic, calib.source)
         try:
-            for batch in calibrate.iter_capture(model, missing, one):
+            for batch in capture.iter_capture(model, missing, one):
                 out.update({k: tuple(int(d) for d in v.shape) for k, v in batch.items()})
         except Exception as exc:  # unknown shapes stay unknown (skipped)
             log.info("could not observe shapes by running the model: %s", exc)

@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import onnx
 
-from onnxcomp import calibrate, lowrank
-from onnxcomp.calibrate import Calibration
+from onnxcomp import capture, lowrank
+from onnxcomp.calibration import Calibration
 from onnxcomp.linear import Layer, xdim
 from onnxcomp.stream import LayerStream
 
@@ -99,7 +99,7 @@ def collect_original(
     middle = calib.num_samples // 2
     targets: list[list[np.ndarray]] = [[] for _ in layers]
     sample = 0
-    for batch in calibrate.iter_capture(model, list(dict.fromkeys(names)), calib):
+    for batch in capture.iter_capture(model, list(dict.fromkeys(names)), calib):
         n = next(iter(batch.values())).shape[0]
         for li, layer in enumerate(layers):
             x = batch[layer.node.inputs[0].name]

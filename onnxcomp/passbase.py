@@ -23,7 +23,7 @@ from onnxcomp.errors import (  # noqa: F401 - the pass contract names its errors
 if TYPE_CHECKING:
     import onnx
 
-    from onnxcomp.calibrate import Calibration
+    from onnxcomp.calibration import Calibration
 
 
 class SkipReason(str, enum.Enum):

@@ -17,7 +17,7 @@ from onnxcomp.model import QUANTIZED_OPS, copy_model
 from onnxcomp.passbase import PassConfig, PassResult, Report, SkipReason
 
 if TYPE_CHECKING:
-    from onnxcomp.calibrate import Calibration
+    from onnxcomp.calibration import Calibration
     from onnxcomp.passbase import Pass
 
 log = logging.getLogger(__name__)

@@ -38,7 +38,7 @@ import onnx
 from onnx import helper
 
 from onnxcomp import runtime
-from onnxcomp.calibrate import Calibration
+from onnxcomp.calibration import Calibration
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from onnxcomp import model as model_io
 from onnxcomp.errors import PassError
 
 if TYPE_CHECKING:
-    from onnxcomp.calibrate import Calibration
+    from onnxcomp.calibration import Calibration
 
 LOSSLESS_RTOL = 1e-4
 LOSSLESS_ATOL = 1e-5

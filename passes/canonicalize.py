@@ -48,7 +48,7 @@ from onnxcomp.model import copy_model
 from onnxcomp.passbase import Change, PassConfig, PassResult, Report, Skip, SkipReason
 
 if TYPE_CHECKING:
-    from onnxcomp.calibrate import Calibration
+    from onnxcomp.calibration import Calibration
 
 NOOP_OPS = ("Identity", "Dropout", "Cast", "Transpose", "Pad")
 FLOAT_TYPES = (np.float16, np.float32, np.float64)

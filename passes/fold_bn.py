@@ -39,7 +39,7 @@ FLOAT_TYPES = (np.float16, np.float32, np.float64)
 PRODUCERS = ("Conv", "ConvTranspose", "Gemm")
 
 if TYPE_CHECKING:
-    from onnxcomp.calibrate import Calibration
+    from onnxcomp.calibration import Calibration
 
 
 @dataclasses.dataclass(frozen=True)

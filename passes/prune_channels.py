@@ -37,8 +37,8 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx
 
-from onnxcomp import bench, calibrate, cost, depgraph
-from onnxcomp.calibrate import Calibration
+from onnxcomp import bench, calibration, capture, cost, depgraph
+from onnxcomp.calibration import Calibration
 from onnxcomp.chain import write_linear
 from onnxcomp.depgraph import DepGraph, Group
 from onnxcomp.graph import Graph
@@ -127,7 +127,7 @@ class PruneChannels:
             raise ConfigError("prune_channels needs a PruneConfig")
         report = Report(self.name)
         if calib is None:
-            calib = calibrate.synthetic_calibration(model, num_samples=8)
+            calib = calibration.synthetic_calibration(model, num_samples=8)
         if calib.synthetic:
             report.notes.append("synthetic calibration: refits and activation scores come "
                                 "from random inputs; give --calib")
@@ -244,7 +244,7 @@ def _score(graph: Graph, dep: DepGraph, scores: dict[int, np.ndarray], config: P
                             f"consumer: scored by l2 instead")
     if watch:
         sums = {t: np.zeros(0) for t in watch}
-        for batch in calibrate.iter_capture(graph.source, list(watch), calib):
+        for batch in capture.iter_capture(graph.source, list(watch), calib):
             for t, x in batch.items():
                 axes = tuple(i for i in range(x.ndim) if i != 1)
                 m = np.abs(x).astype(np.float64).sum(axis=axes)

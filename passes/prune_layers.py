@@ -29,8 +29,8 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx
 
-from onnxcomp import bench, calibrate, cost, verify
-from onnxcomp.calibrate import Calibration
+from onnxcomp import bench, calibration, capture, cost, verify
+from onnxcomp.calibration import Calibration
 from onnxcomp.chain import write_linear
 from onnxcomp.graph import Graph
 from onnxcomp.linear import Layer, batch1_shapes, make_layer, static_shapes
@@ -113,7 +113,7 @@ class PruneLayers:
             raise ConfigError("prune_layers needs a PruneLayersConfig")
         report = Report(self.name)
         if calib is None:
-            calib = calibrate.synthetic_calibration(model, num_samples=8)
+            calib = calibration.synthetic_calibration(model, num_samples=8)
         if calib.synthetic:
             report.notes.append("synthetic calibration: importances and refits come from "
                                 "random inputs; give --calib")
@@ -164,7 +164,7 @@ PASS = PruneLayers()
 def verify_outputs(model: onnx.ModelProto, calib: Calibration
                    ) -> tuple[list[str], list[np.ndarray]]:
     """Output names and outputs on the calibration data."""
-    return [o.name for o in model.graph.output], calibrate.run_model(model, calib)
+    return [o.name for o in model.graph.output], capture.run_model(model, calib)
 
 
 # ====================================================================== finding units

@@ -57,8 +57,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper, version_converter
 
-from onnxcomp import bench, calibrate, verify
-from onnxcomp.calibrate import Calibration
+from onnxcomp import bench, calibration, capture, verify
+from onnxcomp.calibration import Calibration
 from onnxcomp.graph import Graph
 from onnxcomp.linear import own_float_weight
 from onnxcomp.model import check_model, copy_model, default_opset
@@ -298,7 +298,7 @@ def _static(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibration |
                          f"{MIN_PERCENTILE_SAMPLES} calibration samples, got "
                          f"{calib.num_samples} (use --calibrator minmax)")
     if calib is None:
-        calib = calibrate.synthetic_calibration(model, num_samples=8)
+        calib = calibration.synthetic_calibration(model, num_samples=8)
     model, bn_folded = _fold_batchnorms(model)
     if bn_folded:
         notes.append(f"{bn_folded} BatchNormalization folded into their convs first (int8 "
@@ -410,7 +410,7 @@ def equalize_linear_pairs(model: onnx.ModelProto, calib: Calibration, config: Qu
         return model, 0
     names = [a.outputs[0].name for a, _, _ in pairs]
     amax: dict[str, np.ndarray] = {}
-    for batch in calibrate.iter_capture(model, names, calib):
+    for batch in capture.iter_capture(model, names, calib):
         for n, x in batch.items():
             axes = tuple(i for i in range(x.ndim) if i != 1)
             m = np.max(np.abs(x), axis=axes).astype(np.float64)
@@ -564,7 +564,7 @@ def fidelity_drop(reference: list[np.ndarray], names: list[str], model: onnx.Mod
     (2-D, several classes), else the relative L2 error of the outputs. Run with ONNX Runtime's
     optimizations, so the QDQ pattern is fused as it will be when deployed.
     """
-    got = calibrate.run_model(model, calib, optimize=True)
+    got = capture.run_model(model, calib, optimize=True)
     fid = verify.compare_outputs(names, reference, got, decisions)
     kept = fid.decision_agreement if fid.decision_agreement is not None else fid.top1_agreement
     return (1.0 - kept if kept is not None else fid.rel_l2), fid.rel_l2
@@ -593,7 +593,7 @@ def _meet_max_drop(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibr
     """
     check = _subset(calib, DROP_SAMPLES)
     names = [o.name for o in model.graph.output]
-    reference = calibrate.run_model(model, check, optimize=True)
+    reference = capture.run_model(model, check, optimize=True)
     decisions = verify.calibrated_decisions(model, calib)
     drop, _ = fidelity_drop(reference, names, quantized, check, decisions)
     report.metrics["drop_all_layers"] = round(drop, 5)
@@ -605,7 +605,7 @@ def _meet_max_drop(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibr
     if all(r.ndim and r.shape[0] == check.num_samples for r in reference):
         probe_ref = [r[:probe.num_samples] for r in reference]  # batch-first outputs
     else:
-        probe_ref = calibrate.run_model(model, probe, optimize=True)
+        probe_ref = capture.run_model(model, probe, optimize=True)
     layers = [c.node for c in report.applied]
     sensitivity = {}
     for name in layers:
@@ -869,13 +869,13 @@ def activation_ranges(model: onnx.ModelProto, names: list[str], calib: Calibrati
                       config: QuantizeConfig) -> dict[str, tuple[float, float]]:
     """(low, high) of each float tensor on the calibration data, per the calibrator."""
     if calib is None:
-        calib = calibrate.synthetic_calibration(model, num_samples=8)
+        calib = calibration.synthetic_calibration(model, num_samples=8)
     lows = {n: np.inf for n in names}
     highs = {n: -np.inf for n in names}
     pools: dict[str, list[np.ndarray]] = {n: [] for n in names}
     rng = np.random.default_rng(config.seed)
     per_batch = max(1, PERCENTILE_VALUES // max(len(calib.batches), 1))
-    for batch in calibrate.iter_capture(model, names, calib):
+    for batch in capture.iter_capture(model, names, calib):
         for n, x in batch.items():
             if x.dtype.kind != "f":
                 continue

@@ -155,7 +155,7 @@ def cp_kernel(o: int, c: int, kh: int, kw: int, rank: int, seed: int = 0) -> np.
 
 def calibration(model: onnx.ModelProto, n: int = 4, batch: int = 2):
     """A real-looking (non-synthetic) calibration set of seeded random batches."""
-    from onnxcomp.calibrate import Calibration
+    from onnxcomp.calibration import Calibration
 
     return Calibration([random_feeds(model, 100 + s, batch) for s in range(n)], False, "test")
 
@@ -311,7 +311,7 @@ def vgg_bn_unet(seed: int = 0, width: int = 8, size: int = 32, offset: float = 8
 
 def uniform_calibration(shape: Sequence[int], batches: int, seed: int = 0, name: str = "x"):
     """A calibration set of ``batches`` seeded batches of U(0, 1) images of ``shape``."""
-    from onnxcomp.calibrate import Calibration
+    from onnxcomp.calibration import Calibration
 
     return Calibration([{name: np.random.default_rng(seed + s).uniform(0, 1, shape)
                          .astype(np.float32)} for s in range(batches)], False, f"U(0,1) {seed}")

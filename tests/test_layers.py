@@ -21,7 +21,7 @@ LAYERS: dict[str, int] = {
     **dict.fromkeys(["allocate", "sensitivity", "search", "measure", "stream", "moments",
                      "refit", "chain", "linear", "cp_als", "lowrank", "depgraph", "verify",
                      "fidelity", "ops"], 1),
-    **dict.fromkeys(["graph", "model", "runtime", "calibrate", "calibration", "cost", "bench",
+    **dict.fromkeys(["graph", "model", "runtime", "calibration", "capture", "cost", "bench",
                      "latency_cache", "errors", "passbase"], 0),
 }
 

@@ -9,7 +9,7 @@ import pytest
 from builders import conv_bn_model, make_model, random_feeds, run, tensor
 from onnx import helper, numpy_helper
 
-from onnxcomp.calibrate import Calibration
+from onnxcomp.calibration import Calibration
 from onnxcomp.model import copy_model
 from onnxcomp.passbase import Change, PassConfig, PassError, PassResult, Report
 from onnxcomp.passes import REGISTRY

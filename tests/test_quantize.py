@@ -208,20 +208,20 @@ def _sensitive_model():
     model = _conv_relu_conv(w1, w2)
     x = rng.standard_normal([16, 4, 8, 8]).astype(np.float32)
     x[:, 0] *= 1000
-    from onnxcomp.calibrate import Calibration
+    from onnxcomp.calibration import Calibration
 
     return model, Calibration([{"x": x[:8]}, {"x": x[8:]}], False, "test")
 
 
 def test_max_drop_leaves_the_sensitive_layer_in_float():
-    from onnxcomp import calibrate
+    from onnxcomp import capture
     from onnxcomp.passes.quantize import fidelity_drop
 
     model, calib = _sensitive_model()
     config = QuantizeConfig(calibrator="minmax", min_params=0, max_drop=math.inf)
     everything = quantize(model, config, calib)
     assert not everything.report.warnings  # no bound, nothing to say
-    ref = calibrate.run_model(model, calib)
+    ref = capture.run_model(model, calib)
     drop_all, _ = fidelity_drop(ref, ["y"], everything.model, calib)
     assert drop_all > 0.2  # all layers quantized: far off
     result = quantize(model, QuantizeConfig(calibrator="minmax", min_params=0, max_drop=0.05),
@@ -478,7 +478,7 @@ def _softmax_conv(w):
 def test_drop_counts_kept_decisions_of_a_softmax_output():
     """A per-pixel softmax (4-D, not a 2-D classifier): the drop is the share of samples
     with a changed decision, not the relative error."""
-    from onnxcomp import calibrate, verify
+    from onnxcomp import capture, verify
     from onnxcomp.passes.quantize import fidelity_drop
 
     w = np.random.default_rng(3).standard_normal([6, 4, 3, 3]).astype(np.float32)
@@ -486,7 +486,7 @@ def test_drop_counts_kept_decisions_of_a_softmax_output():
     decisions = verify.decision_outputs(model)
     assert decisions == [(0, 1)]
     calib = calibration(model)
-    ref = calibrate.run_model(model, calib)
+    ref = capture.run_model(model, calib)
     scaled = _softmax_conv(w * 1.02)  # the same argmax at every pixel
     drop, rel = fidelity_drop(ref, ["p"], scaled, calib, decisions)
     assert rel > 1e-3 and drop == 0.0

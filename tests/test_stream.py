@@ -5,7 +5,7 @@ import onnx
 from builders import uniform_calibration, vgg_bn_unet
 from onnx import numpy_helper
 
-from onnxcomp import calibrate
+from onnxcomp import capture
 from onnxcomp.stream import LayerStream
 
 
@@ -14,7 +14,7 @@ def _convs(model: onnx.ModelProto) -> list[onnx.NodeProto]:
 
 
 def _full(model, names, calib):
-    batches = list(calibrate.iter_capture(model, names, calib))
+    batches = list(capture.iter_capture(model, names, calib))
     return {n: [b[n] for b in batches] for n in names}
 
 

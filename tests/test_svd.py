@@ -110,7 +110,7 @@ def test_fc_refit_needs_enough_rows(batches, refit):
     # Held-out data: the model never gets worse than the raw decomposition.
     from builders import random_feeds
 
-    from onnxcomp.calibrate import Calibration
+    from onnxcomp.calibration import Calibration
 
     held = Calibration([random_feeds(model, 500 + s, 4) for s in range(20)], False, "held")
     raw = svd(model, LowRankConfig(rank=16, refit=False, **EXACT), calib)
@@ -159,7 +159,7 @@ def test_data_basis_must_hold_across_runs_of_related_samples():
     first half of the samples must also serve the second. Here the two halves live in
     different input subspaces, so the check keeps the weights' basis; the same samples
     interleaved (each half sees both subspaces) pass it."""
-    from onnxcomp.calibrate import Calibration
+    from onnxcomp.calibration import Calibration
 
     w = np.random.default_rng(3).standard_normal([64, 64, 1, 1]).astype(np.float32)
     model = conv_model(w, size=8, batch="N")

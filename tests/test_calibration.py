@@ -13,18 +13,9 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from onnxcomp import calibrate
-from onnxcomp.calibrate import (
-    Calibration,
-    CaptureTooLargeError,
-    ImageOptions,
-    capture,
-    iter_capture,
-    load_calibration,
-    run_model,
-    synthetic_calibration,
-    with_outputs,
-)
+from onnxcomp import capture as capture_module
+from onnxcomp.calibration import Calibration, ImageOptions, load_calibration, synthetic_calibration
+from onnxcomp.capture import CaptureTooLargeError, capture, iter_capture, run_model, with_outputs
 from onnxcomp.passbase import ConfigError, InputError
 
 IR_VERSION = 8
@@ -561,7 +552,7 @@ def test_untyped_capture_output_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(model: onnx.ModelProto) -> onnx.ModelProto:
         raise onnx.shape_inference.InferenceError("inference unavailable")
 
-    monkeypatch.setattr(calibrate.model_io, "infer_shapes", fail)
+    monkeypatch.setattr(capture_module.model_io, "infer_shapes", fail)
     model = _conv_relu()
     extended = with_outputs(model, ["c"])
     assert not extended.graph.output[-1].type.HasField("tensor_type")

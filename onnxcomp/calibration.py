@@ -1,4 +1,4 @@
-"""Calibration data (image folder, .npy/.npz, synthetic) and activation capture.
+"""Calibration data: an image folder, .npy/.npz, or synthetic inputs.
 
 A :class:`Calibration` is a list of batches; each batch maps every graph input name of the model
 to a batch-first array of the input's element type. Sources:
@@ -13,10 +13,7 @@ Every source is checked against the model: the rank and every fixed non-batch di
 and the data is cast to the input's element type (never float data to an integer input). Axis 0
 is the batch axis; a fixed batch dim ``k`` in the model means batches of exactly ``k`` samples.
 
-Activation capture adds internal tensors as extra graph outputs (:func:`with_outputs`) and runs
-one onnxruntime session with all graph optimizations off, so no tensor is fused away.
-:func:`iter_capture` streams the tensors batch by batch (for statistics such as ``XᵀX`` without
-holding every activation); :func:`capture` concatenates them under a memory bound.
+Running models on it (activation capture) is :mod:`onnxcomp.capture`.
 """
 
 from __future__ import annotations
@@ -26,30 +23,23 @@ import logging
 import math
 import os
 import zipfile
-from collections.abc import Generator, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import onnx
 import onnx.shape_inference
-import onnxruntime as ort
 
-from onnxcomp import model as model_io
-from onnxcomp import runtime
 from onnxcomp.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
-DEFAULT_MAX_CAPTURE_BYTES = 2 * 2**30
 
 # One dim of a model input: a fixed size, a symbolic name (dim_param), or unknown.
 Dim = int | str | None
 
-
-class CaptureTooLargeError(InputError):
-    """Concatenating the captured activations would need more memory than allowed."""
 
 
 # ---------------------------------------------------------------------------- options and data
@@ -156,7 +146,7 @@ class Calibration:
 
     def batch_sizes(self) -> list[int]:
         """Samples in each batch."""
-        return [_batch_len(batch) for batch in self.batches]
+        return [batch_len(batch) for batch in self.batches]
 
     def input_shapes(self) -> dict[str, tuple[int, ...]]:
         """Shape of every input in the first batch."""
@@ -273,9 +263,9 @@ def load_calibration(
         ConfigError: ``batch_size`` or ``limit`` is not a positive integer.
 
     """
-    _check_positive("batch_size", batch_size)
+    check_positive("batch_size", batch_size)
     if limit is not None:
-        _check_positive("limit", limit)
+        check_positive("limit", limit)
     p = Path(path)
     specs = _model_inputs(model)
     if not p.exists():
@@ -314,7 +304,7 @@ def _load_npz(path: Path, specs: Sequence[_InputSpec], limit: int | None) -> dic
     try:
         data = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise InputError(f"{path}: not a readable .npz file ({_first_line(exc)})") from None
+        raise InputError(f"{path}: not a readable .npz file ({first_line(exc)})") from None
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise InputError(f"{path}: not an .npz archive (it holds a single array; "
                          "use the .npy extension)")
@@ -333,7 +323,7 @@ def _load_npz(path: Path, specs: Sequence[_InputSpec], limit: int | None) -> dic
                 raise InputError(f"{path}: {'; '.join(parts)} (model inputs: {model_names})")
             raw = {name: data[name] for name in expected}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise InputError(f"{path}: not a readable .npz file ({_first_line(exc)})") from None
+        raise InputError(f"{path}: not a readable .npz file ({first_line(exc)})") from None
     return _validate(raw, specs, limit, str(path))
 
 
@@ -345,7 +335,7 @@ def _load_npy(path: Path, specs: Sequence[_InputSpec], limit: int | None) -> dic
     try:
         data = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
-        raise InputError(f"{path}: not a readable .npy file ({_first_line(exc)})") from None
+        raise InputError(f"{path}: not a readable .npy file ({first_line(exc)})") from None
     if isinstance(data, np.lib.npyio.NpzFile):
         data.close()
         raise InputError(f"{path}: is an .npz archive, not a .npy array (use the .npz extension)")
@@ -486,7 +476,7 @@ def _load_images(
             resized = converted.resize((width, height), Image.Resampling.BILINEAR)
             arr = np.asarray(resized)
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-            raise InputError(f"{file}: not a readable image ({_first_line(exc)})") from None
+            raise InputError(f"{file}: not a readable image ({first_line(exc)})") from None
         if gray:
             arr = arr[:, :, None]
         elif options.bgr:
@@ -547,11 +537,11 @@ def synthetic_calibration(
         ConfigError: a count or a ``dims`` value is not a positive integer.
 
     """
-    _check_positive("num_samples", num_samples)
-    _check_positive("batch_size", batch_size)
+    check_positive("num_samples", num_samples)
+    check_positive("batch_size", batch_size)
     given = dict(dims or {})
     for key, value in given.items():
-        _check_positive(f"dims['{key}']", value)
+        check_positive(f"dims['{key}']", value)
     specs = _model_inputs(model)
     shapes = {spec.name: _synthetic_shape(spec, given) for spec in specs}
     for spec in specs:
@@ -610,204 +600,19 @@ def _synthetic_shape(spec: _InputSpec, dims: Mapping[str, int]) -> tuple[int, ..
 # ---------------------------------------------------------------------------- capture
 
 
-def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """A copy of ``model`` with the named tensors added as extra graph outputs.
-
-    Each new output carries the tensor's type and shape when the model or shape inference knows
-    them, and only its name otherwise (onnxruntime accepts untyped outputs). Names that already
-    are graph outputs are not added twice.
-
-    Raises:
-        InputError: a name is not a graph input, an initializer or a top-level node output.
-
-    """
-    wanted = _unique(names)
-    graph = model.graph
-    known = {out for node in graph.node for out in node.output if out}
-    known.update(vi.name for vi in graph.input)
-    known.update(t.name for t in graph.initializer)
-    unknown = [n for n in wanted if n not in known]
-    if unknown:
-        listing = ", ".join(f"'{n}'" for n in unknown)
-        raise InputError(f"unknown tensor name(s) {listing}: not a graph input, initializer or "
-                         "top-level node output")
-    existing = {vi.name for vi in graph.output}
-    new = [n for n in wanted if n not in existing]
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    if not new:
-        return out
-    infos = _value_infos(model, new)
-    for name in new:
-        info = infos.get(name)
-        if info is None:
-            log.debug("no type known for tensor '%s'; adding an untyped output", name)
-            info = onnx.ValueInfoProto(name=name)
-        out.graph.output.append(info)
-    return out
-
-
-def _value_infos(model: onnx.ModelProto, names: Sequence[str]) -> dict[str, onnx.ValueInfoProto]:
-    """Typed value infos for ``names``: from the model, else from shape inference."""
-    found = _typed_infos(model.graph, names)
-    missing = [n for n in names if n not in found]
-    if missing:
-        try:
-            inferred = model_io.infer_shapes(model)
-        except (onnx.shape_inference.InferenceError, RuntimeError, ValueError) as exc:
-            log.debug("shape inference failed (%s); capture outputs stay untyped",
-                      _first_line(exc))
-        else:
-            found.update(_typed_infos(inferred.graph, missing))
-    return found
-
-
-def _typed_infos(graph: onnx.GraphProto, names: Sequence[str]) -> dict[str, onnx.ValueInfoProto]:
-    wanted = set(names)
-    found: dict[str, onnx.ValueInfoProto] = {}
-    for vi in [*graph.input, *graph.value_info, *graph.output]:
-        if vi.name in wanted and vi.name not in found and vi.type.WhichOneof("value"):
-            copy = onnx.ValueInfoProto()
-            copy.CopyFrom(vi)
-            found[vi.name] = copy
-    for init in graph.initializer:
-        if init.name in wanted and init.name not in found:
-            found[init.name] = onnx.helper.make_tensor_value_info(
-                init.name, init.data_type, list(init.dims)
-            )
-    return found
-
-
-def iter_capture(
-    model: onnx.ModelProto,
-    names: Sequence[str],
-    calib: Calibration,
-    provider: str = "cpu",
-    threads: int = 1,
-) -> Generator[dict[str, np.ndarray], None, None]:
-    """Stream the named tensors batch by batch: one dict ``name -> array`` per batch.
-
-    One onnxruntime session with graph optimizations off runs every batch; the model, names and
-    calibration inputs are checked before the first batch runs.
-
-    Raises:
-        InputError: an unknown tensor name, or calibration data missing a model input.
-
-    """
-    wanted = _unique(names)
-    session = runtime.make_session(with_outputs(model, wanted), provider, threads, optimize=False)
-    feed_names = _feed_names(session, calib)
-    return _stream(session, wanted, feed_names, calib)
-
-
-def _stream(
-    session: ort.InferenceSession, names: list[str], feed_names: list[str], calib: Calibration
-) -> Generator[dict[str, np.ndarray], None, None]:
-    for batch in calib.iter_batches():
-        values = session.run(names, {n: batch[n] for n in feed_names})
-        yield dict(zip(names, values, strict=True))
-
-
-def capture(
-    model: onnx.ModelProto,
-    names: Sequence[str],
-    calib: Calibration,
-    max_bytes: int = DEFAULT_MAX_CAPTURE_BYTES,
-    provider: str = "cpu",
-    threads: int = 1,
-) -> dict[str, np.ndarray]:
-    """The named tensors on every calibration batch, concatenated along the batch axis.
-
-    The size is estimated from the first batch before anything else is kept: when the total
-    would exceed ``max_bytes`` a :class:`CaptureTooLargeError` says how much is needed (and is
-    raised again if later batches grow past the bound).
-
-    Raises:
-        CaptureTooLargeError: the captured tensors would need more than ``max_bytes``.
-        InputError: an unknown tensor name, or calibration data missing a model input.
-
-    """
-    _check_positive("max_bytes", max_bytes)
-    wanted = _unique(names)
-    total_samples = calib.num_samples
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in wanted}
-    held = 0
-    stream = iter_capture(model, wanted, calib, provider, threads)
-    try:
-        for index, values in enumerate(stream):
-            nbytes = sum(int(arr.nbytes) for arr in values.values())
-            if index == 0:
-                first = max(_batch_len(calib.batches[0]), 1)
-                estimate = math.ceil(nbytes * total_samples / first)
-                if estimate > max_bytes:
-                    raise _too_large(wanted, total_samples, estimate, max_bytes)
-            held += nbytes
-            if held > max_bytes:
-                raise _too_large(wanted, total_samples, held, max_bytes, at_least=True)
-            for name, arr in values.items():
-                parts[name].append(arr)
-    finally:
-        stream.close()
-    result = {}
-    for name in wanted:
-        chunks = parts.pop(name)  # free the pieces of each tensor as soon as it is joined
-        result[name] = np.stack(chunks) if chunks[0].ndim == 0 else np.concatenate(chunks)
-    return result
-
-
-def _too_large(
-    names: Sequence[str], samples: int, nbytes: int, max_bytes: int, at_least: bool = False
-) -> CaptureTooLargeError:
-    need = "at least " if at_least else ""
-    return CaptureTooLargeError(
-        f"capturing {len(names)} tensor(s) on {samples} samples needs {need}{_fmt_bytes(nbytes)} "
-        f"({nbytes} bytes), more than max_bytes={max_bytes}; use iter_capture() to stream the "
-        "batches, capture fewer tensors, or calibrate on fewer samples"
-    )
-
-
-def run_model(
-    model: onnx.ModelProto,
-    calib: Calibration,
-    provider: str = "cpu",
-    threads: int = 1,
-    optimize: bool = False,
-) -> list[np.ndarray]:
-    """The model's own outputs (graph order) on every batch, concatenated along the batch axis."""
-    session = runtime.make_session(model, provider, threads, optimize=optimize)
-    _feed_names(session, calib)
-    return runtime.concat_outputs(runtime.run_batches(session, calib.iter_batches()))
-
-
-def _feed_names(session: ort.InferenceSession, calib: Calibration) -> list[str]:
-    """The session inputs, checked to be present in the calibration batches."""
-    needed = [i.name for i in session.get_inputs()]
-    available = set(calib.input_names)
-    missing = [n for n in needed if n not in available]
-    if missing:
-        listing = ", ".join(f"'{n}'" for n in missing)
-        raise InputError(f"calibration data ({calib.source}) has no values for model input(s) "
-                         f"{listing}")
-    return needed
-
-
 # ---------------------------------------------------------------------------- small helpers
 
 
-def _batch_len(batch: Mapping[str, np.ndarray]) -> int:
+def batch_len(batch: Mapping[str, np.ndarray]) -> int:
+    """Samples in a batch (the first axis of its first array with one)."""
     for arr in batch.values():
         if np.ndim(arr) > 0:
             return int(np.shape(arr)[0])
     return 1
 
 
-def _unique(names: Sequence[str]) -> list[str]:
-    if isinstance(names, str):
-        raise InputError(f"tensor names must be a sequence of names, got the string '{names}'")
-    return list(dict.fromkeys(names))
-
-
-def _check_positive(what: str, value: object) -> None:
+def check_positive(what: str, value: object) -> None:
+    """Raise a ConfigError unless ``value`` is a positive int."""
     if not _is_positive_int(value):
         raise ConfigError(f"{what} must be a positive integer, got {value!r}")
 
@@ -829,7 +634,8 @@ def _float_tuple(what: str, values: object) -> tuple[float, ...]:
     return tuple(out)
 
 
-def _fmt_bytes(nbytes: int) -> str:
+def fmt_bytes(nbytes: int) -> str:
+    """``nbytes`` for people (KiB, MiB, GiB)."""
     if nbytes < 1024:
         return f"{nbytes} B"
     size = nbytes / 1024
@@ -840,6 +646,7 @@ def _fmt_bytes(nbytes: int) -> str:
     return f"{size:.1f} TiB"
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message."""
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else type(exc).__name__
