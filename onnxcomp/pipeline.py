@@ -29,6 +29,8 @@ class Step:
 
     name: str
     config: PassConfig
+    before: str | None = None  # run as a prerequisite of this pass
+    prepared: bool = False  # its prerequisites have run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,8 +135,19 @@ def run_pipeline(
     current = model
     results: list[StepResult] = []
     changed = False
-    for step in steps:
+    queue = list(steps)
+    while queue:
+        step = queue.pop(0)
         pass_ = registry[step.name]
+        ask = getattr(pass_, "prerequisites", None)
+        if ask is not None and not step.prepared:
+            # Lossless passes this one wants run first (static int8: BN folded, opset 13,
+            # equalized pairs): as steps of their own they are verified and reported like
+            # any lossless pass; the pass then runs with the config they leave.
+            pre, config_after = ask(current, step.config)
+            queue[:0] = [*(Step(n, c, before=step.name) for n, c in pre),
+                         Step(step.name, config_after, prepared=True)]
+            continue
         if on_step is not None:
             on_step(step.name)
         start = time.perf_counter()
@@ -147,6 +160,8 @@ def run_pipeline(
             result = PassResult(copy_model(current), Report(step.name))
         else:
             result = pass_(current, config, calib)
+        if step.before is not None:
+            result.report.notes.insert(0, f"run before {step.before}, which needs it")
         if note is not None:
             result.report.notes.insert(0, note)
             result.report.metrics["pipeline_speedup_before"] = round(float(so_far or 1.0), 3)

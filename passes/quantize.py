@@ -45,19 +45,16 @@ tiny weights (``--min-params``).
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import math
 import platform
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper, version_converter
 
-from onnxcomp import bench, calibration, capture, verify
+from onnxcomp import bench, calibration, capture, quant, verify
 from onnxcomp.calibration import Calibration
 from onnxcomp.graph import Graph
 from onnxcomp.linear import own_float_weight
@@ -72,18 +69,12 @@ from onnxcomp.passbase import (
     Skip,
     SkipReason,
 )
-from onnxcomp.passes import fold_bn
+from onnxcomp.passes import equalize, fold_bn, opset
 
 MODES = ("static", "weight", "kmeans", "binary")
 CALIBRATORS = ("percentile", "minmax", "entropy")
 # Percentile ranges need enough values to put a tail on; fewer samples is an error.
 MIN_PERCENTILE_SAMPLES = 8
-# Values kept per tensor for percentiles (a seeded subsample bounds the memory).
-PERCENTILE_VALUES = 1_000_000
-INT4_OPSET = 21
-# Entropy calibrator: histogram bins of |x| and the stride of the threshold search.
-ENTROPY_BINS = 2048
-ENTROPY_STRIDE = 16
 # --max-drop by default: static int8 that loses more than this on the calibration data (a
 # fifth of the samples with a decision changed, or a relative output error of 0.2) is not a
 # model anyone ships; the most sensitive layers stay in float until it holds, loudly.
@@ -91,10 +82,6 @@ DEFAULT_MAX_DROP = 0.2
 # --max-drop: samples each candidate model is judged on, and samples per layer sensitivity.
 DROP_SAMPLES = 256
 SENSITIVITY_SAMPLES = 32
-# Ops whose output values are some of their input's values (moved or picked).
-RANGE_KEEPING = frozenset({"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze",
-                           "Unsqueeze", "Identity"})
-OPS = {"Conv": 0, "ConvTranspose": 1, "Gemm": None, "MatMul": 1}  # output-channel axis
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +183,27 @@ class Quantize:
         return _weights_only(model, config)
 
 
+    def prerequisites(self, model: onnx.ModelProto, config: PassConfig
+                      ) -> tuple[list[tuple[str, PassConfig]], PassConfig]:
+        """Lossless passes the pipeline runs (and verifies) first, and the config after them.
+
+        Static int8 wants BatchNormalization folded (see _fold_batchnorms), opset 13 (per-channel
+        weights) and equalized linear pairs; run through the pipeline, each is a step of its
+        own whose outputs are checked like any lossless pass. Called directly, the pass does
+        the same itself.
+        """
+        assert isinstance(config, QuantizeConfig)
+        if config.mode != "static":
+            return [], config
+        steps: list[tuple[str, PassConfig]] = [("fold_bn", fold_bn.FoldBNConfig())]
+        if (default_opset(model) or 0) < 13:
+            steps.append(("opset", opset.OpsetConfig(target_opset=13)))
+        if config.equalize:
+            steps.append(("equalize", equalize.EqualizeConfig(exclude=config.exclude)))
+            config = dataclasses.replace(config, equalize=False)
+        return steps, config
+
+
 PASS = Quantize()
 
 
@@ -204,9 +212,9 @@ def _weights_only(model: onnx.ModelProto, config: QuantizeConfig) -> PassResult:
     report = Report(PASS.name)
     graph = Graph(model)
     opset = default_opset(model) or 0
-    storage4 = config.mode == "weight" and config.bits == 4 and opset >= INT4_OPSET
+    storage4 = config.mode == "weight" and config.bits == 4 and opset >= quant.INT4_OPSET
     if config.mode == "weight" and config.bits == 4 and not storage4:
-        report.notes.append(f"int4 initializers need opset >= {INT4_OPSET} (model has "
+        report.notes.append(f"int4 initializers need opset >= {quant.INT4_OPSET} (model has "
                             f"{opset}): 4-bit values are stored as int8")
     if config.mode in ("weight", "binary") and opset < 13:
         report.notes.append("opset < 13 has no per-channel DequantizeLinear: the "
@@ -218,7 +226,7 @@ def _weights_only(model: onnx.ModelProto, config: QuantizeConfig) -> PassResult:
     huffman_bits = 0
     int4_names: set[str] = set()
     for node in graph.nodes:
-        if node.op not in OPS:
+        if node.op not in quant.OPS:
             continue
         skip = _check(graph, node, config)
         if skip is not None:
@@ -226,25 +234,25 @@ def _weights_only(model: onnx.ModelProto, config: QuantizeConfig) -> PassResult:
             continue
         w = graph.const_value(graph.input(node, 1))
         assert w is not None
-        axis = _out_axis(node)
+        axis = quant.out_axis(node)
         details: dict[str, Any]
         if config.mode in ("weight", "binary"):
             if config.mode == "binary":
-                q, scale, err = binarize(w, axis)
+                q, scale, err = quant.binarize(w, axis)
                 after = scale.nbytes + q.size
                 details = {"bits": 1, "per_channel": True, "storage": "int8",
                            "packed_bytes": int(scale.nbytes + (q.size + 7) // 8)}
             else:
-                q, scale, err = quantize_symmetric(w, config.bits, axis)
+                q, scale, err = quant.quantize_symmetric(w, config.bits, axis)
                 after = scale.nbytes + (q.size + 1) // 2 if storage4 else scale.nbytes + q.size
                 details = {"bits": config.bits, "per_channel": True,
                            "storage": "int4" if storage4 else "int8"}
-            _insert_dq(graph, node, q, scale, axis, w.dtype, int4=storage4,
+            quant.insert_dq(graph, node, q, scale, axis, w.dtype, int4=storage4,
                        int4_names=int4_names, dq_axis=opset >= 13)
         else:
-            codebook, idx, err = kmeans_quantize(w, config.bits, config.kmeans_iters)
-            _insert_gather(graph, node, codebook, idx, w.dtype)
-            hb = huffman_bits_of(idx)
+            codebook, idx, err = quant.kmeans_quantize(w, config.bits, config.kmeans_iters)
+            quant.insert_gather(graph, node, codebook, idx, w.dtype)
+            hb = quant.huffman_bits_of(idx)
             huffman_bits += hb
             after = codebook.nbytes + idx.size
             details = {"bits": config.bits, "centroids": int(codebook.size),
@@ -262,7 +270,7 @@ def _weights_only(model: onnx.ModelProto, config: QuantizeConfig) -> PassResult:
         report.metrics["huffman_index_bytes"] = (huffman_bits + 7) // 8
     if not int4_names:
         return PassResult(graph.export(), report)
-    out = _to_int4(graph.export(check=False), int4_names)
+    out = quant.to_int4(graph.export(check=False), int4_names)
     check_model(out, full=True)
     return PassResult(out, report)
 
@@ -305,13 +313,15 @@ def _static(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibration |
                      f"between a conv and its BN loses what the BN scales up)")
     equalized = 0
     if config.equalize:
-        model, equalized = equalize_linear_pairs(model, calib, config)
+        eq = equalize.PASS(model, equalize.EqualizeConfig(exclude=config.exclude), calib)
+        model, equalized = eq.model, len(eq.report.applied)
     graph = Graph(model)
     candidates = [n.name for n in graph.nodes
-                  if n.op in OPS and _check(graph, n, config) is None]
+                  if n.op in quant.OPS and _check(graph, n, config) is None]
     names = [t for n in graph.nodes if n.name in candidates
              for t in _static_tensors(graph, n)]
-    ranges = activation_ranges(model, list(dict.fromkeys(names)), calib, config)
+    ranges = quant.activation_ranges(model, list(dict.fromkeys(names)), calib,
+                                   config.calibrator, config.percentile, config.seed)
     quantized, report = _build_static(model, config, ranges, set())
     report.notes[:0] = notes
     if math.isfinite(config.max_drop) and report.applied:
@@ -351,94 +361,9 @@ def _fold_batchnorms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
 
 
 def _to_opset13(model: onnx.ModelProto) -> onnx.ModelProto | None:
-    """``model`` converted to opset 13 by onnx's version converter, or None if it cannot be.
-
-    Per-channel DequantizeLinear (the ``axis`` attribute) needs opset 13; per-tensor weights
-    cost much fidelity (PP-OCRv4 rec: 8.8 % of strings kept, vs far more per channel). The
-    converted model is checked here; the pipeline verifies its outputs after the pass.
-    """
-    try:
-        out = version_converter.convert_version(model, 13)
-        check_model(out)
-    except Exception:  # noqa: BLE001 - any converter failure means: stay per tensor
-        return None
-    return out
-
-
-def _linear_pairs(graph: Graph, config: QuantizeConfig) -> list[tuple[Any, Any, bool]]:
-    """(A, B, B is depthwise) for Conv A whose output only Conv B reads, nothing between.
-
-    A's output channel c can be scaled by s_c if B's input channel c is scaled by 1/s_c:
-    the pair computes the same. Decomposed chains (CP, Tucker, SVD) are made of such pairs.
-    """
-    pairs = []
-    for a in graph.nodes:
-        if a.op != "Conv" or _check(graph, a, config) is not None:
-            continue
-        t = a.outputs[0]
-        if len(t.outputs) != 1 or graph.is_graph_output(t):
-            continue
-        b = t.outputs[0]
-        if b.op != "Conv" or b.inputs[0] is not t or _check(graph, b, config) is not None:
-            continue
-        wa = graph.const_value(graph.input(a, 1))
-        wb = graph.const_value(graph.input(b, 1))
-        assert wa is not None and wb is not None
-        group = int(b.attrs.get("group", 1))
-        if group == 1 and wb.shape[1] == wa.shape[0]:
-            pairs.append((a, b, False))
-        elif group == wa.shape[0] == wb.shape[0] and wb.shape[1] == 1:
-            pairs.append((a, b, True))
-    return pairs
-
-
-def equalize_linear_pairs(model: onnx.ModelProto, calib: Calibration, config: QuantizeConfig
-                          ) -> tuple[onnx.ModelProto, int]:
-    """Even out the channel ranges of tensors between two linear convs: (model, how many).
-
-    One scale per tensor (activations are quantized per tensor) wastes the grid on channels
-    much smaller than the largest: a CP chain's middle tensors span orders of magnitude. The
-    idea of cross-layer equalization (Nagel et al., "Data-Free Quantization", ICCV 2019),
-    applied to activation ranges measured on the calibration data: channel c is scaled by
-    ``s_c = (R / r_c)^alpha`` in A (weights and bias) and by ``1 / s_c`` in B; R is the
-    largest channel range, alpha 1 when B is depthwise (its per-channel weight scales absorb
-    1 / s_c exactly) and 1/2 when B is dense (its input columns change size).
-    """
-    graph = Graph(model)
-    pairs = _linear_pairs(graph, config)
-    if not pairs:
-        return model, 0
-    names = [a.outputs[0].name for a, _, _ in pairs]
-    amax: dict[str, np.ndarray] = {}
-    for batch in capture.iter_capture(model, names, calib):
-        for n, x in batch.items():
-            axes = tuple(i for i in range(x.ndim) if i != 1)
-            m = np.max(np.abs(x), axis=axes).astype(np.float64)
-            amax[n] = np.maximum(amax[n], m) if n in amax else m
-    done = 0
-    for a, b, depthwise in pairs:
-        r = amax[a.outputs[0].name]
-        live = r > 0
-        if not live.any() or r[live].min() > 0.5 * r.max():
-            continue  # already even enough
-        alpha = 1.0 if depthwise else 0.5
-        scale = np.ones_like(r)
-        scale[live] = np.clip((r.max() / r[live]) ** alpha, 1.0, 1e4)
-        wa = graph.const_value(graph.input(a, 1))
-        wb = graph.const_value(graph.input(b, 1))
-        assert wa is not None and wb is not None
-        shape_a = (-1,) + (1,) * (wa.ndim - 1)
-        graph.set_input_constant(a, 1, (wa * scale.reshape(shape_a)).astype(wa.dtype))
-        bias = graph.const_value(graph.input(a, 2)) if len(a.inputs) > 2 else None
-        if bias is not None:
-            graph.set_input_constant(a, 2, (bias * scale).astype(bias.dtype))
-        if depthwise:  # B's output channel c reads only input channel c
-            inv = (1.0 / scale).reshape(shape_a)
-        else:
-            inv = (1.0 / scale).reshape((1, -1) + (1,) * (wb.ndim - 2))
-        graph.set_input_constant(b, 1, (wb * inv).astype(wb.dtype))
-        done += 1
-    return (graph.export(), done) if done else (model, 0)
+    """``model`` at opset 13 (see passes/opset.py), or None when it cannot be converted."""
+    out = opset.convert(model, 13)
+    return None if isinstance(out, str) else out
 
 
 def _static_tensors(graph: Graph, node: Any) -> list[str]:
@@ -449,7 +374,7 @@ def _static_tensors(graph: Graph, node: Any) -> list[str]:
     out = node.outputs[0]
     if any(reader.op == "BatchNormalization" for reader in out.outputs):
         return [node.inputs[0].name]  # see _fold_batchnorms: never round before a BN
-    act = _clamping_activation(graph, out)
+    act = quant.clamping_activation(graph, out)
     return [node.inputs[0].name, act[0].outputs[0].name if act else out.name]
 
 
@@ -473,7 +398,7 @@ def _build_static(model: onnx.ModelProto, config: QuantizeConfig,
     # activation output -> (layer output, the Relu/Clip node, its upper bound)
     folded: dict[str, tuple[str, Any, float]] = {}
     for node in graph.nodes:
-        if node.op not in OPS:
+        if node.op not in quant.OPS:
             continue
         skip = _check(graph, node, config)
         if skip is None and node.name in excluded:
@@ -486,17 +411,17 @@ def _build_static(model: onnx.ModelProto, config: QuantizeConfig,
             continue
         w = graph.const_value(graph.input(node, 1))
         assert w is not None
-        axis = _out_axis(node)
+        axis = quant.out_axis(node)
         activations.extend(_static_tensors(graph, node))
         if node.op == "Gemm" and graph.input(node, 2) is not None:
             gemm_bias.append((node, node.inputs[0].name))
-        act = _clamping_activation(graph, node.outputs[0])
+        act = quant.clamping_activation(graph, node.outputs[0])
         if act is not None and not signed:  # int8 has no [0, c] grid to clamp with
             folded[act[0].outputs[0].name] = (node.outputs[0].name, act[0], act[1])
-        q, scale, err = quantize_symmetric(w, wbits, None if per_tensor else axis)
+        q, scale, err = quant.quantize_symmetric(w, wbits, None if per_tensor else axis)
         if per_tensor:
             scale = np.full(w.shape[axis], float(scale), dtype=np.float32)
-        _insert_dq(graph, node, q, scale, axis, w.dtype, int4=False, int4_names=set(),
+        quant.insert_dq(graph, node, q, scale, axis, w.dtype, int4=False, int4_names=set(),
                    dq_axis=opset >= 13, per_tensor=per_tensor)
         report.apply(Change(
             node=node.name, op_type=node.op, what="static 8-bit",
@@ -517,40 +442,17 @@ def _build_static(model: onnx.ModelProto, config: QuantizeConfig,
             graph.bypass(act_node)
             ranges[layer_out] = (0.0, min(hi, bound))
     report.metrics["activations_folded"] = len(folded)
-    report.metrics["ranges_shared"] = _share_ranges(graph, ranges)
+    report.metrics["ranges_shared"] = quant.share_ranges(graph, ranges)
     for node, x_name in gemm_bias:
         if x_name in ranges:
-            _quantize_bias(graph, node, *ranges[x_name], signed=signed)
+            quant.quantize_bias(graph, node, *ranges[x_name], signed=signed)
     for name, (lo, hi) in ranges.items():
-        _insert_qdq(graph, name, lo, hi, signed=signed)
+        quant.insert_qdq(graph, name, lo, hi, signed=signed)
     report.metrics["activations_quantized"] = len(ranges)
     report.metrics["calibrator"] = config.calibrator
     report.metrics["activation_type"] = "int8" if signed else "uint8"
     report.metrics["weight_bits"] = wbits
     return graph.export(), report
-
-
-def _share_ranges(graph: Graph, ranges: dict[str, tuple[float, float]]) -> int:
-    """Give a tensor behind MaxPool / Reshape / Flatten / ... its source's range: how many.
-
-    These ops only move or pick values, so the source's uint8 grid holds their output too;
-    with equal scale and zero point on both sides ONNX Runtime drops the DequantizeLinear /
-    QuantizeLinear pair around them and runs them on uint8 (as its own quantizer arranges).
-    """
-    shared = 0
-    for node in graph.nodes:
-        if node.op not in RANGE_KEEPING or node.outputs[0].name not in ranges:
-            continue
-        t = node.inputs[0]
-        while t.name not in ranges:
-            prod = graph.producer(t)
-            if prod is None or prod.op not in RANGE_KEEPING or len(t.outputs) != 1:
-                break
-            t = prod.inputs[0]
-        if t.name in ranges and ranges[node.outputs[0].name] != ranges[t.name]:
-            ranges[node.outputs[0].name] = ranges[t.name]
-            shared += 1
-    return shared
 
 
 def fidelity_drop(reference: list[np.ndarray], names: list[str], model: onnx.ModelProto,
@@ -666,14 +568,6 @@ def _meet_max_drop(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibr
     return best, best_report
 
 
-
-
-def _out_axis(node: Any) -> int:
-    if node.op == "Gemm":
-        return 0 if node.attrs.get("transB", 0) else 1
-    return int(OPS[node.op] or 0)
-
-
 def _check(graph: Graph, node: Any, config: QuantizeConfig) -> Skip | None:
     def skip(reason: SkipReason, detail: str) -> Skip:
         return Skip(node.name, node.op, reason, detail)
@@ -689,324 +583,8 @@ def _check(graph: Graph, node: Any, config: QuantizeConfig) -> Skip | None:
 
 
 # ====================================================================== the math
-def quantize_symmetric(w: np.ndarray, bits: int, axis: int | None
-                       ) -> tuple[np.ndarray, np.ndarray, float]:
-    """Symmetric quantization: (int8 values, float scales, relative error)."""
-    qmax = 2 ** (bits - 1) - 1
-    wf = w.astype(np.float64)
-    if axis is None:
-        amax = np.array(np.max(np.abs(wf)))
-    else:
-        others = tuple(i for i in range(w.ndim) if i != axis)
-        amax = np.max(np.abs(wf), axis=others)
-    scale = np.where(amax > 0, amax / qmax, 1.0)
-    shape = [1] * w.ndim
-    if axis is not None:
-        shape[axis] = -1
-    q = np.clip(np.rint(wf / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
-    back = q.astype(np.float64) * scale.reshape(shape)
-    err = float(np.linalg.norm(back - wf) / max(float(np.linalg.norm(wf)), 1e-30))
-    return q, scale.astype(np.float32), err
-
-
-def binarize(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """BWN: sign(W) * mean|W| per output channel: (int8 signs, float scales, relative error).
-
-    mean|W| is the scale that minimises ||W - a * sign(W)|| (Rastegari et al. 2016).
-    """
-    wf = w.astype(np.float64)
-    others = tuple(i for i in range(w.ndim) if i != axis)
-    alpha = np.mean(np.abs(wf), axis=others)
-    scale = np.where(alpha > 0, alpha, 1.0)
-    shape = [1] * w.ndim
-    shape[axis] = -1
-    q = np.where(wf >= 0, 1, -1).astype(np.int8)
-    back = q * scale.reshape(shape)
-    err = float(np.linalg.norm(back - wf) / max(float(np.linalg.norm(wf)), 1e-30))
-    return q, scale.astype(np.float32), err
-
-
-def entropy_range(values: np.ndarray, lo: float, hi: float) -> tuple[float, float]:
-    """The range whose 8-bit quantization loses least information (KL divergence).
-
-    TensorRT's calibration idea (Migacz 2017): histogram |x| into ``ENTROPY_BINS`` bins; for
-    every candidate threshold, fold the clipped tail into the last kept bin (P), merge the
-    kept bins into as many levels as the uint8 grid gives that side (Q, spread back over the
-    non-empty bins) and keep the threshold with the smallest KL(P || Q). Exact zeros are left
-    out: every grid holds 0 exactly, and a Relu's spike of zeros would otherwise dominate P
-    and pull the threshold far into the bulk.
-    """
-    levels = 256 if lo >= 0 else 128  # one-sided tensors (after Relu) get the whole grid
-    a = np.abs(values[values != 0].astype(np.float64))
-    amax = float(a.max()) if a.size else 0.0
-    if amax <= 0:
-        return lo, hi
-    hist = np.histogram(a, bins=ENTROPY_BINS, range=(0.0, amax))[0].astype(np.float64)
-    best, best_i = np.inf, ENTROPY_BINS
-    for i in range(levels, ENTROPY_BINS + 1, ENTROPY_STRIDE):
-        kept = hist[:i]
-        p = kept.copy()
-        p[-1] += hist[i:].sum()
-        level = (np.arange(i) * levels) // i
-        nonzero = kept > 0
-        sums = np.bincount(level, weights=kept, minlength=levels)
-        counts = np.bincount(level, weights=nonzero, minlength=levels)
-        q = np.where(nonzero, sums[level] / np.maximum(counts[level], 1), 0.0)
-        p /= p.sum()
-        q /= max(q.sum(), 1e-300)
-        mask = p > 0
-        kl = float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))))
-        if kl < best:
-            best, best_i = kl, i
-    t = amax * best_i / ENTROPY_BINS
-    return max(lo, -t), min(hi, t)
-
-
-def kmeans_quantize(w: np.ndarray, bits: int, iters: int
-                    ) -> tuple[np.ndarray, np.ndarray, float]:
-    """1-D k-means with 2^bits linearly initialized centroids: (codebook, uint8 idx, error)."""
-    wf = w.astype(np.float64).reshape(-1)
-    distinct = np.unique(wf)
-    k = min(2 ** bits, distinct.size)
-    # Already shared: the values are the codebook; else Deep Compression's linear init.
-    centers = distinct if distinct.size <= k else np.linspace(wf.min(), wf.max(), k)
-    idx = np.full(wf.size, -1, dtype=np.int64)
-    for _ in range(iters if distinct.size > k else 0):
-        new = np.searchsorted((centers[1:] + centers[:-1]) / 2, wf)
-        counts = np.bincount(new, minlength=k)
-        sums = np.bincount(new, weights=wf, minlength=k)
-        centers = np.where(counts > 0, sums / np.maximum(counts, 1), centers)
-        empty = np.flatnonzero(counts == 0)
-        if empty.size:  # re-seed empty centroids at the worst-represented weights
-            worst = np.argsort(-np.abs(wf - centers[new]))[:empty.size]
-            centers[empty] = wf[worst]
-        centers = np.sort(centers)
-        if np.array_equal(new, idx) and not empty.size:
-            break
-        idx = new
-    idx = np.searchsorted((centers[1:] + centers[:-1]) / 2, wf)
-    back = centers[idx]
-    err = float(np.linalg.norm(back - wf) / max(float(np.linalg.norm(wf)), 1e-30))
-    return centers.astype(np.float32), idx.astype(np.uint8).reshape(w.shape), err
-
-
-def huffman_bits_of(symbols: np.ndarray) -> int:
-    """Total bits of a Huffman code of ``symbols`` (code lengths from their frequencies)."""
-    counts = Counter(symbols.reshape(-1).tolist())
-    if len(counts) <= 1:
-        return int(symbols.size)  # one bit per symbol at least
-    heap = [(c, i, 0) for i, c in enumerate(counts.values())]
-    heapq.heapify(heap)
-    total = 0
-    tie = len(heap)
-    while len(heap) > 1:
-        c1, _, _ = heapq.heappop(heap)
-        c2, _, _ = heapq.heappop(heap)
-        total += c1 + c2  # every merge adds one bit to each symbol below it
-        heapq.heappush(heap, (c1 + c2, tie, 0))
-        tie += 1
-    return int(total)
-
-
-def activation_qparams(lo: float, hi: float, signed: bool) -> tuple[float, int]:
-    """(scale, zero point) of an activation range: uint8 asymmetric or int8 symmetric."""
-    lo, hi = min(lo, 0.0), max(hi, 0.0)
-    if signed:
-        amax = max(-lo, hi)
-        return (amax / 127.0 if amax > 0 else 1.0), 0
-    scale = (hi - lo) / 255.0 if hi > lo else 1.0
-    return scale, int(np.clip(np.rint(-lo / scale), 0, 255))
-
-
-def _quantize_bias(graph: Graph, gemm: Any, lo: float, hi: float, signed: bool) -> None:
-    """Put a Gemm's bias behind DequantizeLinear as int32 (input scale x weight scale).
-
-    That is the form ONNX Runtime expects of a QDQ Gemm it may fuse into QGemm.
-    """
-    b = graph.const_value(graph.input(gemm, 2))
-    dq = graph.producer(graph.input(gemm, 1))
-    if b is None or dq is None or dq.op != "DequantizeLinear" or b.ndim != 1:
-        return
-    w_scale = graph.const_value(dq.inputs[1])
-    if w_scale is None or float(gemm.attrs.get("alpha", 1.0)) != 1.0 or float(
-            gemm.attrs.get("beta", 1.0)) != 1.0:
-        return
-    x_scale, _ = activation_qparams(lo, hi, signed)
-    scale = (x_scale * np.asarray(w_scale, dtype=np.float64)).astype(np.float32)
-    scale = np.broadcast_to(scale, b.shape).copy()
-    q = np.clip(np.rint(b / scale), -(2**31), 2**31 - 1).astype(np.int32)
-    name = gemm.inputs[2].name
-    q_const = graph.constant(f"{name}_q", q)
-    s_const = graph.constant(f"{name}_scale", scale)
-    out = graph.variable(f"{name}_dq", dtype=np.float32)
-    graph.add_node("DequantizeLinear", [q_const, s_const], [out], pass_name="quantize",
-                   origin=gemm.name, attrs={"axis": 0}, suffix="bias")
-    gemm.inputs[2] = out
-
-
-def _clamping_activation(graph: Graph, tensor: Any) -> tuple[Any, float] | None:
-    """A Relu, or a Clip with lower bound 0, reading only ``tensor``: (node, upper bound).
-
-    Quantizing the layer's output to uint8 with range ``[0, hi]`` (zero point 0) clamps
-    exactly like that activation, so the activation can go and ONNX Runtime can fuse the
-    layer into one integer kernel (what its own quantizer does too).
-    """
-    if len(tensor.outputs) != 1 or graph.is_graph_output(tensor):
-        return None
-    act = tensor.outputs[0]
-    if act.op == "Relu":
-        return act, float("inf")
-    if act.op != "Clip":
-        return None
-    lo = graph.const_value(graph.input(act, 1)) if len(act.inputs) > 1 else act.attrs.get("min")
-    hi = graph.const_value(graph.input(act, 2)) if len(act.inputs) > 2 else act.attrs.get("max")
-    if lo is None or float(np.asarray(lo)) != 0.0:
-        return None
-    return act, float(np.asarray(hi)) if hi is not None else float("inf")
-
-
-def activation_ranges(model: onnx.ModelProto, names: list[str], calib: Calibration | None,
-                      config: QuantizeConfig) -> dict[str, tuple[float, float]]:
-    """(low, high) of each float tensor on the calibration data, per the calibrator."""
-    if calib is None:
-        calib = calibration.synthetic_calibration(model, num_samples=8)
-    lows = {n: np.inf for n in names}
-    highs = {n: -np.inf for n in names}
-    pools: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    rng = np.random.default_rng(config.seed)
-    per_batch = max(1, PERCENTILE_VALUES // max(len(calib.batches), 1))
-    for batch in capture.iter_capture(model, names, calib):
-        for n, x in batch.items():
-            if x.dtype.kind != "f":
-                continue
-            lows[n] = min(lows[n], float(x.min()))
-            highs[n] = max(highs[n], float(x.max()))
-            if config.calibrator in ("percentile", "entropy"):
-                flat = x.reshape(-1)
-                if flat.size > per_batch:
-                    flat = flat[rng.choice(flat.size, per_batch, replace=False)]
-                pools[n].append(flat.astype(np.float32))
-    out = {}
-    for n in names:
-        if not np.isfinite(lows[n]):
-            continue
-        lo, hi = lows[n], highs[n]
-        if config.calibrator == "percentile" and pools[n]:
-            values = np.concatenate(pools[n])
-            lo = float(np.percentile(values, 100 - config.percentile))
-            hi = float(np.percentile(values, config.percentile))
-        elif config.calibrator == "entropy" and pools[n]:
-            lo, hi = entropy_range(np.concatenate(pools[n]), lo, hi)
-        out[n] = (lo, hi)
-    return out
 
 
 # ====================================================================== graph edits
-def _insert_qdq(graph: Graph, name: str, lo: float, hi: float, signed: bool = False) -> None:
-    """``t -> QuantizeLinear -> DequantizeLinear`` (uint8 asymmetric / int8 symmetric)."""
-    tensor = graph.gs.tensors().get(name)
-    if tensor is None:
-        return
-    output = graph.is_graph_output(tensor)
-    if not tensor.outputs and not output:
-        return
-    scale, zero = activation_qparams(lo, hi, signed)
-    qtype = np.int8 if signed else np.uint8
-    s = graph.constant(f"{name}_scale", np.array(scale, dtype=np.float32))
-    z = graph.constant(f"{name}_zero", np.array(zero, dtype=qtype))
-    q = graph.variable(f"{name}_q", dtype=qtype)
-    dq = graph.variable(f"{name}_dq", dtype=np.float32)
-    readers = list(tensor.outputs)
-    src = tensor
-    if output:  # the graph output keeps its name: the producer writes a new tensor
-        prod = graph.producer(tensor)
-        if prod is None:
-            return
-        src = graph.variable(f"{name}_float", dtype=np.float32)
-        prod.outputs[[i for i, t in enumerate(prod.outputs) if t is tensor][0]] = src
-        dq = tensor
-    graph.add_node("QuantizeLinear", [src, s, z], [q], pass_name="quantize", origin=name,
-                   suffix="q")
-    graph.add_node("DequantizeLinear", [q, s, z], [dq], pass_name="quantize", origin=name,
-                   suffix="dq")
-    if output:
-        return
-    for reader in readers:
-        for i, t in enumerate(reader.inputs):
-            if t is tensor and reader.op != "QuantizeLinear":
-                reader.inputs[i] = dq
-def _insert_dq(graph: Graph, node: Any, q: np.ndarray, scale: np.ndarray, axis: int,
-               dtype: np.dtype[Any], int4: bool, int4_names: set[str], dq_axis: bool,
-               per_tensor: bool = False) -> None:
-    """Feed ``node`` ``W = DequantizeLinear(q, scale, axis)``.
-
-    Before opset 13 (no ``axis``): ``W = DequantizeLinear(q, 1) * scale``, the scales shaped
-    to broadcast.
-    """
-    w_t = graph.input(node, 1)
-    assert w_t is not None
-    base = w_t.name
-    q_const = graph.constant(f"{base}_q4" if int4 else f"{base}_q", q)
-    if int4:
-        int4_names.add(q_const.name)
-    out = graph.variable(f"{base}_dq", dtype=np.float32)
-    props = {"bits": 4 if int4 else 8}
-    if per_tensor:
-        scale_const = graph.constant(f"{base}_scale", np.array(scale[0], dtype=np.float32))
-        graph.add_node("DequantizeLinear", [q_const, scale_const], [out], pass_name="quantize",
-                       origin=node.name, props=props)
-    elif dq_axis:
-        scale_const = graph.constant(f"{base}_scale", scale.astype(np.float32))
-        inputs = [q_const, scale_const]
-        if not int4:  # explicit zero points: ONNX Runtime's QGemm fusion looks for them
-            inputs.append(graph.constant(f"{base}_zero", np.zeros(scale.shape, np.int8)))
-        graph.add_node("DequantizeLinear", inputs, [out], pass_name="quantize",
-                       origin=node.name, attrs={"axis": axis}, props=props)
-    else:
-        one = graph.constant(f"{base}_unit", np.array(1.0, dtype=np.float32))
-        raw = graph.variable(f"{base}_dq_int", dtype=np.float32)
-        graph.add_node("DequantizeLinear", [q_const, one], [raw], pass_name="quantize",
-                       origin=node.name, props=props)
-        shape = [1] * q.ndim
-        shape[axis] = -1
-        scale_const = graph.constant(f"{base}_scale", scale.astype(np.float32).reshape(shape))
-        graph.add_node("Mul", [raw, scale_const], [out], pass_name="quantize",
-                       origin=node.name, suffix="scale")
-    if np.dtype(dtype) != np.float32:
-        cast = graph.variable(f"{base}_dq_cast", dtype=dtype)
-        to = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-        graph.add_node("Cast", [out], [cast], pass_name="quantize", origin=node.name,
-                       attrs={"to": to}, suffix="cast")
-        out = cast
-    node.inputs[1] = out
 
 
-def _insert_gather(graph: Graph, node: Any, codebook: np.ndarray, idx: np.ndarray,
-                   dtype: np.dtype[Any]) -> None:
-    w_t = graph.input(node, 1)
-    assert w_t is not None
-    base = w_t.name
-    idx_const = graph.constant(f"{base}_idx", idx)
-    book = graph.constant(f"{base}_codebook", codebook.astype(dtype))
-    idx32 = graph.variable(f"{base}_idx32", dtype=np.int32)
-    graph.add_node("Cast", [idx_const], [idx32], pass_name="quantize", origin=node.name,
-                   attrs={"to": TensorProto.INT32}, suffix="idx")
-    out = graph.variable(f"{base}_shared", dtype=dtype)
-    graph.add_node("Gather", [book, idx32], [out], pass_name="quantize", origin=node.name,
-                   attrs={"axis": 0}, props={"centroids": codebook.size})
-    node.inputs[1] = out
-
-
-def _to_int4(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
-    """Store the named int8 initializers (values in [-7, 7]) as packed INT4 tensors."""
-    for i, init in enumerate(model.graph.initializer):
-        if init.name in names:
-            values = numpy_helper.to_array(init).reshape(-1).astype(np.int8)
-            nibbles = (values & 0x0F).astype(np.uint8)
-            if nibbles.size % 2:
-                nibbles = np.append(nibbles, np.uint8(0))
-            raw = (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8).tobytes()
-            packed = helper.make_tensor(init.name, TensorProto.INT4, list(init.dims), raw,
-                                        raw=True)
-            model.graph.initializer[i].CopyFrom(packed)
-    return model

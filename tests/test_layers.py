@@ -19,7 +19,7 @@ LAYERS: dict[str, int] = {
     "passes": 3,
     **dict.fromkeys(["decompose", "sharing"], 2),
     **dict.fromkeys(["allocate", "sensitivity", "search", "measure", "stream", "moments",
-                     "refit", "chain", "linear", "cp_als", "lowrank", "depgraph", "verify",
+                     "refit", "chain", "linear", "cp_als", "lowrank", "depgraph", "verify", "quant",
                      "fidelity", "ops"], 1),
     **dict.fromkeys(["graph", "model", "runtime", "calibration", "capture", "cost", "bench",
                      "latency_cache", "errors", "passbase"], 0),

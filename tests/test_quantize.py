@@ -19,7 +19,8 @@ from onnx import TensorProto, helper
 
 from onnxcomp.passbase import ConfigError, SkipReason
 from onnxcomp.passes import REGISTRY
-from onnxcomp.passes.quantize import QuantizeConfig, huffman_bits_of, kmeans_quantize
+from onnxcomp.passes.quantize import QuantizeConfig
+from onnxcomp.quant import huffman_bits_of, kmeans_quantize
 
 quantize = REGISTRY["quantize"]
 
@@ -175,7 +176,7 @@ def test_binary_weights_exact_when_already_binary():
 
 
 def test_binary_scale_is_the_least_squares_one():
-    from onnxcomp.passes.quantize import binarize
+    from onnxcomp.quant import binarize
 
     w = np.random.default_rng(5).standard_normal([4, 3, 3, 3])
     q, scale, err = binarize(w, 0)
@@ -187,7 +188,7 @@ def test_binary_scale_is_the_least_squares_one():
 
 
 def test_entropy_range_clips_outliers_but_keeps_the_bulk():
-    from onnxcomp.passes.quantize import entropy_range
+    from onnxcomp.quant import entropy_range
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal(200_000)
@@ -451,12 +452,15 @@ def _chain_model():
 def test_equalization_is_exact_in_float_and_helps_int8():
     from builders import relative_error
 
-    from onnxcomp.passes.quantize import equalize_linear_pairs
+    from onnxcomp.passes.equalize import EqualizeConfig
 
+    equalize = REGISTRY["equalize"]
     model = _chain_model()
     calib = calibration(model, n=8, batch=4)
     config = QuantizeConfig(calibrator="minmax", min_params=0, max_drop=math.inf)
-    even, count = equalize_linear_pairs(model, calib, config)
+    result = equalize(model, EqualizeConfig(), calib)
+    assert equalize.lossless
+    even, count = result.model, len(result.report.applied)
     assert count == 2  # a -> d (depthwise), d -> c (dense)
     assert relative_error(model, even, calib) < 1e-5
     with_eq = quantize(model, config, calib)

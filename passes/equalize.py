@@ -1,0 +1,159 @@
+"""Even out the channel ranges between two linear convs (lossless), for per-tensor int8.
+
+Paper: M. Nagel, M. van Baalen, T. Blankevoort, M. Welling, "Data-Free Quantization Through
+Weight Equalization and Bias Correction", ICCV 2019, arXiv:1906.04721 (cross-layer
+equalization), applied here to activation ranges measured on the calibration data.
+
+Before::
+
+    x -> Conv A (W_a, b_a) -> t -> Conv B (W_b) -> y          (nothing else reads t)
+
+After::
+
+    x -> Conv A (s * W_a, s * b_a) -> t' = s * t -> Conv B (W_b / s) -> y
+
+with, per channel c of t, ``s_c = (R / r_c)^alpha``: ``r_c`` the channel's largest |value| on
+the calibration data, ``R`` the largest over channels, ``alpha`` 1 when B is depthwise (its
+per-channel weight scales absorb ``1 / s_c`` exactly) and 1/2 when B is dense (its input
+columns change size). The pair computes the same function; one activation scale per tensor
+then wastes less of the int8 grid on channels far smaller than the largest (a CP chain's
+middle tensors span orders of magnitude). ``quantize --mode static`` runs it first.
+
+Supported: Conv -> Conv (dense, or depthwise with one input channel per group) with constant
+float weights read by those nodes only. Skipped, with a reason: pairs whose channels are
+already within a factor 2 of each other, or that never fire on the calibration data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx
+
+from onnxcomp import capture
+from onnxcomp.calibration import Calibration, synthetic_calibration
+from onnxcomp.graph import Graph
+from onnxcomp.linear import own_float_weight
+from onnxcomp.model import copy_model
+from onnxcomp.passbase import Change, PassConfig, PassResult, Report, Skip, SkipReason
+
+# Pairs whose smallest live channel range is above this share of the largest are left alone.
+EVEN_ENOUGH = 0.5
+MAX_SCALE = 1e4
+
+
+@dataclasses.dataclass(frozen=True)
+class EqualizeConfig(PassConfig):
+    """Options of ``equalize``."""
+
+    exclude: tuple[str, ...] = ()
+
+
+class Equalize:
+    """The ``equalize`` pass."""
+
+    name: ClassVar[str] = "equalize"
+    lossless: ClassVar[bool] = True
+    config_cls: ClassVar[type[PassConfig]] = EqualizeConfig
+
+    def __call__(self, model: onnx.ModelProto, config: PassConfig,
+                 calib: Calibration | None = None) -> PassResult:
+        """Equalize every linear conv pair of a copy of ``model``."""
+        assert isinstance(config, EqualizeConfig)
+        report = Report(self.name)
+        graph = Graph(model)
+        pairs = linear_pairs(graph, config.exclude)
+        if not pairs:
+            report.notes.append("no Conv -> Conv pair with nothing between")
+            return PassResult(copy_model(model), report)
+        if calib is None:
+            calib = synthetic_calibration(model, num_samples=8)
+            report.notes.append("synthetic calibration: ranges come from random inputs")
+        amax = _channel_ranges(model, [a.outputs[0].name for a, _, _ in pairs], calib)
+        for a, b, depthwise in pairs:
+            r = amax[a.outputs[0].name]
+            live = r > 0
+            if not live.any():
+                report.add_skip(Skip(a.name, a.op, SkipReason.NOT_NEEDED,
+                                     f"{a.outputs[0].name} is zero on the calibration data"))
+                continue
+            if r[live].min() > EVEN_ENOUGH * r.max():
+                report.add_skip(Skip(a.name, a.op, SkipReason.NOT_NEEDED,
+                                     f"channel ranges within {1 / EVEN_ENOUGH:g}x already"))
+                continue
+            alpha = 1.0 if depthwise else 0.5
+            scale = np.ones_like(r)
+            scale[live] = np.clip((r.max() / r[live]) ** alpha, 1.0, MAX_SCALE)
+            _rescale(graph, a, b, depthwise, scale)
+            report.apply(Change(
+                node=a.name, op_type=a.op, what=f"equalized with {b.name}", error=0.0,
+                details={"partner": b.name, "depthwise_partner": depthwise,
+                         "range_spread_before": round(float(r.max() / r[live].min()), 3),
+                         "largest_scale": round(float(scale.max()), 3)}))
+        if not report.applied:
+            return PassResult(copy_model(model), report)
+        return PassResult(graph.export(), report)
+
+
+PASS = Equalize()
+
+
+def linear_pairs(graph: Graph, exclude: tuple[str, ...] = ()) -> list[tuple[Any, Any, bool]]:
+    """(A, B, B is depthwise) for Conv A whose output only Conv B reads, nothing between.
+
+    A's output channel c can be scaled by s_c if B's input channel c is scaled by 1/s_c:
+    the pair computes the same. Decomposed chains (CP, Tucker, SVD) are made of such pairs.
+    """
+    pairs = []
+    for a in graph.nodes:
+        if a.op != "Conv" or isinstance(own_float_weight(graph, a, exclude), Skip):
+            continue
+        t = a.outputs[0]
+        if len(t.outputs) != 1 or graph.is_graph_output(t):
+            continue
+        b = t.outputs[0]
+        if (b.op != "Conv" or b.inputs[0] is not t
+                or isinstance(own_float_weight(graph, b, exclude), Skip)):
+            continue
+        if len(a.inputs) > 2 and graph.const_value(graph.input(a, 2)) is None:
+            continue  # a computed bias cannot be rescaled
+        wa = graph.const_value(graph.input(a, 1))
+        wb = graph.const_value(graph.input(b, 1))
+        assert wa is not None and wb is not None
+        group = int(b.attrs.get("group", 1))
+        if group == 1 and wb.shape[1] == wa.shape[0]:
+            pairs.append((a, b, False))
+        elif group == wa.shape[0] == wb.shape[0] and wb.shape[1] == 1:
+            pairs.append((a, b, True))
+    return pairs
+
+
+def _channel_ranges(model: onnx.ModelProto, names: list[str], calib: Calibration
+                    ) -> dict[str, np.ndarray]:
+    """The largest |value| of every channel (axis 1) of each named tensor."""
+    amax: dict[str, np.ndarray] = {}
+    for batch in capture.iter_capture(model, names, calib):
+        for n, x in batch.items():
+            axes = tuple(i for i in range(x.ndim) if i != 1)
+            m = np.max(np.abs(x), axis=axes).astype(np.float64)
+            amax[n] = np.maximum(amax[n], m) if n in amax else m
+    return amax
+
+
+def _rescale(graph: Graph, a: Any, b: Any, depthwise: bool, scale: np.ndarray) -> None:
+    """Scale A's output channels by ``scale`` and B's matching inputs by its inverse."""
+    wa = graph.const_value(graph.input(a, 1))
+    wb = graph.const_value(graph.input(b, 1))
+    assert wa is not None and wb is not None
+    shape_a = (-1,) + (1,) * (wa.ndim - 1)
+    graph.set_input_constant(a, 1, (wa * scale.reshape(shape_a)).astype(wa.dtype))
+    bias = graph.const_value(graph.input(a, 2)) if len(a.inputs) > 2 else None
+    if bias is not None:
+        graph.set_input_constant(a, 2, (bias * scale).astype(bias.dtype))
+    if depthwise:  # B's output channel c reads only input channel c
+        inv = (1.0 / scale).reshape(shape_a)
+    else:
+        inv = (1.0 / scale).reshape((1, -1) + (1,) * (wb.ndim - 2))
+    graph.set_input_constant(b, 1, (wb * inv).astype(wb.dtype))
