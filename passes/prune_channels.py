@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx
 
-from onnxcomp import bench, calibration, capture, cost, depgraph
+from onnxcomp import bench, calibration, capture, cost, depgraph, search
 from onnxcomp.calibration import Calibration
 from onnxcomp.chain import write_linear
 from onnxcomp.depgraph import DepGraph, Group
@@ -62,6 +62,10 @@ DEFAULT_RATIO = 0.3
 # Global allocation never removes more than this share of one group's channels: per-channel
 # importances ignore redundancy between channels, which removing many at once exposes.
 MAX_GROUP_RATIO = 0.5
+# --target-speedup: the most of the prunable MACs ever removed, and the bisection steps spent
+# on the least fraction that is fast enough (each one a whole-model measurement).
+MAX_MACS_FRACTION = 0.9
+SPEED_STEPS = 7
 FOLLOWERS = frozenset({"BatchNormalization", "Relu", "Clip", "LeakyRelu", "HardSwish",
                        "Sigmoid", "PRelu", "Identity"})
 
@@ -139,7 +143,7 @@ class PruneChannels:
             ratio = DEFAULT_RATIO if config.ratio is None else config.ratio
             keep = uniform_keep(prep.scores, ratio, config.round_to)
         else:
-            keep = _search_speed(model, prep, config, calib, report)
+            keep = _least_pruning_for_speed(model, prep, config, calib, report)
         pruned, changes = _build(model, prep, keep, config, calib)
         for change in changes:
             report.apply(change)
@@ -564,7 +568,7 @@ def _refit_streamed(model: onnx.ModelProto, prep: _Prepared,
 
 
 # ====================================================================== speed target
-def _search_speed(model: onnx.ModelProto, prep: _Prepared, config: PruneConfig,
+def _least_pruning_for_speed(model: onnx.ModelProto, prep: _Prepared, config: PruneConfig,
                   calib: Calibration, report: Report) -> dict[int, np.ndarray]:
     """The least pruning measured (whole model) to be ``target_speedup`` faster.
 
@@ -586,17 +590,12 @@ def _search_speed(model: onnx.ModelProto, prep: _Prepared, config: PruneConfig,
             measured[f] = float(res.speedups[0].median)
         return measured[f]
 
-    lo, hi = 0.0, 0.9
+    hi = MAX_MACS_FRACTION
     if speed(hi) < target:
         report.target_missed(f"target {target}x not reached: {speed(hi):.2f}x with "
                              f"{hi:.0%} of the prunable MACs removed; using it")
     else:
-        for _ in range(7):
-            mid = round((lo + hi) / 2, 4)
-            if speed(mid) >= target:
-                hi = mid
-            else:
-                lo = mid
+        _, hi = search.bracket_float(lambda f: speed(f) >= target, 0.0, hi, SPEED_STEPS)
     report.metrics["macs_fraction_search"] = {str(k): round(v, 3)
                                               for k, v in sorted(measured.items())}
     report.metrics["macs_fraction"] = hi

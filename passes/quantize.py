@@ -54,7 +54,7 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx
 
-from onnxcomp import bench, calibration, capture, quant, verify
+from onnxcomp import bench, calibration, capture, quant, search, verify
 from onnxcomp.calibration import Calibration
 from onnxcomp.graph import Graph
 from onnxcomp.linear import own_float_weight
@@ -325,7 +325,7 @@ def _static(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibration |
     quantized, report = _build_static(model, config, ranges, set())
     report.notes[:0] = notes
     if math.isfinite(config.max_drop) and report.applied:
-        quantized, report = _meet_max_drop(model, config, calib, ranges, quantized, report,
+        quantized, report = _float_layers_for_drop(model, config, calib, ranges, quantized, report,
                                            notes)
     if not report.applied:  # not even the equalization or the opset upgrade is kept
         return PassResult(copy_model(original), report)
@@ -484,7 +484,7 @@ def _subset(calib: Calibration, samples: int) -> Calibration:
     return Calibration(out, calib.synthetic, f"{calib.source} (first {samples})")
 
 
-def _meet_max_drop(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibration,
+def _float_layers_for_drop(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibration,
                    ranges: dict[str, tuple[float, float]], quantized: onnx.ModelProto,
                    report: Report, notes: list[str]) -> tuple[onnx.ModelProto, Report]:
     """Leave the most sensitive layers in float until the drop is within ``--max-drop``.
@@ -524,20 +524,9 @@ def _meet_max_drop(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibr
                         else 0.0)
         return tried[k][2]
 
-    bad, good, k = 0, len(ranked), 1  # 0 layers in float is known to miss the bound
-    while k < len(ranked):
-        if attempt(k) <= config.max_drop:
-            good = k
-            break
-        bad, k = k, 2 * k
-    while good - bad > 1:
-        mid = (good + bad) // 2
-        if attempt(mid) <= config.max_drop:
-            good = mid
-        else:
-            bad = mid
-    if good == len(ranked):
-        attempt(good)
+    # 0 layers in float is known to miss the bound; all of them in float meets it.
+    good = search.first_true_doubling(lambda k: attempt(k) <= config.max_drop, len(ranked))
+    attempt(good)
     best, best_report, best_drop = tried[good]
     best_report.notes[:0] = notes
     best_report.metrics["drop_all_layers"] = round(drop, 5)
