@@ -11,14 +11,13 @@ choice).
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 
-from onnxcomp import bench, capture, cost, search, verify
+from onnxcomp import bench, cost, fidelity, search, verify
 from onnxcomp.calibration import Calibration
 from onnxcomp.latency_cache import LatencyCache, structure_hash
 from onnxcomp.linear import Layer, Plan, batch1_shapes
@@ -92,7 +91,7 @@ class Probes:
         self._built: dict[tuple[Any, ...], onnx.ModelProto] = {}
         self._speedup: dict[tuple[Any, ...], float] = {}
         self._fidelity: dict[tuple[Any, ...], tuple[float, float | None]] = {}
-        self._ref: tuple[list[str], list[np.ndarray]] | None = None
+        self._ref: fidelity.Reference | None = None
         self._model_ms: float | None = None
         self.decisions = verify.calibrated_decisions(model, calib)
 
@@ -164,11 +163,9 @@ class Probes:
                 self._fidelity[k] = (0.0, 1.0 if self.decisions else None)
             else:
                 if self._ref is None:
-                    self._ref = _outputs(self.model, self.calib)
-                names, ref = self._ref
-                _, got = _outputs(self.build(chosen), self.calib)
-                self._fidelity[k] = (verify.compare_outputs(names, ref, got).rel_l2,
-                                     verify.decision_agreement(self.decisions, ref, got))
+                    self._ref = fidelity.Reference.of(self.model, self.calib)
+                fid = self._ref.compare(self.build(chosen))
+                self._fidelity[k] = (fid.rel_l2, fid.decision_agreement)
         return self._fidelity[k]
 
 
@@ -522,9 +519,3 @@ def _bound_fidelity(picks: list[dict[int, Option]], limit: int, max_error: float
             f"{agree:.1%} of the calibration samples' decisions"
             + (f" (this one {kept:.1%})" if kept is not None else ""))
     return lo
-
-
-def _outputs(model: onnx.ModelProto, calib: Calibration) -> tuple[list[str], list[np.ndarray]]:
-    """Outputs for error probes: compile-time work, so every core and graph optimizations."""
-    names = [o.name for o in model.graph.output]
-    return names, capture.run_model(model, calib, threads=os.cpu_count() or 1, optimize=True)

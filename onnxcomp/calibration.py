@@ -156,6 +156,19 @@ class Calibration:
         """Iterate over the batches in order."""
         yield from self.batches
 
+    def first(self, samples: int) -> Calibration:
+        """The first ``samples`` samples (whole batches, the last one cut); self if no fewer."""
+        if samples >= self.num_samples:
+            return self
+        out: list[dict[str, np.ndarray]] = []
+        left = samples
+        for batch, size in zip(self.batches, self.batch_sizes(), strict=True):
+            if left <= 0:
+                break
+            out.append({k: v[:left] for k, v in batch.items()} if size > left else batch)
+            left -= size
+        return Calibration(out, self.synthetic, f"{self.source} (first {samples})")
+
     def all_inputs(self) -> dict[str, np.ndarray]:
         """Every input concatenated over all batches (a new array per input)."""
         return {

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
-from onnxcomp import bench, cost, runtime, verify
+from onnxcomp import bench, cost, fidelity, runtime, verify
 from onnxcomp.errors import PassError
 from onnxcomp.model import QUANTIZED_OPS, copy_model
 from onnxcomp.passbase import PassConfig, PassResult, Report, SkipReason
@@ -173,20 +173,22 @@ def run_pipeline(
             _, outputs = model_outputs(result.model, calib)
         else:
             outputs = previous
-        fidelity = verify.compare_outputs(names, previous, outputs)
-        if pass_.lossless and not fidelity.within(verify.LOSSLESS_RTOL, verify.LOSSLESS_ATOL):
-            _check_lossless(step.name, current, calib, previous, fidelity, result.report)
-        result.report.metrics.setdefault("rel_l2_error", fidelity.rel_l2)
+        step_fidelity = verify.compare_outputs(names, previous, outputs)
+        if pass_.lossless and not step_fidelity.within(verify.LOSSLESS_RTOL, verify.LOSSLESS_ATOL):
+            _check_lossless(step.name, current, calib, previous, step_fidelity, result.report)
+        result.report.metrics.setdefault("rel_l2_error", step_fidelity.rel_l2)
         _note_quantized(current, result.report)
         log.info("%s: %d applied, %d skipped, rel error %.3g", step.name,
-                 len(result.report.applied), len(result.report.skipped), fidelity.rel_l2)
-        results.append(StepResult(step.name, pass_.lossless, result.report, fidelity, seconds,
+                 len(result.report.applied), len(result.report.skipped), step_fidelity.rel_l2)
+        results.append(StepResult(step.name, pass_.lossless, result.report, step_fidelity, seconds,
                                   config or step.config))
         changed = changed or result.modified
         current = result.model
         previous = outputs
-    final = verify.compare_outputs(names, original, previous,
-                                   verify.calibrated_decisions(model, calib))
+    # What the user gets: the final model as deployed against the original (fidelity.py).
+    final = fidelity.Reference.of(model, calib).compare(current) if changed else \
+        verify.compare_outputs(names, original, previous,
+                               verify.calibrated_decisions(model, calib))
     return PipelineResult(current, tuple(results), final, calib.synthetic)
 
 

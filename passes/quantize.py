@@ -13,7 +13,7 @@ the calibration data: ``--calibrator percentile`` (99.99, default), ``minmax`` o
 (KL-optimal clipping). ONNX Runtime fuses the pattern into integer kernels (QLinearConv,
 QGemm). ``--max-drop X`` measures every layer's sensitivity (output error with it alone
 quantized) and leaves the most sensitive in float until the fidelity drop on the calibration
-data (1 - the share of samples whose decisions are all kept, see ``fidelity_drop``; relative
+data (1 - the share of samples whose decisions are all kept, see ``fidelity.drop``; relative
 output error for a model with no decision output) is at most X. Before
 opset 13 weights are per tensor (the only form that stays fusable there), which costs
 fidelity.
@@ -47,14 +47,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import platform
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import onnx
 
-from onnxcomp import bench, calibration, capture, quant, search, verify
+from onnxcomp import bench, calibration, fidelity, quant, search
 from onnxcomp.calibration import Calibration
 from onnxcomp.graph import Graph
 from onnxcomp.linear import own_float_weight
@@ -455,35 +454,6 @@ def _build_static(model: onnx.ModelProto, config: QuantizeConfig,
     return graph.export(), report
 
 
-def fidelity_drop(reference: list[np.ndarray], names: list[str], model: onnx.ModelProto,
-                  calib: Calibration, decisions: Sequence[tuple[int, int]] = ()
-                  ) -> tuple[float, float]:
-    """(drop, relative output error) of ``model`` against the float outputs ``reference``.
-
-    The drop is 1 - the share of samples whose decisions are all kept, for the float model's
-    ``decisions`` (see :func:`verify.decision_outputs`: a classifier's top-1, a recognizer's
-    character at every step); with none, 1 - top-1 agreement for a classifier-like output
-    (2-D, several classes), else the relative L2 error of the outputs. Run with ONNX Runtime's
-    optimizations, so the QDQ pattern is fused as it will be when deployed.
-    """
-    got = capture.run_model(model, calib, optimize=True)
-    fid = verify.compare_outputs(names, reference, got, decisions)
-    kept = fid.decision_agreement if fid.decision_agreement is not None else fid.top1_agreement
-    return (1.0 - kept if kept is not None else fid.rel_l2), fid.rel_l2
-
-
-def _subset(calib: Calibration, samples: int) -> Calibration:
-    """The first ``samples`` samples of ``calib`` (whole batches, the last one cut)."""
-    out: list[dict[str, np.ndarray]] = []
-    left = samples
-    for batch, size in zip(calib.batches, calib.batch_sizes(), strict=True):
-        if left <= 0:
-            break
-        out.append({k: v[:left] for k, v in batch.items()} if size > left else batch)
-        left -= size
-    return Calibration(out, calib.synthetic, f"{calib.source} (first {samples})")
-
-
 def _float_layers_for_drop(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibration,
                    ranges: dict[str, tuple[float, float]], quantized: onnx.ModelProto,
                    report: Report, notes: list[str]) -> tuple[onnx.ModelProto, Report]:
@@ -493,35 +463,26 @@ def _float_layers_for_drop(model: onnx.ModelProto, config: QuantizeConfig, calib
     ``SENSITIVITY_SAMPLES`` calibration samples). The count left in float is found by
     doubling, then bisection; each count is judged on up to ``DROP_SAMPLES`` samples.
     """
-    check = _subset(calib, DROP_SAMPLES)
-    names = [o.name for o in model.graph.output]
-    reference = capture.run_model(model, check, optimize=True)
-    decisions = verify.calibrated_decisions(model, calib)
-    drop, _ = fidelity_drop(reference, names, quantized, check, decisions)
+    reference = fidelity.Reference.of(model, calib.first(DROP_SAMPLES))
+    drop = fidelity.drop(reference.compare(quantized))
     report.metrics["drop_all_layers"] = round(drop, 5)
     if drop <= config.max_drop:
         report.metrics["drop"] = round(drop, 5)
         report.metrics["layers_left_in_float"] = 0
         return quantized, report
-    probe = _subset(check, SENSITIVITY_SAMPLES)
-    if all(r.ndim and r.shape[0] == check.num_samples for r in reference):
-        probe_ref = [r[:probe.num_samples] for r in reference]  # batch-first outputs
-    else:
-        probe_ref = capture.run_model(model, probe, optimize=True)
+    probe = reference.first(SENSITIVITY_SAMPLES)
     layers = [c.node for c in report.applied]
     sensitivity = {}
     for name in layers:
         alone, _ = _build_static(model, config, ranges, {n for n in layers if n != name})
-        sensitivity[name] = fidelity_drop(probe_ref, names, alone, probe)[1]
+        sensitivity[name] = probe.compare(alone).rel_l2
     ranked = sorted(layers, key=lambda n: -sensitivity[n])
     tried: dict[int, tuple[onnx.ModelProto, Report, float]] = {}
 
     def attempt(k: int) -> float:
         if k not in tried:
             m, r = _build_static(model, config, ranges, set(ranked[:k]), sensitivity)
-            tried[k] = (m, r, fidelity_drop(reference, names, m, check, decisions)[0]
-                        if r.applied
-                        else 0.0)
+            tried[k] = (m, r, fidelity.drop(reference.compare(m)) if r.applied else 0.0)
         return tried[k][2]
 
     # 0 layers in float is known to miss the bound; all of them in float meets it.
@@ -552,8 +513,8 @@ def _float_layers_for_drop(model: onnx.ModelProto, config: QuantizeConfig, calib
     else:
         best_report.notes.append(
             f"--max-drop {config.max_drop}: {good} most sensitive layer(s) left in float; "
-            f"drop {best_drop:.4f} on {check.num_samples} calibration samples (all layers: "
-            f"{drop:.4f})")
+            f"drop {best_drop:.4f} on {reference.calib.num_samples} calibration samples "
+            f"(all layers: {drop:.4f})")
     return best, best_report
 
 

@@ -215,15 +215,14 @@ def _sensitive_model():
 
 
 def test_max_drop_leaves_the_sensitive_layer_in_float():
-    from onnxcomp import capture
-    from onnxcomp.passes.quantize import fidelity_drop
+    from onnxcomp import fidelity
 
     model, calib = _sensitive_model()
     config = QuantizeConfig(calibrator="minmax", min_params=0, max_drop=math.inf)
     everything = quantize(model, config, calib)
     assert not everything.report.warnings  # no bound, nothing to say
-    ref = capture.run_model(model, calib)
-    drop_all, _ = fidelity_drop(ref, ["y"], everything.model, calib)
+    ref = fidelity.Reference.of(model, calib)
+    drop_all = fidelity.drop(ref.compare(everything.model))
     assert drop_all > 0.2  # all layers quantized: far off
     result = quantize(model, QuantizeConfig(calibrator="minmax", min_params=0, max_drop=0.05),
                       calib)
@@ -231,7 +230,7 @@ def test_max_drop_leaves_the_sensitive_layer_in_float():
     assert [(s.node, s.reason) for s in result.report.skipped] == [
         ("c1", SkipReason.ERROR_TOO_HIGH)]
     assert result.report.metrics["layers_left_in_float"] == 1
-    drop, _ = fidelity_drop(ref, ["y"], result.model, calib)
+    drop = fidelity.drop(ref.compare(result.model))
     assert drop <= 0.05
     assert result.report.metrics["drop"] == pytest.approx(drop, abs=1e-4)
     assert result.report.applied[0].details["sensitivity"] < 0.05
@@ -482,17 +481,18 @@ def _softmax_conv(w):
 def test_drop_counts_kept_decisions_of_a_softmax_output():
     """A per-pixel softmax (4-D, not a 2-D classifier): the drop is the share of samples
     with a changed decision, not the relative error."""
-    from onnxcomp import capture, verify
-    from onnxcomp.passes.quantize import fidelity_drop
+    from onnxcomp import fidelity, verify
 
     w = np.random.default_rng(3).standard_normal([6, 4, 3, 3]).astype(np.float32)
     model = _softmax_conv(w)
     decisions = verify.decision_outputs(model)
     assert decisions == [(0, 1)]
     calib = calibration(model)
-    ref = capture.run_model(model, calib)
+    ref = fidelity.Reference.of(model, calib)
+    assert ref.decisions == decisions
     scaled = _softmax_conv(w * 1.02)  # the same argmax at every pixel
-    drop, rel = fidelity_drop(ref, ["p"], scaled, calib, decisions)
-    assert rel > 1e-3 and drop == 0.0
-    assert fidelity_drop(ref, ["p"], scaled, calib)[0] == pytest.approx(rel)
-    assert fidelity_drop(ref, ["p"], _softmax_conv(-w), calib, decisions)[0] == 1.0
+    fid = ref.compare(scaled)
+    assert fid.rel_l2 > 1e-3 and fidelity.drop(fid) == 0.0
+    no_decisions = fidelity.Reference(model, calib, ref.names, ref.outputs, [])
+    assert fidelity.drop(no_decisions.compare(scaled)) == pytest.approx(fid.rel_l2)
+    assert fidelity.drop(ref.compare(_softmax_conv(-w))) == 1.0
