@@ -44,6 +44,10 @@ CASES: dict[str, tuple[str, int, list[tuple[str, dict]]]] = {
     "det_ksc": ("ppocrv4_det", 64, [("kernel_sharing", {"groups": "auto",
                                                         "target_speedup": 1.3})]),
     "det_dws": ("ppocrv4_det", 64, [("depthwise_separable", {"target_speedup": 1.3})]),
+    "vgg16bn_cp": ("vgg16bn", 16, [("fold_bn", {}), ("cp", {"rank": "auto",
+                                                             "target_speedup": 2.0})]),
+    "vgg16bn_svd": ("vgg16bn", 16, [("fold_bn", {}), ("svd", {"rank": "auto",
+                                                               "target_speedup": 2.0})]),
     "vgg8_cp": ("vgg:8", 16, [("cp", {"rank": 0.5})]),
     "vgg16_cp": ("vgg:16", 16, [("cp", {"rank": 0.5})]),
     "vgg32_cp": ("vgg:32", 16, [("cp", {"rank": 0.5})]),
@@ -121,6 +125,46 @@ def vgg_model(convs: int, width: int = 64, size: int = 64):
                    .astype(np.float32)}
 
 
+def vgg16bn_model(size: int = 224):
+    """VGG16-BN's 13 convs (64-512 channels, BN, Relu, 5 MaxPools) at ``size``: ~15 GMACs.
+
+    Random weights (speed does not depend on them); BN statistics random but sane.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(16)
+    cfg = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
+    nodes, inits = [], []
+    x, c = "x", 3
+    for i, v in enumerate(cfg):
+        if v == "M":
+            nodes.append(helper.make_node("MaxPool", [x], [f"p{i}"], kernel_shape=[2, 2],
+                                          strides=[2, 2]))
+            x = f"p{i}"
+            continue
+        w = (rng.standard_normal((v, c, 3, 3)) * np.sqrt(2 / (9 * c))).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"),
+                  numpy_helper.from_array(rng.uniform(0.5, 1.5, v).astype(np.float32), f"g{i}"),
+                  numpy_helper.from_array((0.1 * rng.standard_normal(v)).astype(np.float32),
+                                          f"b{i}"),
+                  numpy_helper.from_array((0.1 * rng.standard_normal(v)).astype(np.float32),
+                                          f"m{i}"),
+                  numpy_helper.from_array(rng.uniform(0.5, 2.0, v).astype(np.float32), f"v{i}")]
+        nodes += [helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], name=f"conv{i}",
+                                   pads=[1] * 4),
+                  helper.make_node("BatchNormalization", [f"c{i}", f"g{i}", f"b{i}", f"m{i}",
+                                                          f"v{i}"], [f"n{i}"], name=f"bn{i}"),
+                  helper.make_node("Relu", [f"n{i}"], [f"r{i}"], name=f"relu{i}")]
+        x, c = f"r{i}", v
+    graph = helper.make_graph(nodes, "vgg16bn", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, ["n", 3, size, size])], [helper.make_tensor_value_info(
+            x, TensorProto.FLOAT, ["n", 512, size // 16, size // 16])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model, {"x": np.random.default_rng(1).uniform(0, 1, (16, 3, size, size))
+                   .astype(np.float32)}
+
+
 def phases(cumulative: dict[str, float], wall: float) -> dict[str, float]:
     """Seconds per phase: the largest cumulative time among each phase's functions."""
     out = {}
@@ -136,7 +180,10 @@ def prepare(case: str, tmp: Path) -> Path:
     from common import fixed_batch
 
     source, samples, steps = CASES[case]
-    if source.startswith("vgg:"):
+    if source == "vgg16bn":
+        model, inputs = vgg16bn_model()
+        batch = 4
+    elif source.startswith("vgg:"):
         model, inputs = vgg_model(int(source.split(":")[1]))
         batch = 8
     else:

@@ -34,12 +34,12 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import onnx
 
-from onnxcomp import calibration, measure
+from onnxcomp import measure
 from onnxcomp.allocate import LayerChoice, Option, Probes, allocate, realized
 from onnxcomp.calibration import Calibration
 from onnxcomp.chain import build_chain
@@ -57,6 +57,7 @@ from onnxcomp.moments import Moments, collect_compressed, collect_original, inpu
 from onnxcomp.passbase import (
     Change,
     ConfigError,
+    PassBase,
     PassConfig,
     PassError,
     PassResult,
@@ -260,8 +261,7 @@ def run_decomposition(
     """Decompose ``model``'s layers with ``method`` per ``config``; see the module docstring."""
     start = time.perf_counter()
     report = Report(pass_name)
-    if calib is None:
-        calib = calibration.synthetic_calibration(model, num_samples=8)
+    assert calib is not None  # PassBase gives synthetic inputs without --calib
     if calib.synthetic:
         report.notes.append("synthetic calibration: ranks and refits come from random inputs "
                             "(weights alone); give --calib for meaningful results")
@@ -435,23 +435,23 @@ def _build_streamed(
 
 
 # ============================================================================ pass wrapper
-class DecompositionPass:
+class DecompositionPass(PassBase):
     """A pass object around a :class:`Method` (subclasses set name and method)."""
 
-    name: str = ""
-    lossless: bool = False
-    config_cls: type[PassConfig] = LowRankConfig
+    name: ClassVar[str] = ""
+    lossless: ClassVar[bool] = False
+    config_cls: ClassVar[type[PassConfig]] = LowRankConfig
+    uses_calibration: ClassVar[bool] = True
     method_cls: Callable[[], Any]  # a Method class
 
-    def __call__(self, model: onnx.ModelProto, config: PassConfig,
-                 calib: Calibration | None = None) -> PassResult:
+    def call(self, model: onnx.ModelProto, config: PassConfig, calib: Calibration | None
+             ) -> PassResult:
         """Decompose ``model``'s layers; see :func:`run_decomposition`.
 
         A fresh method object per call: caches (e.g. CP warm starts) never outlive a run, so
         the same inputs give the same bytes.
         """
-        if not isinstance(config, LowRankConfig):
-            raise ConfigError(f"{self.name} needs a LowRankConfig")
+        assert isinstance(config, LowRankConfig)
         return run_decomposition(self.method_for(config), model, config, calib, self.name)
 
     def method_for(self, config: LowRankConfig) -> Any:

@@ -23,6 +23,7 @@ import onnx_graphsurgeon as gs
 
 from onnxcomp import model as model_io
 from onnxcomp.errors import PassError
+from onnxcomp.passbase import PROVENANCE_KEY
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ Tensor = gs.Tensor
 Constant = gs.Constant
 Variable = gs.Variable
 
-PROVENANCE_PASS = "onnxcomp.pass"
+PROVENANCE_PASS = PROVENANCE_KEY  # the key passbase.PassBase.ensures checks
 PROVENANCE_ORIGIN = "onnxcomp.origin"
 # NodeProto.metadata_props exists from IR version 10 on; older models get doc_string only.
 NODE_METADATA_IR = 10

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 from onnxcomp.errors import (  # noqa: F401 - the pass contract names its errors
     ConfigError,
@@ -190,6 +190,10 @@ class PassConfig:
 
 
 C = TypeVar("C", bound=PassConfig, contravariant=True)
+CC = TypeVar("CC", bound=PassConfig)
+# Node provenance (see graph.py, which writes it) and warning codes the base class uses.
+PROVENANCE_KEY = "onnxcomp.pass"
+SYNTHETIC_CALIBRATION = "synthetic_calibration"
 
 
 class Pass(Protocol[C]):
@@ -204,3 +208,71 @@ class Pass(Protocol[C]):
     ) -> PassResult:
         """Rewrite a copy of ``model``; never mutate ``model``."""
         ...
+
+
+SYNTHETIC_NOTE = ("synthetic calibration: refits, ranges and errors come from random inputs "
+                  "(weights alone); give --calib for meaningful results")
+
+
+class PassBase(Generic[CC]):
+    """The base of every pass: ``__call__`` enforces the contract, passes implement ``call``.
+
+    (After onnx-ir's PassBase.) ``__call__`` checks the config's type, runs :meth:`requires`
+    (raise :class:`PreconditionError` before any work), gives passes that read calibration
+    data synthetic inputs when there are none (and says so), runs :meth:`call` and checks
+    :meth:`ensures`: a new model object, every node the pass created tagged with its name.
+    """
+
+    name: ClassVar[str]
+    lossless: ClassVar[bool]
+    config_cls: ClassVar[type[PassConfig]]
+    # Passes whose rewrite reads calibration data (refits, ranges, sensitivity).
+    uses_calibration: ClassVar[bool] = False
+    # A pass that rewrites ops through a converter it does not control (opset) cannot tag.
+    tags_new_nodes: ClassVar[bool] = True
+
+    def __call__(self, model: onnx.ModelProto, config: CC, calib: Calibration | None = None
+                 ) -> PassResult:
+        """Rewrite a copy of ``model``; never mutate ``model``."""
+        if not isinstance(config, self.config_cls):
+            raise ConfigError(f"{self.name} needs a {self.config_cls.__name__}, got "
+                              f"{type(config).__name__}")
+        self.requires(model, config)
+        synthetic = False
+        if self.uses_calibration and (calib is None or calib.synthetic):
+            if calib is None:
+                from onnxcomp.calibration import synthetic_calibration
+
+                calib = synthetic_calibration(model, num_samples=8)
+            synthetic = True
+        result = self.call(model, config, calib)
+        if synthetic:
+            result.report.metrics[SYNTHETIC_CALIBRATION] = True
+            if not any("synthetic" in n for n in result.report.notes):
+                result.report.notes.append(SYNTHETIC_NOTE)
+        self.ensures(model, result)
+        return result
+
+    def requires(self, model: onnx.ModelProto, config: CC) -> None:
+        """Raise :class:`PreconditionError` when the model as a whole is not supported."""
+
+    def call(self, model: onnx.ModelProto, config: CC, calib: Calibration | None
+             ) -> PassResult:
+        """The rewrite itself (on a copy; ``calib`` is synthetic when the user gave none)."""
+        raise NotImplementedError
+
+    def ensures(self, before: onnx.ModelProto, result: PassResult) -> None:
+        """Raise :class:`PassError` when the result breaks the contract."""
+        if result.model is before:
+            raise PassError(f"pass '{self.name}' returned its input model object")
+        if not self.tags_new_nodes:
+            return
+        old = {n.name for n in before.graph.node}
+        tag = f"{PROVENANCE_KEY}={self.name}"
+        untagged = [n.name or n.op_type for n in result.model.graph.node
+                    if n.name not in old and tag not in n.doc_string
+                    and not any(p.key == PROVENANCE_KEY and p.value == self.name
+                                for p in n.metadata_props)]
+        if untagged:
+            raise PassError(f"pass '{self.name}' created nodes without its provenance tag: "
+                            f"{', '.join(untagged[:5])}")

@@ -45,7 +45,7 @@ import onnx
 
 from onnxcomp.graph import Graph, Node, Tensor
 from onnxcomp.model import copy_model
-from onnxcomp.passbase import Change, PassConfig, PassResult, Report, Skip, SkipReason
+from onnxcomp.passbase import Change, PassBase, PassConfig, PassResult, Report, Skip, SkipReason
 
 if TYPE_CHECKING:
     from onnxcomp.calibration import Calibration
@@ -61,15 +61,15 @@ class CanonicalizeConfig(PassConfig):
     fold_pad: bool = True
 
 
-class Canonicalize:
+class Canonicalize(PassBase):
     """Constants to initializers, no-op removal, Pad folded into Conv."""
 
     name: ClassVar[str] = "canonicalize"
     lossless: ClassVar[bool] = True
     config_cls: ClassVar[type[PassConfig]] = CanonicalizeConfig
 
-    def __call__(
-        self, model: onnx.ModelProto, config: PassConfig, calib: Calibration | None = None
+    def call(
+        self, model: onnx.ModelProto, config: PassConfig, calib: Calibration | None
     ) -> PassResult:
         """Return a canonicalized copy of ``model``."""
         assert isinstance(config, CanonicalizeConfig)

@@ -157,9 +157,9 @@ class CPMethod:
 class CP(DecompositionPass):
     """The ``cp`` pass."""
 
-    name: ClassVar[str] = "cp"  # type: ignore[misc]
-    lossless: ClassVar[bool] = False  # type: ignore[misc]
-    config_cls: ClassVar[type[PassConfig]] = LowRankConfig  # type: ignore[misc]
+    name: ClassVar[str] = "cp"
+    lossless: ClassVar[bool] = False
+    config_cls: ClassVar[type[PassConfig]] = LowRankConfig
     method_cls = CPMethod
 
 

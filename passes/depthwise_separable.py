@@ -145,9 +145,9 @@ class SeparableMethod:
 class DepthwiseSeparable(DecompositionPass):
     """The ``depthwise_separable`` pass."""
 
-    name: ClassVar[str] = "depthwise_separable"  # type: ignore[misc]
-    lossless: ClassVar[bool] = False  # type: ignore[misc]
-    config_cls: ClassVar[type[PassConfig]] = SeparableConfig  # type: ignore[misc]
+    name: ClassVar[str] = "depthwise_separable"
+    lossless: ClassVar[bool] = False
+    config_cls: ClassVar[type[PassConfig]] = SeparableConfig
     method_cls = SeparableMethod
 
     def method_for(self, config: LowRankConfig) -> SeparableMethod:

@@ -33,11 +33,11 @@ import numpy as np
 import onnx
 
 from onnxcomp import capture
-from onnxcomp.calibration import Calibration, synthetic_calibration
+from onnxcomp.calibration import Calibration
 from onnxcomp.graph import Graph
 from onnxcomp.linear import own_float_weight
 from onnxcomp.model import copy_model
-from onnxcomp.passbase import Change, PassConfig, PassResult, Report, Skip, SkipReason
+from onnxcomp.passbase import Change, PassBase, PassConfig, PassResult, Report, Skip, SkipReason
 
 # Pairs whose smallest live channel range is above this share of the largest are left alone.
 EVEN_ENOUGH = 0.5
@@ -51,15 +51,16 @@ class EqualizeConfig(PassConfig):
     exclude: tuple[str, ...] = ()
 
 
-class Equalize:
+class Equalize(PassBase):
     """The ``equalize`` pass."""
 
     name: ClassVar[str] = "equalize"
     lossless: ClassVar[bool] = True
     config_cls: ClassVar[type[PassConfig]] = EqualizeConfig
+    uses_calibration: ClassVar[bool] = True
 
-    def __call__(self, model: onnx.ModelProto, config: PassConfig,
-                 calib: Calibration | None = None) -> PassResult:
+    def call(self, model: onnx.ModelProto, config: PassConfig,
+                 calib: Calibration | None) -> PassResult:
         """Equalize every linear conv pair of a copy of ``model``."""
         assert isinstance(config, EqualizeConfig)
         report = Report(self.name)
@@ -68,9 +69,7 @@ class Equalize:
         if not pairs:
             report.notes.append("no Conv -> Conv pair with nothing between")
             return PassResult(copy_model(model), report)
-        if calib is None:
-            calib = synthetic_calibration(model, num_samples=8)
-            report.notes.append("synthetic calibration: ranges come from random inputs")
+        assert calib is not None  # PassBase gives synthetic inputs without --calib
         amax = _channel_ranges(model, [a.outputs[0].name for a, _, _ in pairs], calib)
         for a, b, depthwise in pairs:
             r = amax[a.outputs[0].name]

@@ -47,7 +47,7 @@ import onnx
 
 from onnxcomp.graph import Graph, Node, attr_ints
 from onnxcomp.model import copy_model
-from onnxcomp.passbase import Change, PassConfig, PassResult, Report, Skip, SkipReason
+from onnxcomp.passbase import Change, PassBase, PassConfig, PassResult, Report, Skip, SkipReason
 
 if TYPE_CHECKING:
     from onnxcomp.calibration import Calibration
@@ -62,15 +62,15 @@ class FoldAffineConfig(PassConfig):
     batchnorm: bool = True  # unfoldable affine chains next to a Conv -> one BatchNormalization
 
 
-class FoldAffine:
+class FoldAffine(PassBase):
     """Fold constant Mul/Add nodes into the Conv before or after them."""
 
     name: ClassVar[str] = "fold_affine"
     lossless: ClassVar[bool] = True
     config_cls: ClassVar[type[PassConfig]] = FoldAffineConfig
 
-    def __call__(
-        self, model: onnx.ModelProto, config: PassConfig, calib: Calibration | None = None
+    def call(
+        self, model: onnx.ModelProto, config: PassConfig, calib: Calibration | None
     ) -> PassResult:
         """Return a new model with every foldable constant Mul/Add folded."""
         graph = Graph(model)

@@ -33,7 +33,7 @@ import onnx
 
 from onnxcomp.graph import Graph, Node
 from onnxcomp.model import copy_model
-from onnxcomp.passbase import Change, PassConfig, PassResult, Report, Skip, SkipReason
+from onnxcomp.passbase import Change, PassBase, PassConfig, PassResult, Report, Skip, SkipReason
 
 FLOAT_TYPES = (np.float16, np.float32, np.float64)
 PRODUCERS = ("Conv", "ConvTranspose", "Gemm")
@@ -47,15 +47,15 @@ class FoldBNConfig(PassConfig):
     """fold_bn has no options."""
 
 
-class FoldBN:
+class FoldBN(PassBase):
     """Fold inference-mode BatchNormalization into its producer."""
 
     name: ClassVar[str] = "fold_bn"
     lossless: ClassVar[bool] = True
     config_cls: ClassVar[type[PassConfig]] = FoldBNConfig
 
-    def __call__(
-        self, model: onnx.ModelProto, config: PassConfig, calib: Calibration | None = None
+    def call(
+        self, model: onnx.ModelProto, config: PassConfig, calib: Calibration | None
     ) -> PassResult:
         """Return a new model with every foldable BatchNormalization folded."""
         graph = Graph(model)

@@ -106,9 +106,9 @@ class KernelSharingMethod:
 class KernelSharing(DecompositionPass):
     """The ``kernel_sharing`` pass."""
 
-    name: ClassVar[str] = "kernel_sharing"  # type: ignore[misc]
-    lossless: ClassVar[bool] = False  # type: ignore[misc]
-    config_cls: ClassVar[type[PassConfig]] = KernelSharingConfig  # type: ignore[misc]
+    name: ClassVar[str] = "kernel_sharing"
+    lossless: ClassVar[bool] = False
+    config_cls: ClassVar[type[PassConfig]] = KernelSharingConfig
     method_cls = KernelSharingMethod
 
 

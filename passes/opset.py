@@ -25,7 +25,7 @@ from onnx import version_converter
 from onnxcomp.calibration import Calibration
 from onnxcomp.errors import ConfigError
 from onnxcomp.model import check_model, copy_model, default_opset
-from onnxcomp.passbase import Change, PassConfig, PassResult, Report, Skip, SkipReason
+from onnxcomp.passbase import Change, PassBase, PassConfig, PassResult, Report, Skip, SkipReason
 
 # The oldest and newest opsets this pass converts to (the converter's own range is wider).
 MIN_TARGET, MAX_TARGET = 11, 21
@@ -53,15 +53,16 @@ def convert(model: onnx.ModelProto, target: int) -> onnx.ModelProto | str:
     return out
 
 
-class Opset:
+class Opset(PassBase):
     """The ``opset`` pass."""
 
     name: ClassVar[str] = "opset"
     lossless: ClassVar[bool] = True
     config_cls: ClassVar[type[PassConfig]] = OpsetConfig
+    tags_new_nodes: ClassVar[bool] = False  # the converter rewrites ops
 
-    def __call__(self, model: onnx.ModelProto, config: PassConfig,
-                 calib: Calibration | None = None) -> PassResult:
+    def call(self, model: onnx.ModelProto, config: PassConfig,
+                 calib: Calibration | None) -> PassResult:
         """A copy of ``model`` at ``config.target_opset``."""
         assert isinstance(config, OpsetConfig)
         report = Report(self.name)

@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx
 
-from onnxcomp import bench, calibration, capture, cost, depgraph, search
+from onnxcomp import bench, capture, cost, depgraph, search
 from onnxcomp.calibration import Calibration
 from onnxcomp.chain import write_linear
 from onnxcomp.depgraph import DepGraph, Group
@@ -48,6 +48,7 @@ from onnxcomp.moments import Moments, collect_compressed, collect_original
 from onnxcomp.passbase import (
     Change,
     ConfigError,
+    PassBase,
     PassConfig,
     PassResult,
     Report,
@@ -117,21 +118,21 @@ class _Prepared:
     targets: dict[str, list[np.ndarray]]  # sampled original output rows per consumer
 
 
-class PruneChannels:
+class PruneChannels(PassBase):
     """The ``prune_channels`` pass."""
 
     name: ClassVar[str] = "prune_channels"
     lossless: ClassVar[bool] = False
     config_cls: ClassVar[type[PassConfig]] = PruneConfig
+    uses_calibration: ClassVar[bool] = True
 
-    def __call__(self, model: onnx.ModelProto, config: PassConfig,
-                 calib: Calibration | None = None) -> PassResult:
+    def call(self, model: onnx.ModelProto, config: PassConfig,
+                 calib: Calibration | None) -> PassResult:
         """Prune a copy of ``model``; see the module docstring."""
         if not isinstance(config, PruneConfig):
             raise ConfigError("prune_channels needs a PruneConfig")
         report = Report(self.name)
-        if calib is None:
-            calib = calibration.synthetic_calibration(model, num_samples=8)
+        assert calib is not None  # PassBase gives synthetic inputs without --calib
         if calib.synthetic:
             report.notes.append("synthetic calibration: refits and activation scores come "
                                 "from random inputs; give --calib")

@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx
 
-from onnxcomp import bench, calibration, capture, cost, search, verify
+from onnxcomp import bench, capture, cost, search, verify
 from onnxcomp.calibration import Calibration
 from onnxcomp.chain import write_linear
 from onnxcomp.graph import Graph
@@ -39,6 +39,7 @@ from onnxcomp.moments import collect_compressed, collect_original
 from onnxcomp.passbase import (
     Change,
     ConfigError,
+    PassBase,
     PassConfig,
     PassResult,
     Report,
@@ -99,21 +100,21 @@ class Unit:
     out: str
 
 
-class PruneLayers:
+class PruneLayers(PassBase):
     """The ``prune_layers`` pass."""
 
     name: ClassVar[str] = "prune_layers"
     lossless: ClassVar[bool] = False
     config_cls: ClassVar[type[PassConfig]] = PruneLayersConfig
+    uses_calibration: ClassVar[bool] = True
 
-    def __call__(self, model: onnx.ModelProto, config: PassConfig,
-                 calib: Calibration | None = None) -> PassResult:
+    def call(self, model: onnx.ModelProto, config: PassConfig,
+                 calib: Calibration | None) -> PassResult:
         """Remove the least important units of a copy of ``model``."""
         if not isinstance(config, PruneLayersConfig):
             raise ConfigError("prune_layers needs a PruneLayersConfig")
         report = Report(self.name)
-        if calib is None:
-            calib = calibration.synthetic_calibration(model, num_samples=8)
+        assert calib is not None  # PassBase gives synthetic inputs without --calib
         if calib.synthetic:
             report.notes.append("synthetic calibration: importances and refits come from "
                                 "random inputs; give --calib")

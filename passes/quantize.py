@@ -62,6 +62,7 @@ from onnxcomp.passbase import (
     Change,
     ConfigError,
     InputError,
+    PassBase,
     PassConfig,
     PassResult,
     Report,
@@ -165,15 +166,15 @@ def _cpu_has_vnni() -> bool:
     return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
-class Quantize:
+class Quantize(PassBase):
     """The ``quantize`` pass."""
 
     name: ClassVar[str] = "quantize"
     lossless: ClassVar[bool] = False
     config_cls: ClassVar[type[PassConfig]] = QuantizeConfig
 
-    def __call__(self, model: onnx.ModelProto, config: PassConfig,
-                 calib: Calibration | None = None) -> PassResult:
+    def call(self, model: onnx.ModelProto, config: PassConfig,
+                 calib: Calibration | None) -> PassResult:
         """Quantize the constant weights (and, static, the activations) of a copy of ``model``."""
         if not isinstance(config, QuantizeConfig):
             raise ConfigError("quantize needs a QuantizeConfig")

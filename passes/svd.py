@@ -169,9 +169,9 @@ class SVDMethod:
 class SVD(DecompositionPass):
     """The ``svd`` pass."""
 
-    name: ClassVar[str] = "svd"  # type: ignore[misc]
-    lossless: ClassVar[bool] = False  # type: ignore[misc]
-    config_cls: ClassVar[type[PassConfig]] = LowRankConfig  # type: ignore[misc]
+    name: ClassVar[str] = "svd"
+    lossless: ClassVar[bool] = False
+    config_cls: ClassVar[type[PassConfig]] = LowRankConfig
     method_cls = SVDMethod
 
 

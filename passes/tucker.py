@@ -123,9 +123,9 @@ class TuckerMethod:
 class Tucker(DecompositionPass):
     """The ``tucker`` pass."""
 
-    name: ClassVar[str] = "tucker"  # type: ignore[misc]
-    lossless: ClassVar[bool] = False  # type: ignore[misc]
-    config_cls: ClassVar[type[PassConfig]] = LowRankConfig  # type: ignore[misc]
+    name: ClassVar[str] = "tucker"
+    lossless: ClassVar[bool] = False
+    config_cls: ClassVar[type[PassConfig]] = LowRankConfig
     method_cls = TuckerMethod
 
 
