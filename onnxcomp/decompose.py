@@ -67,11 +67,10 @@ from onnxcomp.passbase import (
 )
 from onnxcomp.refit import (
     REFIT_ROWS_PER_UNKNOWN,
+    ChainFit,
     optimism,
     plan_ab,
-    plan_error,
     refit_rows_needed,
-    refit_solution,
 )
 from onnxcomp.stream import LayerStream
 
@@ -220,15 +219,15 @@ class Method(Protocol):
 # ============================================================================ the driver
 
 
-def _option(layer: Layer, plan: Plan, m: Moments, model: onnx.ModelProto,
-            config: LowRankConfig) -> Option:
-    xx, _, _ = m.normalized()
-    raw = plan_error(layer, plan, plan_ab(layer, plan), xx, None, 0.0)
+def _option(layer: Layer, plan: Plan, fit: ChainFit, rows: int, config: LowRankConfig
+            ) -> Option:
+    """A rank option with its isolated errors (timed later by :func:`_measure_options`)."""
+    raw = fit.error(plan, plan_ab(layer, plan))
     err = raw
-    if config.refit and m.rows >= refit_rows_needed(plan):
-        ab = refit_solution(layer, plan, xx, None, config.ridge)
-        err = min(raw, plan_error(layer, plan, ab, xx, None, 0.0) * optimism(plan, m.rows))
-    return Option(plan, err, raw, 0.0, 0.0)  # timed by _measure_options
+    if config.refit and rows >= refit_rows_needed(plan):
+        ab = fit.refit(plan, config.ridge)
+        err = min(raw, fit.error(plan, ab) * optimism(plan, rows))
+    return Option(plan, err, raw, 0.0, 0.0)
 
 
 def _measure_options(layer: Layer, options: list[Option], model: onnx.ModelProto,
@@ -305,11 +304,12 @@ def run_decomposition(
         else:
             ranks_list = [method.fixed_rank(layer, config)]
         options = []
+        fit = ChainFit(layer, moments[i].normalized()[0])  # shared by the layer's options
         for ranks in ranks_list:
             plan = method.plan(layer, ranks, config)
             if plan.extra.get("degenerate"):
                 continue
-            options.append(_option(layer, plan, moments[i], model, config))
+            options.append(_option(layer, plan, fit, moments[i].rows, config))
         if config.latency_check:
             _measure_options(layer, options, model, config, cache)
         choices.append(LayerChoice(layer, i, options))
@@ -377,7 +377,7 @@ def _build_streamed(
         if progress:
             progress(f"{pass_name}: rewriting {layer.name}")
         m0 = moments[index]
-        xx0, _, yy0 = m0.normalized()
+        xx0 = m0.normalized()[0]
         raw_ab = plan_ab(layer, plan)
         refit_note = config.refit_mode if config.refit else "none"
         if config.refit and m0.rows < refit_rows_needed(plan):
@@ -386,18 +386,17 @@ def _build_streamed(
                           f"{config.max_rows} rows per layer)")
         if refit_note != config.refit_mode:
             ab = raw_ab
-            err_before = err_after = plan_error(layer, plan, ab, xx0, None, yy0)
-        elif config.refit_mode == "symmetric" or current is model:
-            ab = refit_solution(layer, plan, xx0, None, config.ridge)
-            err_before = plan_error(layer, plan, raw_ab, xx0, None, yy0)
-            err_after = plan_error(layer, plan, ab, xx0, None, yy0)
+            err_before = err_after = ChainFit(layer, xx0).error(plan, ab)
         else:
-            mc = collect_compressed(stream, current, index, layer, targets[index],
-                                    config.max_rows, config.seed)
-            xx, xy, yy = mc.normalized()
-            ab = refit_solution(layer, plan, xx, xy, config.ridge)
-            err_before = plan_error(layer, plan, raw_ab, xx, xy, yy)
-            err_after = plan_error(layer, plan, ab, xx, xy, yy)
+            if config.refit_mode == "symmetric" or current is model:
+                fit = ChainFit(layer, xx0)
+            else:
+                mc = collect_compressed(stream, current, index, layer, targets[index],
+                                        config.max_rows, config.seed)
+                xx, xy, yy = mc.normalized()
+                fit = ChainFit(layer, xx, xy, yy)
+            ab = fit.refit(plan, config.ridge)
+            err_before, err_after = fit.error(plan, raw_ab), fit.error(plan, ab)
         if not np.all(np.isfinite(ab)):
             raise PassError(f"refit of {layer.name} produced non-finite weights")
         expected = err_after
