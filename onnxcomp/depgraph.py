@@ -26,15 +26,7 @@ from typing import Any
 import numpy as np
 
 from onnxcomp.graph import Graph, Node
-
-UNARY = frozenset({
-    "Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu", "Tanh", "Elu", "Selu",
-    "Softplus", "Softsign", "Identity", "Dropout", "MaxPool", "AveragePool", "LpPool",
-    "GlobalAveragePool", "GlobalMaxPool", "Cast", "Neg", "Abs", "Sqrt", "Exp", "Erf", "Gelu",
-    "Mish", "Floor", "Ceil", "Round", "Sign", "Reciprocal", "ThresholdedRelu", "Celu", "Log",
-})
-BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Pow", "Sum"})
-PER_CHANNEL_PARAMS = {"BatchNormalization": (1, 2, 3, 4), "InstanceNormalization": (1, 2)}
+from onnxcomp.ops import BINARY, PER_CHANNEL_PARAMS, UNARY
 
 
 @dataclasses.dataclass

@@ -19,14 +19,11 @@ import onnx
 from onnxcomp import capture, cost
 from onnxcomp.calibration import Calibration
 from onnxcomp.graph import Graph, Node
+from onnxcomp.ops import FLOAT_TYPES
 from onnxcomp.passbase import Report, Skip, SkipReason
 
 log = logging.getLogger(__name__)
 
-FLOAT_TYPES = (np.float16, np.float32, np.float64)
-
-
-FLOAT_TYPES = (np.float16, np.float32, np.float64)
 
 
 @dataclasses.dataclass(frozen=True)

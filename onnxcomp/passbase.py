@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections import Counter
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
@@ -268,11 +269,18 @@ class PassBase(Generic[CC]):
         if not self.tags_new_nodes:
             return
         old = {n.name for n in before.graph.node}
+        # Unnamed nodes of the input come back named (the export names them): not new.
+        unnamed = Counter(n.op_type for n in before.graph.node if not n.name)
         tag = f"{PROVENANCE_KEY}={self.name}"
-        untagged = [n.name or n.op_type for n in result.model.graph.node
-                    if n.name not in old and tag not in n.doc_string
-                    and not any(p.key == PROVENANCE_KEY and p.value == self.name
-                                for p in n.metadata_props)]
+        untagged = []
+        for n in result.model.graph.node:
+            if n.name in old or tag in n.doc_string or any(
+                    p.key == PROVENANCE_KEY and p.value == self.name for p in n.metadata_props):
+                continue
+            if unnamed[n.op_type] > 0:
+                unnamed[n.op_type] -= 1
+                continue
+            untagged.append(n.name or n.op_type)
         if untagged:
             raise PassError(f"pass '{self.name}' created nodes without its provenance tag: "
                             f"{', '.join(untagged[:5])}")

@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxcomp import capture
 from onnxcomp.calibration import Calibration, synthetic_calibration
 from onnxcomp.graph import Graph
+from onnxcomp.ops import RANGE_KEEPING
 
 # Values kept per tensor for percentiles (a seeded subsample bounds the memory).
 PERCENTILE_VALUES = 1_000_000
@@ -26,9 +27,6 @@ INT4_OPSET = 21
 # Entropy calibrator: histogram bins of |x| and the stride of the threshold search.
 ENTROPY_BINS = 2048
 ENTROPY_STRIDE = 16
-# Ops whose output values are some of their input's values (moved or picked).
-RANGE_KEEPING = frozenset({"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze",
-                           "Unsqueeze", "Identity"})
 OPS = {"Conv": 0, "ConvTranspose": 1, "Gemm": None, "MatMul": 1}  # output-channel axis
 
 

@@ -11,6 +11,7 @@ import onnx
 
 from onnxcomp import model as model_io
 from onnxcomp.errors import PassError
+from onnxcomp.ops import DECISION_PASS_THROUGH
 
 if TYPE_CHECKING:
     from onnxcomp.calibration import Calibration
@@ -123,8 +124,6 @@ def compare_outputs(
                     decision_agreement(decisions, reference, candidate) if decisions else None)
 
 
-# Nodes a decision output may pass through after the layer that decides it.
-_PASS_THROUGH = frozenset({"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast"})
 
 
 def decision_outputs(model: onnx.ModelProto) -> list[tuple[int, int]]:
@@ -140,7 +139,7 @@ def decision_outputs(model: onnx.ModelProto) -> list[tuple[int, int]]:
 
     def source(name: str) -> onnx.NodeProto | None:
         node = producer.get(name)
-        while node is not None and node.op_type in _PASS_THROUGH and node.input:
+        while node is not None and node.op_type in DECISION_PASS_THROUGH and node.input:
             node = producer.get(node.input[0])
         return node
 

@@ -45,13 +45,12 @@ import onnx
 
 from onnxcomp.graph import Graph, Node, Tensor
 from onnxcomp.model import copy_model
+from onnxcomp.ops import FLOAT_TYPES, NOOP_CANDIDATES
 from onnxcomp.passbase import Change, PassBase, PassConfig, PassResult, Report, Skip, SkipReason
 
 if TYPE_CHECKING:
     from onnxcomp.calibration import Calibration
 
-NOOP_OPS = ("Identity", "Dropout", "Cast", "Transpose", "Pad")
-FLOAT_TYPES = (np.float16, np.float32, np.float64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +76,7 @@ class Canonicalize(PassBase):
         report = Report(self.name)
         for node in graph.nodes_of("Constant"):
             self._constant(graph, node, report)
-        for node in graph.nodes_of(*NOOP_OPS):
+        for node in graph.nodes_of(*sorted(NOOP_CANDIDATES)):
             if not node.outputs:  # retired earlier in this loop
                 continue
             if _is_noop(graph, node):

@@ -47,12 +47,12 @@ import onnx
 
 from onnxcomp.graph import Graph, Node, attr_ints
 from onnxcomp.model import copy_model
+from onnxcomp.ops import ACTIVATIONS, FLOAT_TYPES, NCHWC_OPS
 from onnxcomp.passbase import Change, PassBase, PassConfig, PassResult, Report, Skip, SkipReason
 
 if TYPE_CHECKING:
     from onnxcomp.calibration import Calibration
 
-FLOAT_TYPES = (np.float16, np.float32, np.float64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,11 +288,6 @@ def _affine(graph: Graph, node: Node) -> tuple[Node, np.ndarray, np.ndarray] | N
     return (x, vec, zeros) if node.op == "Mul" else (x, ones, vec)
 
 
-# Ops ONNX Runtime's CPU provider runs in its blocked layout (NCHWc), and activations it fuses
-# into a Conv there (HardSwish arrives as x * HardSigmoid(x) after canonicalize).
-LAYOUT_OPS = frozenset({"Conv", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"})
-ACTIVATIONS = frozenset({"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish",
-                         "Tanh"})
 
 
 def _through_activation(graph: Graph, node: Node | None) -> Node | None:
@@ -339,7 +334,7 @@ def _chains_to_batchnorm(graph: Graph, candidates: set[str]) -> list[Change]:
         if (before is not None and before.op == "Conv") or graph.is_graph_output(x):
             continue  # folding into that conv failed for a reason the report keeps
         neighbours = [_through_activation(graph, before)] + graph.consumers(y)
-        if not any(n is not None and n.op in LAYOUT_OPS for n in neighbours):
+        if not any(n is not None and n.op in NCHWC_OPS for n in neighbours):
             continue  # no conv layout to stay in: the Mul/Add nodes stay, with their reasons
         value = graph.const_value(next(t for t in chain[0].inputs if t is not x))
         assert value is not None

@@ -33,9 +33,9 @@ import onnx
 
 from onnxcomp.graph import Graph, Node
 from onnxcomp.model import copy_model
+from onnxcomp.ops import FLOAT_TYPES
 from onnxcomp.passbase import Change, PassBase, PassConfig, PassResult, Report, Skip, SkipReason
 
-FLOAT_TYPES = (np.float16, np.float32, np.float64)
 PRODUCERS = ("Conv", "ConvTranspose", "Gemm")
 
 if TYPE_CHECKING:

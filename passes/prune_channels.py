@@ -45,6 +45,7 @@ from onnxcomp.graph import Graph
 from onnxcomp.linear import Layer, batch1_shapes, make_layer, static_shapes
 from onnxcomp.model import copy_model
 from onnxcomp.moments import Moments, collect_compressed, collect_original
+from onnxcomp.ops import FOLLOWERS
 from onnxcomp.passbase import (
     Change,
     ConfigError,
@@ -67,8 +68,6 @@ MAX_GROUP_RATIO = 0.5
 # on the least fraction that is fast enough (each one a whole-model measurement).
 MAX_MACS_FRACTION = 0.9
 SPEED_STEPS = 7
-FOLLOWERS = frozenset({"BatchNormalization", "Relu", "Clip", "LeakyRelu", "HardSwish",
-                       "Sigmoid", "PRelu", "Identity"})
 
 
 @dataclasses.dataclass(frozen=True)

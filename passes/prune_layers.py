@@ -36,6 +36,7 @@ from onnxcomp.graph import Graph
 from onnxcomp.linear import Layer, batch1_shapes, make_layer, static_shapes
 from onnxcomp.model import copy_model
 from onnxcomp.moments import collect_compressed, collect_original
+from onnxcomp.ops import FOLLOWERS
 from onnxcomp.passbase import (
     Change,
     ConfigError,
@@ -57,8 +58,6 @@ REFIT_SCORING_UNITS = 24
 # six: -1.20 % test accuracy for one conv removed); at most this many layers per level.
 REFIT_DEPTH_FANOUT = 4
 REFIT_LEVELS = 3
-FOLLOWERS = frozenset({"BatchNormalization", "Relu", "Clip", "LeakyRelu", "HardSwish",
-                       "Sigmoid", "PRelu", "Identity", "Dropout"})
 
 
 @dataclasses.dataclass(frozen=True)

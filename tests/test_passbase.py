@@ -77,3 +77,14 @@ def test_synthetic_calibration_is_given_and_said():
 
 def test_every_registered_pass_stands_on_the_base():
     assert all(isinstance(p, PassBase) for p in REGISTRY.values())
+
+
+def test_unnamed_input_nodes_that_come_back_named_are_not_new():
+    from builders import conv_bn_model
+
+    model = conv_bn_model()
+    model.graph.node[2].name = ""  # the Relu
+    result = REGISTRY["fold_bn"](model, REGISTRY["fold_bn"].config_cls())
+    assert result.report.applied
+    relu = next(n for n in result.model.graph.node if n.op_type == "Relu")
+    assert relu.name  # named by the export, and no PassError
