@@ -31,7 +31,7 @@ unknown), the removed channels' mean contribution is folded into the bias instea
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -59,7 +59,6 @@ from onnxcomp.passbase import (
 from onnxcomp.refit import REFIT_ROWS_PER_UNKNOWN, shrunk_solve
 from onnxcomp.stream import LayerStream
 
-CRITERIA = ("l1", "l2", "bn_scale", "activation", "reconstruction")
 DEFAULT_RATIO = 0.3
 # Global allocation never removes more than this share of one group's channels: per-channel
 # importances ignore redundancy between channels, which removing many at once exposes.
@@ -213,49 +212,96 @@ def _macs_per_channel(model: onnx.ModelProto, graph: Graph, dep: DepGraph,
     return out
 
 
+@dataclasses.dataclass
+class _Scoring:
+    """What the importance scorers read; activation sums are captured once, for all groups."""
+
+    graph: Graph
+    dep: DepGraph
+    calib: Calibration
+    layers: dict[str, Layer]
+    moments: dict[str, Moments]
+    groups: list[Group]
+    _sums: dict[str, np.ndarray] | None = None
+
+    def producers(self, group: Group) -> list[Any]:
+        nodes = {n.name: n for n in self.graph.nodes}
+        return [nodes[name] for name in group.producers]
+
+    def activation_sums(self) -> dict[str, np.ndarray]:
+        """Per watched tensor (after each producer's BN/activations): sum of |x| per channel."""
+        if self._sums is None:
+            watch = list(dict.fromkeys(_after_followers(self.graph, n.outputs[0])
+                                       for g in self.groups for n in self.producers(g)))
+            sums: dict[str, np.ndarray] = {}
+            for batch in capture.iter_capture(self.graph.source, watch, self.calib):
+                for t, x in batch.items():
+                    axes = tuple(i for i in range(x.ndim) if i != 1)
+                    m = np.abs(x).astype(np.float64).sum(axis=axes)
+                    sums[t] = sums[t] + m if t in sums else m
+            self._sums = sums
+        return self._sums
+
+
+def _normalized(s: np.ndarray) -> np.ndarray:
+    return s / max(float(np.mean(s)), 1e-30)
+
+
+def _by_norm(p: int) -> Callable[[_Scoring, Group], np.ndarray | None]:
+    def score(sc: _Scoring, group: Group) -> np.ndarray:
+        return sum((_normalized(_filter_norms(sc.graph, n, p)) for n in sc.producers(group)),
+                   np.zeros(group.size))
+    return score
+
+
+def _by_bn_scale(sc: _Scoring, group: Group) -> np.ndarray | None:
+    """|gamma| of the BatchNormalization after each producer; None if one has none."""
+    found = [_bn_scale(sc.graph, n) for n in sc.producers(group)]
+    if any(s is None for s in found):
+        return None
+    return sum((_normalized(s) for s in found if s is not None), np.zeros(group.size))
+
+
+def _by_activation(sc: _Scoring, group: Group) -> np.ndarray:
+    sums = sc.activation_sums()
+    return sum((_normalized(sums[_after_followers(sc.graph, n.outputs[0])])
+                for n in sc.producers(group)), np.zeros(group.size))
+
+
+def _by_reconstruction(sc: _Scoring, group: Group) -> np.ndarray | None:
+    return _contributions(sc.dep, group.id, sc.layers, sc.moments)
+
+
+# --criterion: how each group's channels are ranked. A scorer returns None when it cannot
+# score a group (no BN to read, no refittable consumer): l2 is used there, and said.
+SCORERS: dict[str, Callable[[_Scoring, Group], np.ndarray | None]] = {
+    "l1": _by_norm(1),
+    "l2": _by_norm(2),
+    "bn_scale": _by_bn_scale,
+    "activation": _by_activation,
+    "reconstruction": _by_reconstruction,
+}
+CRITERIA = tuple(SCORERS)
+
+
 def _score(graph: Graph, dep: DepGraph, scores: dict[int, np.ndarray], config: PruneConfig,
            calib: Calibration, report: Report, layers: dict[str, Layer],
            moments: dict[str, Moments]) -> None:
-    nodes = {n.name: n for n in graph.nodes}
-    watch: dict[str, tuple[int, str]] = {}
+    groups = [g for g in dep.groups if g.id in scores]
+    sc = _Scoring(graph, dep, calib, layers, moments, groups)
+    scorer = SCORERS[config.criterion]
     fallback = 0
-    for group in dep.groups:
-        if group.id not in scores:
-            continue
-        if config.criterion == "reconstruction":
-            s = _contributions(dep, group.id, layers, moments)
-            if s is not None:
-                scores[group.id] += s
-                continue
+    for group in groups:
+        s = scorer(sc, group)
+        if s is None:
             fallback += 1
-        for name in group.producers:
-            node = nodes[name]
-            if config.criterion == "activation":
-                watch[_after_followers(graph, node.outputs[0])] = (group.id, name)
-                continue
-            s = None
-            if config.criterion == "bn_scale":
-                s = _bn_scale(graph, node)
-                fallback += s is None
-            if s is None:
-                s = _filter_norms(graph, node, 1 if config.criterion == "l1" else 2)
-            scores[group.id] += s / max(float(np.mean(s)), 1e-30)
-    if fallback and config.criterion == "bn_scale":
-        report.notes.append(f"bn_scale: {fallback} producer(s) have no BatchNormalization "
-                            f"after them (folded?): scored by l2 instead")
-    if fallback and config.criterion == "reconstruction":
-        report.notes.append(f"reconstruction: {fallback} group(s) feed no refittable "
-                            f"consumer: scored by l2 instead")
-    if watch:
-        sums = {t: np.zeros(0) for t in watch}
-        for batch in capture.iter_capture(graph.source, list(watch), calib):
-            for t, x in batch.items():
-                axes = tuple(i for i in range(x.ndim) if i != 1)
-                m = np.abs(x).astype(np.float64).sum(axis=axes)
-                sums[t] = m if sums[t].size == 0 else sums[t] + m
-        for t, (gid, _) in watch.items():
-            s = sums[t]
-            scores[gid] += s / max(float(np.mean(s)), 1e-30)
+            s = SCORERS["l2"](sc, group)
+            assert s is not None
+        scores[group.id] += s
+    if fallback:
+        report.notes.append(f"{config.criterion}: {fallback} group(s) could not be scored that "
+                            f"way (no BatchNormalization after a producer, or no refittable "
+                            f"consumer): scored by l2 instead")
 
 
 def _contributions(dep: DepGraph, group_id: int, layers: dict[str, Layer],
