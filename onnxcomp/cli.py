@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 from rich.console import Console
@@ -26,9 +28,24 @@ console = Console(stderr=False, width=None if sys.stdout.isatty() else 140)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 
 
-def _fail(message: str, code: int = 1) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    sys.exit(code)
+class CliError(click.ClickException):
+    """A one-line error with its exit code (1: bad input, 2: usage, 3: internal).
+
+    click's own UsageError prints the usage lines too; onnxcomp's rule is one line.
+    """
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = code
+
+    def show(self, file: Any = None) -> None:
+        """Print ``error: message`` on stderr."""
+        err_console.print(f"[bold red]error:[/] {self.message}", highlight=False,
+                          soft_wrap=True)
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    raise CliError(message, code)
 
 
 def _floats(text: str | None) -> tuple[float, ...] | None:
@@ -72,107 +89,60 @@ def calib_options(func: F) -> F:
     return func
 
 
+def _pass_fields() -> dict[str, tuple[dataclasses.Field[Any], Any, list[str]]]:
+    """Every pass config field made with :func:`onnxcomp.passbase.option`: (field, type, passes).
+
+    One source for an option: its config field (name, default, help in the metadata). A field
+    several passes share (``--exclude``, ``--target-speedup``) is one option.
+    """
+    from onnxcomp.passes import REGISTRY
+
+    fields: dict[str, tuple[dataclasses.Field[Any], Any, list[str]]] = {}
+    for name, pass_ in REGISTRY.items():
+        hints = typing.get_type_hints(pass_.config_cls)
+        for f in dataclasses.fields(pass_.config_cls):
+            if "help" not in f.metadata:
+                continue
+            if f.name in fields:
+                fields[f.name][2].append(name)
+            else:
+                fields[f.name] = (f, hints[f.name], [name])
+    return fields
+
+
+def _click_option(f: dataclasses.Field[Any], kind: Any) -> Callable[[F], F]:
+    """The click option of one config field; unset options leave the config's default."""
+    meta = f.metadata
+    decl = meta.get("flag") or f"--{f.name.replace('_', '-')}"
+    default = f.default
+    shown = "inf" if default == float("inf") else default
+    help_ = meta["help"] + ("" if default in (None, ()) else f" [default: {shown}]")
+    args = typing.get_args(kind)
+    base = next((a for a in args if a is not type(None)), kind) if args else kind
+    if base is bool or kind == (bool | None):
+        if meta.get("flag") is None:
+            decl = f"--{f.name.replace('_', '-')}/--no-{f.name.replace('_', '-')}"
+        return click.option(decl, f.name, default=None, help=help_)
+    if typing.get_origin(kind) is tuple:
+        return click.option(decl, f.name, multiple=True, metavar="NODE", help=help_)
+    if meta.get("choices"):
+        return click.option(decl, f.name, type=click.Choice(meta["choices"]), help=help_)
+    click_type = {int: int, float: float}.get(base, str) if kind != (str | int | float) else str
+    return click.option(decl, f.name, type=click_type, help=help_)
+
+
 # Parameters of `optimize` that configure passes (a recipe holds them instead).
-PASS_FLAGS = frozenset({
-    "no_fold_pad", "rank", "target_speedup", "target_macs", "max_error", "no_refit",
-    "refit_mode", "rank_multiple", "no_latency_check", "exclude", "seed", "groups", "weighted",
-    "depth_multiplier", "share_groups", "ratio", "criterion", "round_to", "layers",
-    "min_realized", "min_agreement", "sensitivity", "cp_depthwise", "basis", "mode",
-    "calibrator", "max_drop", "activations", "reduce_range", "bits",
-})
+PASS_FLAGS = frozenset({*_pass_fields(), "groups", "depth_multiplier"})
 LOWRANK = ("cp", "tucker", "svd", "kernel_sharing", "depthwise_separable")
 
 
-def lowrank_options(func: F) -> F:
-    """Options of the decomposition passes (cp, tucker, svd)."""
-    options = [
-        click.option("--rank", default="auto", show_default=True,
-                     help="auto, an absolute rank N, or a fraction 0<f<1 of the break-even "
-                          "rank."),
-        click.option("--target-speedup", type=float,
-                     help="auto, prune_*: measured ORT speedup of the output model over IN.onnx "
-                          "(what earlier passes of the run bring counts)."),
-        click.option("--target-macs", type=float,
-                     help="auto: fraction of IN.onnx's MACs to keep."),
-        click.option("--max-error", type=float,
-                     help="auto: bound on the relative error of the model's outputs."),
-        click.option("--no-refit", is_flag=True, help="Keep the raw decomposition (no refit)."),
-        click.option("--refit-mode", type=click.Choice(["asymmetric", "symmetric"]),
-                     default="asymmetric", show_default=True),
-        click.option("--rank-multiple", type=click.IntRange(min=1), default=8,
-                     show_default=True, help="Round ranks to multiples of this."),
-        click.option("--no-latency-check", is_flag=True,
-                     help="Rewrite layers even when not measured faster."),
-        click.option("--min-realized", type=click.FloatRange(0, 1),
-                     help="--rank auto: use only chains whose measured speedup is at least "
-                          "this share of their MAC reduction (default 0.8). Measured in "
-                          "context: what a one-layer model pays at its edges (layout "
-                          "conversions, per-run overhead) is taken off both timings."),
-        click.option("--min-agreement", type=click.FloatRange(0, 1),
-                     help="--rank auto: keep at least this share of the calibration samples' "
-                          "decisions (argmax of a softmax or logits output, at every "
-                          "position) unchanged, with or without a target (default 0.97; 0: "
-                          "off). Models with no such output are not bound by it."),
-        click.option("--sensitivity/--no-sensitivity", default=True, show_default=True,
-                     help="--rank auto: weight each layer's error by how much of it reaches "
-                          "the model's outputs (measured, one probe run per layer on 8-32 "
-                          "calibration samples)."),
-        click.option("--cp-depthwise", type=click.Choice(["separate", "merged", "auto"]),
-                     help="cp: the chain's spatial stages as depthwise kx1 then 1xk "
-                          "(separate: the classic 4-layer chain), as one depthwise kxk of "
-                          "rank-one kernels (merged: the same CP model, measured 5-25 % faster "
-                          "for 3x3 here, slower or level for 5x5 and 7x7), or merged for "
-                          "kernels of at most 9 taps (auto, the default)."),
-        click.option("--basis", type=click.Choice(["data", "weights"]),
-                     help="svd of 1x1 convs and FC layers, and tucker's output factor: "
-                          "keep the principal subspace of the layer's outputs on the "
-                          "calibration data when that also holds across calibration halves "
-                          "(data, the default), or that of the weights (weights)."),
-        click.option("--exclude", multiple=True, metavar="NODE", help="Leave this node alone."),
-        click.option("--seed", type=int, default=0, show_default=True),
+def pass_options(func: F) -> F:
+    """Every pass's options, generated from the config fields (see :func:`_pass_fields`)."""
+    options = [_click_option(f, kind) for f, kind, _ in _pass_fields().values()]
+    options += [
         click.option("--groups", help="kernel_sharing: shared kernels per layer (like --rank: "
                                       "auto, N or a fraction)."),
-        click.option("--weighted/--no-weighted", default=True, show_default=True,
-                     help="kernel_sharing: one weight per input channel (WKSC) or plain KSC."),
         click.option("--depth-multiplier", help="depthwise_separable: auto or N (like --rank)."),
-        click.option("--ratio", type=float,
-                     help="prune_channels: share of every group's channels to remove "
-                          "(default 0.3 without --target-speedup)."),
-        click.option("--criterion", type=click.Choice(
-            ["reconstruction", "l1", "l2", "bn_scale", "activation"]),
-                     default="reconstruction", show_default=True,
-                     help="prune_channels: channel importance."),
-        click.option("--round-to", type=click.IntRange(min=1), default=8, show_default=True,
-                     help="prune_channels: keep channel counts a multiple of this."),
-        click.option("--layers", type=click.IntRange(min=1),
-                     help="prune_layers: how many layers to remove (default 1 without "
-                          "--target-speedup)."),
-        click.option("--mode", type=click.Choice(["static", "weight", "kmeans", "binary"]),
-                     default="static", show_default=True,
-                     help="quantize: static int8 QDQ with calibrated activations, int "
-                          "weights (DequantizeLinear), k-means sharing (codebook + Gather) "
-                          "or binary weights (experimental)."),
-        click.option("--calibrator", type=click.Choice(["percentile", "minmax", "entropy"]),
-                     default="percentile", show_default=True,
-                     help="quantize --mode static: activation ranges."),
-        click.option("--activations", type=click.Choice(["auto", "uint8", "int8"]),
-                     default="auto", show_default=True,
-                     help="quantize --mode static: activation type; auto = uint8 on cpu, "
-                          "int8 (symmetric) on cuda / tensorrt."),
-        click.option("--reduce-range/--full-range", default=None,
-                     help="quantize --mode static: 7-bit weights (default on x86 CPUs "
-                          "without VNNI, where 8-bit products saturate in ONNX Runtime)."),
-        click.option("--max-drop", type=float,
-                     help="quantize --mode static: leave the most sensitive layers in float "
-                          "until the fidelity drop on the calibration data (1 - the share "
-                          "of samples whose decisions are all kept, or relative output error "
-                          "without a decision output) is at most this. [default: 0.2; inf: "
-                          "no bound]"),
-        click.option("--bits", type=click.IntRange(1, 8), default=8, show_default=True,
-                     help="quantize: 8 or 4 (weight), 1..8 (kmeans)."),
-        click.option("--share-groups", type=click.IntRange(min=1),
-                     help="depthwise_separable: fold input channels into G shared groups "
-                          "first (weighted kernel sharing)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -207,6 +177,8 @@ def _run(func: Callable[[], None]) -> None:
     """Run a command body, turning onnxcomp's own errors into a one-line message."""
     try:
         func()
+    except click.ClickException:
+        raise
     except ConfigError as exc:
         _fail(str(exc), code=2)
     except OnnxcompError as exc:
@@ -251,23 +223,12 @@ def main(verbose: int) -> None:
               help="--rank auto: read latency measurements from this JSON file and record new "
                    "ones in it, so that a second compile replays the first one's choices "
                    "(kept per machine, ONNX Runtime version, provider and threads).")
-@click.option("--no-fold-pad", is_flag=True, help="canonicalize: keep Pad nodes before Conv.")
-@lowrank_options
+@pass_options
 @calib_options
 def optimize(model_path: Path, output: Path, passes: Sequence[str], recipe_path: Path | None,
              save_recipe: Path | None, report_path: Path | None, bench: bool, provider: str,
-             threads: int, runs: int, latency_cache: Path | None, no_fold_pad: bool,
-             rank: str, target_speedup: float | None, target_macs: float | None,
-             max_error: float | None, no_refit: bool, refit_mode: str, rank_multiple: int,
-             no_latency_check: bool, exclude: Sequence[str], seed: int, groups: str | None,
-             weighted: bool, depth_multiplier: str | None, share_groups: int | None,
-             ratio: float | None, criterion: str, round_to: int, layers: int | None,
-             min_realized: float | None, min_agreement: float | None, sensitivity: bool,
-             cp_depthwise: str | None, basis: str | None,
-             mode: str, calibrator: str,
-             max_drop: float | None, activations: str, reduce_range: bool | None,
-             bits: int,
-             **calib_kw: Any) -> None:
+             threads: int, runs: int, latency_cache: Path | None, groups: str | None,
+             depth_multiplier: str | None, **kw: Any) -> None:
     """Rewrite IN.onnx with the given passes, verify, benchmark and write -o OUT.onnx."""
     from onnxcomp.passes import REGISTRY
 
@@ -280,21 +241,12 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], recipe_path:
         _fail(f"unknown pass '{unknown[0]}' (available: {', '.join(REGISTRY)})", code=2)
     if output.resolve() == model_path.resolve():
         _fail("output path is the input path: onnxcomp never overwrites its input", code=2)
-    options: dict[str, Any] = {
-        "fold_pad": not no_fold_pad, "rank": rank, "target_speedup": target_speedup,
-        "target_macs": target_macs, "max_error": max_error, "refit": not no_refit,
-        "refit_mode": refit_mode, "rank_multiple": rank_multiple,
-        "latency_check": not no_latency_check, "exclude": tuple(exclude), "seed": seed,
-        "provider": provider, "threads": threads, "weighted": weighted,
-        "latency_cache": str(latency_cache) if latency_cache else None,
-        "share_groups": share_groups, "ratio": ratio, "criterion": criterion,
-        "round_to": round_to, "layers": layers, "mode": mode, "bits": bits,
-        "calibrator": calibrator, "max_drop": max_drop, "min_realized": min_realized,
-        "min_agreement": min_agreement,
-        "sensitivity": sensitivity,
-        "cp_depthwise": cp_depthwise, "basis": basis,
-        "activations": activations, "reduce_range": reduce_range,
-    }
+    fields = _pass_fields()
+    calib_kw = {k: v for k, v in kw.items() if k not in fields}
+    options: dict[str, Any] = {k: v for k, v in kw.items() if k in fields
+                               and v is not None and v != ()}
+    options.update(provider=provider, threads=threads,
+                   latency_cache=str(latency_cache) if latency_cache else None)
     if recipe_path is not None:
         ctx = click.get_current_context()
         given = [p.opts[0] for p in ctx.command.params

@@ -64,6 +64,7 @@ from onnxcomp.passbase import (
     Report,
     Skip,
     SkipReason,
+    option,
 )
 from onnxcomp.refit import (
     REFIT_ROWS_PER_UNKNOWN,
@@ -91,44 +92,84 @@ class LowRankConfig(PassConfig):
     break-even rank (0 < f < 1; the rank at which the chain costs as many MACs as the layer).
     """
 
-    rank: str | int | float = "auto"
-    target_speedup: float | None = None
-    target_macs: float | None = None
-    max_error: float | None = None
+    rank: str | int | float = option(
+        'auto',
+        'cp, tucker, svd: auto, an absolute rank N, or a fraction 0<f<1 of the break-even '
+        'rank.')
+    target_speedup: float | None = option(
+        None,
+        '--rank auto and prune_*: measured ORT speedup of the output model over IN.onnx (what'
+        ' earlier passes of the run bring counts).')
+    target_macs: float | None = option(None, "--rank auto: fraction of IN.onnx's MACs to keep.")
+    max_error: float | None = option(
+        None,
+        "--rank auto: bound on the relative error of the model's outputs (default 0.03 "
+        'without a target).')
     # --rank auto, models with decision outputs (verify.decision_outputs): keep at least this
     # share of the calibration samples' decisions (0: no such bound).
-    min_agreement: float = DEFAULT_MIN_AGREEMENT
-    refit: bool = True
-    refit_mode: str = "asymmetric"
-    rank_multiple: int = 8
-    latency_check: bool = True
+    min_agreement: float = option(
+        DEFAULT_MIN_AGREEMENT,
+        "--rank auto: keep at least this share of the calibration samples' decisions (argmax "
+        'of a softmax or logits output, at every position) unchanged, with or without a '
+        'target (0: off). Models with no such output are not bound by it.')
+    refit: bool = option(
+        True,
+        'Refit the rewritten layers on the calibration data (--no-refit keeps the raw '
+        'decomposition).')
+    refit_mode: str = option(
+        'asymmetric',
+        "asymmetric: refit on the compressed network's activations; symmetric: on the "
+        "original's.",
+        choices=('asymmetric', 'symmetric'))
+    rank_multiple: int = option(8, 'Round ranks to multiples of this.')
+    latency_check: bool = option(
+        True,
+        'Measure rank options on the provider and rewrite only layers measured faster (--no-'
+        'latency-check rewrites them anyway).')
     min_layer_speedup: float = 1.05
     # --rank auto uses only options whose micro-benchmarked speedup, in context (see
     # realized: the edge cost a one-layer model pays is taken off), is at least this share of
     # their MAC cut. Timed alone, CP chains on the small Fashion-MNIST VGG layers realize only
     # 0.7 here; in context 0.8-0.95.
-    min_realized: float = 0.8
+    min_realized: float = option(
+        0.8,
+        '--rank auto: use only chains whose measured speedup is at least this share of their '
+        'MAC reduction, in context (what a one-layer model pays at its edges is taken off '
+        'both timings).')
     # --rank auto: weight each layer's error by how much of it reaches the model's outputs
     # (one probe run per layer, see layer_gains).
-    sensitivity: bool = True
+    sensitivity: bool = option(
+        True,
+        "--rank auto: weight each layer's error by how much of it reaches the model's outputs"
+        ' (one probe run per layer on 8-32 calibration samples).')
     # A JSON file of measured latencies read before measuring and written after (see
     # onnxcomp/latency_cache.py): with it a second compile replays the first one's choices.
     latency_cache: str | None = None
     min_macs: int = 1_000_000
     # cp only: "separate" (kh x 1 then 1 x kw depthwise), "merged" (one kh x kw depthwise),
     # "auto" (merged for kernels of at most 9 taps, where it measured faster; see passes/cp.py).
-    cp_depthwise: str = "auto"
+    cp_depthwise: str = option(
+        'auto',
+        "cp: the chain's spatial stages as depthwise kx1 then 1xk (separate), as one "
+        'depthwise kxk of rank-one kernels (merged), or merged for kernels of at most 9 taps '
+        '(auto).',
+        choices=('separate', 'merged', 'auto'))
     # svd of 1x1 convs and FC layers: "data" keeps the principal subspace of the layer's
     # outputs on the calibration data (reduced-rank regression), "weights" the top singular
     # vectors of W alone. Without calibration data both are the weights' SVD.
-    basis: str = "data"
+    basis: str = option(
+        'data',
+        "svd of 1x1 convs and FC layers, and tucker's output factor: the principal subspace "
+        "of the layer's outputs on the calibration data when that holds across calibration "
+        'halves (data), or that of the weights.',
+        choices=('data', 'weights'))
     max_rows: int = 16384
     ridge: float = 1e-7
     provider: str = "cpu"
     threads: int = 1
     bench_runs: int = 25
-    seed: int = 0
-    exclude: tuple[str, ...] = ()
+    seed: int = option(0, 'Seed of every random choice (same inputs and seed: same bytes out).')
+    exclude: tuple[str, ...] = option((), 'Leave this node alone (repeatable).')
     max_seconds_per_layer: float = 10.0
 
     def __post_init__(self) -> None:

@@ -284,3 +284,15 @@ class PassBase(Generic[CC]):
         if untagged:
             raise PassError(f"pass '{self.name}' created nodes without its provenance tag: "
                             f"{', '.join(untagged[:5])}")
+
+
+def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
+           flag: str | None = None) -> Any:
+    """A config field that is also a command-line option (``--field-name``).
+
+    The CLI generates its pass options from these fields: ``help`` is the option's help,
+    ``choices`` restricts a string, ``flag`` overrides the option's declaration (e.g.
+    ``"--reduce-range/--full-range"``). Fields made without it are not on the command line.
+    """
+    return dataclasses.field(default=default, metadata={
+        "help": help, "choices": choices, "flag": flag})

@@ -46,7 +46,16 @@ import onnx
 from onnxcomp.graph import Graph, Node, Tensor
 from onnxcomp.model import copy_model
 from onnxcomp.ops import FLOAT_TYPES, NOOP_CANDIDATES
-from onnxcomp.passbase import Change, PassBase, PassConfig, PassResult, Report, Skip, SkipReason
+from onnxcomp.passbase import (
+    Change,
+    PassBase,
+    PassConfig,
+    PassResult,
+    Report,
+    Skip,
+    SkipReason,
+    option,
+)
 
 if TYPE_CHECKING:
     from onnxcomp.calibration import Calibration
@@ -57,7 +66,7 @@ if TYPE_CHECKING:
 class CanonicalizeConfig(PassConfig):
     """canonicalize options."""
 
-    fold_pad: bool = True
+    fold_pad: bool = option(True, 'canonicalize: fold zero Pad nodes into the Conv after them.')
 
 
 class Canonicalize(PassBase):

@@ -39,14 +39,17 @@ from onnxcomp.chain import conv_hw, full_attrs
 from onnxcomp.decompose import DecompositionPass, LowRankConfig
 from onnxcomp.errors import ConfigError
 from onnxcomp.linear import Layer, Plan, Stage, skip_pointwise
-from onnxcomp.passbase import PassConfig, Skip
+from onnxcomp.passbase import PassConfig, Skip, option
 
 
 @dataclasses.dataclass(frozen=True)
 class SeparableConfig(LowRankConfig):
     """Low-rank options with ``rank`` = the depth multiplier; ``share_groups``: WKSC first."""
 
-    share_groups: int | None = None
+    share_groups: int | None = option(
+        None,
+        'depthwise_separable: fold input channels into G shared groups first (weighted kernel'
+        ' sharing).')
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -37,7 +37,16 @@ from onnxcomp.calibration import Calibration
 from onnxcomp.graph import Graph
 from onnxcomp.linear import own_float_weight
 from onnxcomp.model import copy_model
-from onnxcomp.passbase import Change, PassBase, PassConfig, PassResult, Report, Skip, SkipReason
+from onnxcomp.passbase import (
+    Change,
+    PassBase,
+    PassConfig,
+    PassResult,
+    Report,
+    Skip,
+    SkipReason,
+    option,
+)
 
 # Pairs whose smallest live channel range is above this share of the largest are left alone.
 EVEN_ENOUGH = 0.5
@@ -48,7 +57,7 @@ MAX_SCALE = 1e4
 class EqualizeConfig(PassConfig):
     """Options of ``equalize``."""
 
-    exclude: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = option((), 'Leave this node alone (repeatable).')
 
 
 class Equalize(PassBase):

@@ -48,7 +48,16 @@ import onnx
 from onnxcomp.graph import Graph, Node, attr_ints
 from onnxcomp.model import copy_model
 from onnxcomp.ops import ACTIVATIONS, FLOAT_TYPES, NCHWC_OPS
-from onnxcomp.passbase import Change, PassBase, PassConfig, PassResult, Report, Skip, SkipReason
+from onnxcomp.passbase import (
+    Change,
+    PassBase,
+    PassConfig,
+    PassResult,
+    Report,
+    Skip,
+    SkipReason,
+    option,
+)
 
 if TYPE_CHECKING:
     from onnxcomp.calibration import Calibration
@@ -59,7 +68,10 @@ if TYPE_CHECKING:
 class FoldAffineConfig(PassConfig):
     """Options of fold_affine."""
 
-    batchnorm: bool = True  # unfoldable affine chains next to a Conv -> one BatchNormalization
+    batchnorm: bool = option(
+        True,
+        'fold_affine: write unfoldable affine chains next to a conv as one '
+        'BatchNormalization.')  # unfoldable affine chains next to a Conv -> one BatchNormalization
 
 
 class FoldAffine(PassBase):

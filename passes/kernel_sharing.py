@@ -34,14 +34,16 @@ from onnxcomp import sharing
 from onnxcomp.chain import conv_hw, full_attrs
 from onnxcomp.decompose import DecompositionPass, LowRankConfig
 from onnxcomp.linear import Layer, Plan, Stage, rank_ladder, round_up, skip_pointwise
-from onnxcomp.passbase import PassConfig, Skip
+from onnxcomp.passbase import PassConfig, Skip, option
 
 
 @dataclasses.dataclass(frozen=True)
 class KernelSharingConfig(LowRankConfig):
     """Low-rank options, with ``rank`` = the number of groups; ``weighted``: WKSC."""
 
-    weighted: bool = True
+    weighted: bool = option(
+        True,
+        'kernel_sharing: one weight per input channel (weighted KSC) or plain KSC.')
 
 
 class KernelSharingMethod:

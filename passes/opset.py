@@ -25,7 +25,16 @@ from onnx import version_converter
 from onnxcomp.calibration import Calibration
 from onnxcomp.errors import ConfigError
 from onnxcomp.model import check_model, copy_model, default_opset
-from onnxcomp.passbase import Change, PassBase, PassConfig, PassResult, Report, Skip, SkipReason
+from onnxcomp.passbase import (
+    Change,
+    PassBase,
+    PassConfig,
+    PassResult,
+    Report,
+    Skip,
+    SkipReason,
+    option,
+)
 
 # The oldest and newest opsets this pass converts to (the converter's own range is wider).
 MIN_TARGET, MAX_TARGET = 11, 21
@@ -35,7 +44,7 @@ MIN_TARGET, MAX_TARGET = 11, 21
 class OpsetConfig(PassConfig):
     """Options of ``opset``."""
 
-    target_opset: int = 13
+    target_opset: int = option(13, 'opset: the default-domain opset to convert to.')
 
     def __post_init__(self) -> None:
         if not MIN_TARGET <= self.target_opset <= MAX_TARGET:

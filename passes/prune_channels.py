@@ -55,6 +55,7 @@ from onnxcomp.passbase import (
     Report,
     Skip,
     SkipReason,
+    option,
 )
 from onnxcomp.refit import REFIT_ROWS_PER_UNKNOWN, shrunk_solve
 from onnxcomp.stream import LayerStream
@@ -73,19 +74,35 @@ SPEED_STEPS = 7
 class PruneConfig(PassConfig):
     """Options of ``prune_channels``."""
 
-    ratio: float | None = None
-    criterion: str = "reconstruction"
-    round_to: int = 8
-    target_speedup: float | None = None
-    refit: bool = True
-    refit_mode: str = "asymmetric"
-    exclude: tuple[str, ...] = ()
+    ratio: float | None = option(
+        None,
+        "prune_channels: share of every group's channels to remove (default 0.3 without "
+        '--target-speedup).')
+    criterion: str = option(
+        'reconstruction',
+        'prune_channels: channel importance.',
+        choices=('reconstruction', 'l1', 'l2', 'bn_scale', 'activation'))
+    round_to: int = option(8, 'prune_channels: keep channel counts a multiple of this.')
+    target_speedup: float | None = option(
+        None,
+        '--rank auto and prune_*: measured ORT speedup of the output model over IN.onnx (what'
+        ' earlier passes of the run bring counts).')
+    refit: bool = option(
+        True,
+        'Refit the rewritten layers on the calibration data (--no-refit keeps the raw '
+        'decomposition).')
+    refit_mode: str = option(
+        'asymmetric',
+        "asymmetric: refit on the compressed network's activations; symmetric: on the "
+        "original's.",
+        choices=('asymmetric', 'symmetric'))
+    exclude: tuple[str, ...] = option((), 'Leave this node alone (repeatable).')
     provider: str = "cpu"
     threads: int = 1
     bench_runs: int = 30
     max_rows: int = 16384
     ridge: float = 1e-3
-    seed: int = 0
+    seed: int = option(0, 'Seed of every random choice (same inputs and seed: same bytes out).')
 
     def __post_init__(self) -> None:
         if self.ratio is not None and not 0 <= self.ratio < 1:

@@ -45,6 +45,7 @@ from onnxcomp.passbase import (
     PassResult,
     Report,
     SkipReason,
+    option,
 )
 from onnxcomp.refit import REFIT_ROWS_PER_UNKNOWN, shrunk_solve
 from onnxcomp.stream import LayerStream
@@ -64,10 +65,18 @@ REFIT_LEVELS = 3
 class PruneLayersConfig(PassConfig):
     """Options of ``prune_layers``."""
 
-    layers: int | None = None
-    target_speedup: float | None = None
-    refit: bool = True
-    exclude: tuple[str, ...] = ()
+    layers: int | None = option(
+        None,
+        'prune_layers: how many layers to remove (default 1 without --target-speedup).')
+    target_speedup: float | None = option(
+        None,
+        '--rank auto and prune_*: measured ORT speedup of the output model over IN.onnx (what'
+        ' earlier passes of the run bring counts).')
+    refit: bool = option(
+        True,
+        'Refit the rewritten layers on the calibration data (--no-refit keeps the raw '
+        'decomposition).')
+    exclude: tuple[str, ...] = option((), 'Leave this node alone (repeatable).')
     provider: str = "cpu"
     threads: int = 1
     bench_runs: int = 30
@@ -76,7 +85,7 @@ class PruneLayersConfig(PassConfig):
     # (50 176) gave -0.96 % test accuracy for one conv removed, 16 384 gave -1.06 %.
     max_rows: int = 65536
     ridge: float = 1e-9
-    seed: int = 0
+    seed: int = option(0, 'Seed of every random choice (same inputs and seed: same bytes out).')
 
     def __post_init__(self) -> None:
         if self.layers is not None and self.layers < 1:

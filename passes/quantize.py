@@ -68,6 +68,7 @@ from onnxcomp.passbase import (
     Report,
     Skip,
     SkipReason,
+    option,
 )
 from onnxcomp.passes import equalize, fold_bn, opset
 
@@ -88,19 +89,40 @@ SENSITIVITY_SAMPLES = 32
 class QuantizeConfig(PassConfig):
     """Options of ``quantize``."""
 
-    mode: str = "static"
-    bits: int = 8
+    mode: str = option(
+        'static',
+        'quantize: static int8 QDQ with calibrated activations, int weights '
+        '(DequantizeLinear), k-means sharing (codebook + Gather) or binary weights '
+        '(experimental).',
+        choices=('static', 'weight', 'kmeans', 'binary'))
+    bits: int = option(8, 'quantize: 8 or 4 (weight), 1..8 (kmeans).')
     min_params: int = 1024
     kmeans_iters: int = 20
-    calibrator: str = "percentile"
+    calibrator: str = option(
+        'percentile',
+        'quantize --mode static: activation ranges.',
+        choices=('percentile', 'minmax', 'entropy'))
     percentile: float = 99.99
-    max_drop: float = DEFAULT_MAX_DROP
-    activations: str = "auto"
-    reduce_range: bool | None = None  # None: per CPU (see reduced_range)
+    max_drop: float = option(
+        DEFAULT_MAX_DROP,
+        'quantize --mode static: leave the most sensitive layers in float until the fidelity '
+        'drop on the calibration data (1 - the share of samples whose decisions are all kept,'
+        ' or relative output error without a decision output) is at most this (inf: no '
+        'bound).')
+    activations: str = option(
+        'auto',
+        'quantize --mode static: activation type; auto = uint8 on cpu, int8 (symmetric) on '
+        'cuda / tensorrt.',
+        choices=('auto', 'uint8', 'int8'))
+    reduce_range: bool | None = option(
+        None,
+        'quantize --mode static: 7-bit weights (default on x86 CPUs without VNNI, where 8-bit'
+        ' products saturate in ONNX Runtime).',
+        flag='--reduce-range/--full-range')
     equalize: bool = True
     provider: str = "cpu"
-    exclude: tuple[str, ...] = ()
-    seed: int = 0
+    exclude: tuple[str, ...] = option((), 'Leave this node alone (repeatable).')
+    seed: int = option(0, 'Seed of every random choice (same inputs and seed: same bytes out).')
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
