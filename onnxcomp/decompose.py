@@ -64,7 +64,12 @@ from onnxcomp.passbase import (
     Report,
     Skip,
     SkipReason,
+    exclude_option,
     option,
+    refit_mode_option,
+    refit_option,
+    seed_option,
+    target_speedup_option,
 )
 from onnxcomp.refit import (
     REFIT_ROWS_PER_UNKNOWN,
@@ -96,10 +101,7 @@ class LowRankConfig(PassConfig):
         'auto',
         'cp, tucker, svd: auto, an absolute rank N, or a fraction 0<f<1 of the break-even '
         'rank.')
-    target_speedup: float | None = option(
-        None,
-        '--rank auto and prune_*: measured ORT speedup of the output model over IN.onnx (what'
-        ' earlier passes of the run bring counts).')
+    target_speedup: float | None = target_speedup_option()
     target_macs: float | None = option(None, "--rank auto: fraction of IN.onnx's MACs to keep.")
     max_error: float | None = option(
         None,
@@ -112,15 +114,8 @@ class LowRankConfig(PassConfig):
         "--rank auto: keep at least this share of the calibration samples' decisions (argmax "
         'of a softmax or logits output, at every position) unchanged, with or without a '
         'target (0: off). Models with no such output are not bound by it.')
-    refit: bool = option(
-        True,
-        'Refit the rewritten layers on the calibration data (--no-refit keeps the raw '
-        'decomposition).')
-    refit_mode: str = option(
-        'asymmetric',
-        "asymmetric: refit on the compressed network's activations; symmetric: on the "
-        "original's.",
-        choices=('asymmetric', 'symmetric'))
+    refit: bool = refit_option()
+    refit_mode: str = refit_mode_option()
     rank_multiple: int = option(8, 'Round ranks to multiples of this.')
     latency_check: bool = option(
         True,
@@ -168,8 +163,8 @@ class LowRankConfig(PassConfig):
     provider: str = "cpu"
     threads: int = 1
     bench_runs: int = 25
-    seed: int = option(0, 'Seed of every random choice (same inputs and seed: same bytes out).')
-    exclude: tuple[str, ...] = option((), 'Leave this node alone (repeatable).')
+    seed: int = seed_option()
+    exclude: tuple[str, ...] = exclude_option()
     max_seconds_per_layer: float = 10.0
 
     def __post_init__(self) -> None:

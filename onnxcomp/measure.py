@@ -21,6 +21,10 @@ from onnxcomp.chain import standalone
 from onnxcomp.latency_cache import LatencyCache
 from onnxcomp.linear import Layer, Plan
 
+# A one-layer measurement stops after this long (once bench.MIN_ROUNDS rounds are done):
+# large layers take tens of ms a run, and their ratio is stable long before 25 rounds.
+MAX_SECONDS = 1.5
+
 
 class TimingSettings(Protocol):
     """Where and how long to time (a pass config with these fields)."""
@@ -58,7 +62,7 @@ def measure_plan(layer: Layer, plan: Plan, model: onnx.ModelProto, config: Timin
         a = standalone(layer, None, model.ir_version, model.opset_import)
         b = standalone(layer, plan, model.ir_version, model.opset_import)
         cfg = bench.BenchConfig(provider=config.provider, threads=config.threads, warmup=3,
-                                runs=config.bench_runs)
+                                runs=config.bench_runs, max_seconds=MAX_SECONDS)
         res = bench.benchmark([a, b], cfg)
         _LATENCY_CACHE[key] = (res.models[0].median_ms,
                                res.models[0].median_ms / res.speedups[0].median)
@@ -108,7 +112,7 @@ def _edges_from_copies(key: tuple[Any, ...], build: Callable[[int], onnx.ModelPr
         return _EDGE_CACHE[full_key]
     if full_key not in _EDGE_CACHE:
         cfg = bench.BenchConfig(provider=config.provider, threads=config.threads, warmup=3,
-                                runs=config.bench_runs)
+                                runs=config.bench_runs, max_seconds=MAX_SECONDS)
         res = bench.benchmark([build(1), build(3)], cfg)
         t1, t3 = res.models[0].median_ms, res.models[1].median_ms
         _EDGE_CACHE[full_key] = min(max(t1 - max(t3 - t1, 0.0) / 2, 0.0), t1)

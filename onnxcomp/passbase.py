@@ -296,3 +296,33 @@ def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
     """
     return dataclasses.field(default=default, metadata={
         "help": help, "choices": choices, "flag": flag})
+
+
+# Options several passes share: one definition, one help text.
+def exclude_option() -> Any:
+    """``--exclude NODE`` (repeatable)."""
+    return option((), "Leave this node alone (repeatable).")
+
+
+def seed_option() -> Any:
+    """``--seed``."""
+    return option(0, "Seed of every random choice (same inputs and seed: same bytes out).")
+
+
+def refit_option() -> Any:
+    """``--refit/--no-refit``."""
+    return option(True, "Refit the rewritten layers on the calibration data (--no-refit "
+                        "keeps the raw decomposition).")
+
+
+def refit_mode_option() -> Any:
+    """``--refit-mode``."""
+    return option("asymmetric", "asymmetric: refit on the compressed network's activations; "
+                                "symmetric: on the original's.",
+                  choices=("asymmetric", "symmetric"))
+
+
+def target_speedup_option() -> Any:
+    """``--target-speedup``."""
+    return option(None, "--rank auto and prune_*: measured ORT speedup of the output model "
+                        "over IN.onnx (what earlier passes of the run bring counts).")

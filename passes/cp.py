@@ -54,6 +54,8 @@ SEVERE_CANCELLATION = 30.0
 # every shape tried (one memory pass fewer outweighs 3 more MACs per pixel); for 5x5 and 7x7
 # it was a wash or slower.
 MERGE_MAX_TAPS = 9
+# A warm-started fit down the rank ladder gets at least this long, whatever the layer spent.
+MIN_FIT_SECONDS = 1.0
 
 
 def merge_depthwise(kh: int, kw: int, mode: str) -> bool:
@@ -71,6 +73,7 @@ class CPMethod:
 
     def __init__(self) -> None:
         self._fits: dict[tuple[str, int], cp_als.CPResult] = {}
+        self._spent = 0.0  # ALS seconds spent on the current layer
 
     def check(self, layer: Layer) -> Skip | None:
         """Skip 1x1 kernels (nothing spatial to separate)."""
@@ -111,12 +114,17 @@ class CPMethod:
         key = (hashlib.sha1(w.tobytes()).hexdigest(), config.seed)
         warm = self._fits.get(key)
         if warm is not None and warm.rank >= rank:
-            res = cp_als.cp_conv(w, rank, max_iter=40, max_seconds=config.max_seconds_per_layer,
-                                  seed=config.seed, init=warm)
+            # One time budget per layer, shared down the rank ladder (warm starts converge
+            # in a few sweeps; a 512-channel layer's largest fit may take most of it).
+            left = max(config.max_seconds_per_layer - self._spent, MIN_FIT_SECONDS)
+            res = cp_als.cp_conv(w, rank, max_iter=40, max_seconds=left, seed=config.seed,
+                                 init=warm)
+            self._spent += res.seconds
         else:
             res = cp_als.cp_conv(w, rank, max_seconds=config.max_seconds_per_layer,
-                                  seed=config.seed)
+                                 seed=config.seed)
             self._fits = {key: res}  # keep only the current layer's largest fit
+            self._spent = res.seconds
         b, kh_f, kw_f, a = res.B, res.Kh, res.Kw, res.A
         stages = []
         if kh == 1:  # fold the scalar vertical factor; the horizontal stage takes the geometry

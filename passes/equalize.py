@@ -45,7 +45,7 @@ from onnxcomp.passbase import (
     Report,
     Skip,
     SkipReason,
-    option,
+    exclude_option,
 )
 
 # Pairs whose smallest live channel range is above this share of the largest are left alone.
@@ -57,7 +57,7 @@ MAX_SCALE = 1e4
 class EqualizeConfig(PassConfig):
     """Options of ``equalize``."""
 
-    exclude: tuple[str, ...] = option((), 'Leave this node alone (repeatable).')
+    exclude: tuple[str, ...] = exclude_option()
 
 
 class Equalize(PassBase):
@@ -69,7 +69,7 @@ class Equalize(PassBase):
     uses_calibration: ClassVar[bool] = True
 
     def call(self, model: onnx.ModelProto, config: PassConfig,
-                 calib: Calibration | None) -> PassResult:
+             calib: Calibration | None) -> PassResult:
         """Equalize every linear conv pair of a copy of ``model``."""
         assert isinstance(config, EqualizeConfig)
         report = Report(self.name)

@@ -71,7 +71,7 @@ class Opset(PassBase):
     tags_new_nodes: ClassVar[bool] = False  # the converter rewrites ops
 
     def call(self, model: onnx.ModelProto, config: PassConfig,
-                 calib: Calibration | None) -> PassResult:
+             calib: Calibration | None) -> PassResult:
         """A copy of ``model`` at ``config.target_opset``."""
         assert isinstance(config, OpsetConfig)
         report = Report(self.name)

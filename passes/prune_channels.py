@@ -55,7 +55,12 @@ from onnxcomp.passbase import (
     Report,
     Skip,
     SkipReason,
+    exclude_option,
     option,
+    refit_mode_option,
+    refit_option,
+    seed_option,
+    target_speedup_option,
 )
 from onnxcomp.refit import REFIT_ROWS_PER_UNKNOWN, shrunk_solve
 from onnxcomp.stream import LayerStream
@@ -83,26 +88,16 @@ class PruneConfig(PassConfig):
         'prune_channels: channel importance.',
         choices=('reconstruction', 'l1', 'l2', 'bn_scale', 'activation'))
     round_to: int = option(8, 'prune_channels: keep channel counts a multiple of this.')
-    target_speedup: float | None = option(
-        None,
-        '--rank auto and prune_*: measured ORT speedup of the output model over IN.onnx (what'
-        ' earlier passes of the run bring counts).')
-    refit: bool = option(
-        True,
-        'Refit the rewritten layers on the calibration data (--no-refit keeps the raw '
-        'decomposition).')
-    refit_mode: str = option(
-        'asymmetric',
-        "asymmetric: refit on the compressed network's activations; symmetric: on the "
-        "original's.",
-        choices=('asymmetric', 'symmetric'))
-    exclude: tuple[str, ...] = option((), 'Leave this node alone (repeatable).')
+    target_speedup: float | None = target_speedup_option()
+    refit: bool = refit_option()
+    refit_mode: str = refit_mode_option()
+    exclude: tuple[str, ...] = exclude_option()
     provider: str = "cpu"
     threads: int = 1
     bench_runs: int = 30
     max_rows: int = 16384
     ridge: float = 1e-3
-    seed: int = option(0, 'Seed of every random choice (same inputs and seed: same bytes out).')
+    seed: int = seed_option()
 
     def __post_init__(self) -> None:
         if self.ratio is not None and not 0 <= self.ratio < 1:
@@ -141,16 +136,12 @@ class PruneChannels(PassBase):
     config_cls: ClassVar[type[PassConfig]] = PruneConfig
     uses_calibration: ClassVar[bool] = True
 
-    def call(self, model: onnx.ModelProto, config: PassConfig,
-                 calib: Calibration | None) -> PassResult:
+    def call(self, model: onnx.ModelProto, config: PassConfig, calib: Calibration | None
+             ) -> PassResult:
         """Prune a copy of ``model``; see the module docstring."""
-        if not isinstance(config, PruneConfig):
-            raise ConfigError("prune_channels needs a PruneConfig")
+        assert isinstance(config, PruneConfig)
+        assert calib is not None  # PassBase gives synthetic inputs (and says so)
         report = Report(self.name)
-        assert calib is not None  # PassBase gives synthetic inputs without --calib
-        if calib.synthetic:
-            report.notes.append("synthetic calibration: refits and activation scores come "
-                                "from random inputs; give --calib")
         prep = _prepare(model, config, calib, report)
         if not prep.scores:
             report.notes.append("no prunable channel group")

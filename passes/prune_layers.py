@@ -45,7 +45,11 @@ from onnxcomp.passbase import (
     PassResult,
     Report,
     SkipReason,
+    exclude_option,
     option,
+    refit_option,
+    seed_option,
+    target_speedup_option,
 )
 from onnxcomp.refit import REFIT_ROWS_PER_UNKNOWN, shrunk_solve
 from onnxcomp.stream import LayerStream
@@ -68,15 +72,9 @@ class PruneLayersConfig(PassConfig):
     layers: int | None = option(
         None,
         'prune_layers: how many layers to remove (default 1 without --target-speedup).')
-    target_speedup: float | None = option(
-        None,
-        '--rank auto and prune_*: measured ORT speedup of the output model over IN.onnx (what'
-        ' earlier passes of the run bring counts).')
-    refit: bool = option(
-        True,
-        'Refit the rewritten layers on the calibration data (--no-refit keeps the raw '
-        'decomposition).')
-    exclude: tuple[str, ...] = option((), 'Leave this node alone (repeatable).')
+    target_speedup: float | None = target_speedup_option()
+    refit: bool = refit_option()
+    exclude: tuple[str, ...] = exclude_option()
     provider: str = "cpu"
     threads: int = 1
     bench_runs: int = 30
@@ -85,7 +83,7 @@ class PruneLayersConfig(PassConfig):
     # (50 176) gave -0.96 % test accuracy for one conv removed, 16 384 gave -1.06 %.
     max_rows: int = 65536
     ridge: float = 1e-9
-    seed: int = option(0, 'Seed of every random choice (same inputs and seed: same bytes out).')
+    seed: int = seed_option()
 
     def __post_init__(self) -> None:
         if self.layers is not None and self.layers < 1:
@@ -116,16 +114,12 @@ class PruneLayers(PassBase):
     config_cls: ClassVar[type[PassConfig]] = PruneLayersConfig
     uses_calibration: ClassVar[bool] = True
 
-    def call(self, model: onnx.ModelProto, config: PassConfig,
-                 calib: Calibration | None) -> PassResult:
+    def call(self, model: onnx.ModelProto, config: PassConfig, calib: Calibration | None
+             ) -> PassResult:
         """Remove the least important units of a copy of ``model``."""
-        if not isinstance(config, PruneLayersConfig):
-            raise ConfigError("prune_layers needs a PruneLayersConfig")
+        assert isinstance(config, PruneLayersConfig)
+        assert calib is not None  # PassBase gives synthetic inputs (and says so)
         report = Report(self.name)
-        assert calib is not None  # PassBase gives synthetic inputs without --calib
-        if calib.synthetic:
-            report.notes.append("synthetic calibration: importances and refits come from "
-                                "random inputs; give --calib")
         units = find_units(Graph(model), config.exclude, report)
         if not units:
             report.notes.append("no removable layer")

@@ -68,7 +68,9 @@ from onnxcomp.passbase import (
     Report,
     Skip,
     SkipReason,
+    exclude_option,
     option,
+    seed_option,
 )
 from onnxcomp.passes import equalize, fold_bn, opset
 
@@ -121,8 +123,8 @@ class QuantizeConfig(PassConfig):
         flag='--reduce-range/--full-range')
     equalize: bool = True
     provider: str = "cpu"
-    exclude: tuple[str, ...] = option((), 'Leave this node alone (repeatable).')
-    seed: int = option(0, 'Seed of every random choice (same inputs and seed: same bytes out).')
+    exclude: tuple[str, ...] = exclude_option()
+    seed: int = seed_option()
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -196,7 +198,7 @@ class Quantize(PassBase):
     config_cls: ClassVar[type[PassConfig]] = QuantizeConfig
 
     def call(self, model: onnx.ModelProto, config: PassConfig,
-                 calib: Calibration | None) -> PassResult:
+             calib: Calibration | None) -> PassResult:
         """Quantize the constant weights (and, static, the activations) of a copy of ``model``."""
         if not isinstance(config, QuantizeConfig):
             raise ConfigError("quantize needs a QuantizeConfig")
