@@ -39,6 +39,8 @@ MIN_MODEL_SAVING = 0.01
 TARGET_ROUNDS = 4
 # Extra whole-model measurements spent looking for a milder pick that still meets the target.
 MILDER_ROUNDS = 5
+# A whole-model probe measurement stops after this long (once bench.MIN_ROUNDS rounds ran).
+PROBE_SECONDS = 8.0
 # Relative speed difference treated as measurement noise when comparing whole models.
 NOISE = 0.03
 
@@ -122,8 +124,11 @@ class Probes:
             key = f"speedup {self._structure} {structure_hash(candidate)}"
             if (hit := self.cache.get(key)) is not None:
                 return float(hit)
+        # Noise-aware in rounds, bounded in time: a 15-GMAC model takes a third of a second
+        # a run, and 30 interleaved rounds of it per probe were most of a compile.
         cfg = bench.BenchConfig(provider=self.config.provider, threads=self.config.threads,
-                                warmup=5, runs=max(self.config.bench_runs, 30))
+                                warmup=2, runs=max(self.config.bench_runs, 30),
+                                max_seconds=PROBE_SECONDS)
         res = bench.benchmark([self.model, candidate], cfg, inputs=self.feeds)
         value = float(res.speedups[0].median)
         if self.cache is not None:

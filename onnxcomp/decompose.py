@@ -332,6 +332,7 @@ def run_decomposition(
                     layer.input_cov_halves = (input_covariance(first), input_covariance(o))
 
     choices: list[LayerChoice] = []
+    option_fits: list[ChainFit] = []  # symmetric fits, kept for the probe builds
     for i, layer in enumerate(kept):
         if progress:
             progress(f"{pass_name}: planning {layer.name}")
@@ -341,6 +342,7 @@ def run_decomposition(
             ranks_list = [method.fixed_rank(layer, config)]
         options = []
         fit = ChainFit(layer, moments[i].normalized()[0])  # shared by the layer's options
+        option_fits.append(fit)
         for ranks in ranks_list:
             plan = method.plan(layer, ranks, config)
             if plan.extra.get("degenerate"):
@@ -351,12 +353,13 @@ def run_decomposition(
         choices.append(LayerChoice(layer, i, options))
 
     symmetric = dataclasses.replace(config, refit_mode="symmetric")
+    fits = {i: option_fits[i] for i in range(len(kept))}  # probes refit from these
     probes = Probes(model, kept, moments, calib, symmetric,
                     lambda chosen: _build(model, chosen, kept, moments, targets, calib,
-                                          symmetric, "probe", None)[0], cache)
+                                          symmetric, "probe", None, fits)[0], cache)
     chosen = allocate(choices, probes, config, report)
     final_model, changes = _build(model, chosen, kept, moments, targets, calib, config,
-                                  pass_name, progress)
+                                  pass_name, progress, fits)
     if changes and config.latency_check:
         if progress:
             progress(f"{pass_name}: timing the whole model")
@@ -389,17 +392,23 @@ def _build(
     moments: list[Moments],
     targets: list[list[np.ndarray]], calib: Calibration, config: LowRankConfig,
     pass_name: str, progress: Callable[[str], None] | None,
+    fits: dict[int, ChainFit] | None = None,
 ) -> tuple[onnx.ModelProto, list[Change]]:
-    """Rewrite the chosen layers in graph order, refitting each on the compressed upstream."""
+    """Rewrite the chosen layers in graph order, refitting each on the compressed upstream.
+
+    ``fits``: each layer's symmetric :class:`ChainFit` (on the original network's inputs),
+    reused across the candidate models a search builds.
+    """
     with LayerStream(calib) as stream:
         return _build_streamed(model, chosen, layers, moments, targets, config, pass_name,
-                               progress, stream)
+                               progress, stream, fits or {})
 
 
 def _build_streamed(
     model: onnx.ModelProto, chosen: dict[int, Option], layers: Sequence[Layer],
     moments: list[Moments], targets: list[list[np.ndarray]], config: LowRankConfig,
     pass_name: str, progress: Callable[[str], None] | None, stream: LayerStream,
+    fits: dict[int, ChainFit],
 ) -> tuple[onnx.ModelProto, list[Change]]:
     current = model
     changes: list[Change] = []
@@ -420,12 +429,13 @@ def _build_streamed(
             refit_note = (f"none: {m0.rows} sampled rows, a refit at this rank needs "
                           f"{refit_rows_needed(plan)} (more --calib samples help, up to "
                           f"{config.max_rows} rows per layer)")
+        symmetric = fits.get(index) or ChainFit(layer, xx0)
         if refit_note != config.refit_mode:
             ab = raw_ab
-            err_before = err_after = ChainFit(layer, xx0).error(plan, ab)
+            err_before = err_after = symmetric.error(plan, ab)
         else:
             if config.refit_mode == "symmetric" or current is model:
-                fit = ChainFit(layer, xx0)
+                fit = symmetric
             else:
                 mc = collect_compressed(stream, current, index, layer, targets[index],
                                         config.max_rows, config.seed)

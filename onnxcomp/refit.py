@@ -52,20 +52,27 @@ class ChainFit:
             self.yy = float(np.sum(txx * t))
         else:
             self.xy, self.yy = xy, float(yy)
-        self._plan: Plan | None = None
-        self._gram = self._cross = np.zeros((0, 0))
+        # Per plan (by identity): its moments and refits; small, (rank + 1)-sized.
+        self._per_plan: dict[int, tuple[Plan, np.ndarray, np.ndarray]] = {}
+        self._refits: dict[tuple[int, float], np.ndarray] = {}
 
     def _moments(self, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
-        """``(P~ xx P~^T, P~ xy)`` for the plan's augmented prefix (the last plan's cached)."""
-        if self._plan is not plan:
+        """``(P~ xx P~^T, P~ xy)`` for the plan's augmented prefix (cached per plan)."""
+        hit = self._per_plan.get(id(plan))
+        if hit is None or hit[0] is not plan:
             pa = _aug_prefix(plan.prefix)
-            self._gram = (pa @ self.xx) @ pa.T
-            self._cross = pa @ self.xy  # [F+1, y_dim]
-            self._plan = plan
-        return self._gram, self._cross
+            hit = (plan, (pa @ self.xx) @ pa.T, pa @ self.xy)  # gram, cross [F+1, y_dim]
+            self._per_plan[id(plan)] = hit
+        return hit[1], hit[2]
 
     def refit(self, plan: Plan, ridge: float) -> np.ndarray:
         """Least-squares ``[A, b]`` [y_dim, F+1] minimizing ``E||A z + b - y||^2``."""
+        key = (id(plan), ridge)
+        if key not in self._refits:
+            self._refits[key] = self._solve(plan, ridge)
+        return self._refits[key]
+
+    def _solve(self, plan: Plan, ridge: float) -> np.ndarray:
         gram, cross = self._moments(plan)
         reg = ridge * float(np.trace(gram[:-1, :-1])) / max(gram.shape[0] - 1, 1)
         eye = np.eye(gram.shape[0])
