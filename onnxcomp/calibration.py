@@ -7,7 +7,7 @@ to a batch-first array of the input's element type. Sources:
 - ``.npy``: one batch-first array, for single-input models only.
 - a folder of images (``.png``, ``.jpg``, ``.jpeg``, ``.bmp``), read with Pillow in name order,
   resized and normalized as :class:`ImageOptions` says.
-- :func:`synthetic_calibration`: standard-normal inputs when the user gave no data.
+- synthetic inputs when the user gave no data: :mod:`onnxcomp.synthetic`.
 
 Every source is checked against the model: the rank and every fixed non-batch dim must match,
 and the data is cast to the input's element type (never float data to an integer input). Axis 0
@@ -39,7 +39,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
 # One dim of a model input: a fixed size, a symbolic name (dim_param), or unknown.
 Dim = int | str | None
-
 
 
 # ---------------------------------------------------------------------------- options and data
@@ -181,7 +180,7 @@ class Calibration:
 
 
 @dataclasses.dataclass(frozen=True)
-class _InputSpec:
+class InputSpec:
     """A graph input: name, element type and dims (None when the rank is unknown)."""
 
     name: str
@@ -197,7 +196,7 @@ class _InputSpec:
         return f"({text},)" if len(self.dims) == 1 else f"({text})"
 
 
-def _model_inputs(model: onnx.ModelProto) -> list[_InputSpec]:
+def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
     """The graph inputs that need data (initializers listed as inputs are left out)."""
     constants = {t.name for t in model.graph.initializer}
     constants.update(t.values.name for t in model.graph.sparse_initializer)
@@ -219,7 +218,7 @@ def _model_inputs(model: onnx.ModelProto) -> list[_InputSpec]:
         dims: tuple[Dim, ...] | None = None
         if tensor_type.HasField("shape"):
             dims = tuple(_dim(d) for d in tensor_type.shape.dim)
-        specs.append(_InputSpec(vi.name, dtype, dims))
+        specs.append(InputSpec(vi.name, dtype, dims))
     if not specs:
         raise InputError("model has no graph inputs to calibrate")
     return specs
@@ -234,7 +233,7 @@ def _dim(d: onnx.TensorShapeProto.Dimension) -> Dim:
     return None
 
 
-def _resolve_batch_size(specs: Sequence[_InputSpec], batch_size: int) -> tuple[int, bool]:
+def resolve_batch_size(specs: Sequence[InputSpec], batch_size: int) -> tuple[int, bool]:
     """The batch size to use, and whether the model fixes it (a fixed leading dim)."""
     fixed = {s.dims[0] for s in specs if s.dims and isinstance(s.dims[0], int)}
     if len(fixed) > 1:
@@ -280,7 +279,7 @@ def load_calibration(
     if limit is not None:
         check_positive("limit", limit)
     p = Path(path)
-    specs = _model_inputs(model)
+    specs = model_inputs(model)
     if not p.exists():
         raise InputError(f"{p}: no such calibration file or folder")
     if p.is_dir():
@@ -304,7 +303,7 @@ def load_calibration(
         else:
             raise InputError(f"{p}: unsupported calibration file type '{p.suffix}' "
                              "(expected .npz, .npy or a folder of images)")
-    size, fixed = _resolve_batch_size(specs, batch_size)
+    size, fixed = resolve_batch_size(specs, batch_size)
     batches = _split(arrays, size, fixed, str(p))
     calib = Calibration(batches, synthetic=False, source=f"{p} ({kind})")
     log.info("calibration: %d samples in %d batches from %s", calib.num_samples,
@@ -312,7 +311,7 @@ def load_calibration(
     return calib
 
 
-def _load_npz(path: Path, specs: Sequence[_InputSpec], limit: int | None) -> dict[str, np.ndarray]:
+def _load_npz(path: Path, specs: Sequence[InputSpec], limit: int | None) -> dict[str, np.ndarray]:
     expected = [s.name for s in specs]
     try:
         data = np.load(path, allow_pickle=False)
@@ -340,7 +339,7 @@ def _load_npz(path: Path, specs: Sequence[_InputSpec], limit: int | None) -> dic
     return _validate(raw, specs, limit, str(path))
 
 
-def _load_npy(path: Path, specs: Sequence[_InputSpec], limit: int | None) -> dict[str, np.ndarray]:
+def _load_npy(path: Path, specs: Sequence[InputSpec], limit: int | None) -> dict[str, np.ndarray]:
     if len(specs) != 1:
         names = ", ".join(f"'{s.name}'" for s in specs)
         raise InputError(f"{path}: a .npy file holds one array but the model has {len(specs)} "
@@ -356,7 +355,7 @@ def _load_npy(path: Path, specs: Sequence[_InputSpec], limit: int | None) -> dic
 
 
 def _validate(
-    raw: Mapping[str, np.ndarray], specs: Sequence[_InputSpec], limit: int | None, source: str,
+    raw: Mapping[str, np.ndarray], specs: Sequence[InputSpec], limit: int | None, source: str,
     hint: str = "",
 ) -> dict[str, np.ndarray]:
     """Check shapes against the model, apply ``limit``, cast to the model's dtypes."""
@@ -379,7 +378,7 @@ def _validate(
     return arrays
 
 
-def _check_shape(spec: _InputSpec, arr: np.ndarray, hint: str = "") -> None:
+def _check_shape(spec: InputSpec, arr: np.ndarray, hint: str = "") -> None:
     shape = tuple(int(v) for v in arr.shape)
     mismatch = arr.ndim == 0
     if spec.dims is not None and not mismatch:
@@ -393,7 +392,7 @@ def _check_shape(spec: _InputSpec, arr: np.ndarray, hint: str = "") -> None:
                          f"{spec.expected}{hint}")
 
 
-def _cast(spec: _InputSpec, arr: np.ndarray) -> np.ndarray:
+def _cast(spec: InputSpec, arr: np.ndarray) -> np.ndarray:
     """Cast ``arr`` to the input's dtype, refusing lossy kinds of conversion."""
     src, dst = arr.dtype.kind, spec.dtype.kind
     problem = ""
@@ -448,7 +447,7 @@ def _split(
 
 
 def _load_images(
-    folder: Path, spec: _InputSpec, options: ImageOptions, limit: int | None
+    folder: Path, spec: InputSpec, options: ImageOptions, limit: int | None
 ) -> np.ndarray:
     """Read, resize and normalize the images of ``folder`` into one batch-first array."""
     from PIL import Image, UnidentifiedImageError
@@ -505,7 +504,7 @@ def _load_images(
 
 
 def _image_size(
-    folder: Path, spec: _InputSpec, options: ImageOptions, h_axis: int, w_axis: int
+    folder: Path, spec: InputSpec, options: ImageOptions, h_axis: int, w_axis: int
 ) -> tuple[int, int]:
     if options.size is not None:
         return options.size
@@ -529,85 +528,6 @@ def _per_channel(what: str, values: tuple[float, ...], channels: int) -> np.ndar
 
 
 # ---------------------------------------------------------------------------- synthetic
-
-
-def synthetic_calibration(
-    model: onnx.ModelProto,
-    num_samples: int = 8,
-    batch_size: int = 8,
-    seed: int = 0,
-    dims: Mapping[str, int] | None = None,
-) -> Calibration:
-    """Random calibration data: standard-normal float inputs, zero integer/bool inputs.
-
-    The leading (batch) dim follows ``batch_size`` unless the model fixes it. Any other
-    symbolic dim is looked up in ``dims`` by its name (``dim_param``); an unnamed dynamic dim by
-    ``"<input>:<axis>"``.
-
-    Raises:
-        InputError: an input has no shape, is a scalar, has a dynamic dim missing from
-            ``dims``, or has a type that cannot be synthesized.
-        ConfigError: a count or a ``dims`` value is not a positive integer.
-
-    """
-    check_positive("num_samples", num_samples)
-    check_positive("batch_size", batch_size)
-    given = dict(dims or {})
-    for key, value in given.items():
-        check_positive(f"dims['{key}']", value)
-    specs = _model_inputs(model)
-    shapes = {spec.name: _synthetic_shape(spec, given) for spec in specs}
-    for spec in specs:
-        if spec.dtype.kind not in "fiub":
-            raise InputError(f"input '{spec.name}' is {spec.dtype}; synthetic data can only be "
-                             "made for numeric inputs, give --calib data")
-    size, fixed = _resolve_batch_size(specs, batch_size)
-    if fixed and num_samples % size:
-        log.info("rounding synthetic samples up from %d to a multiple of the fixed batch %d",
-                 num_samples, size)
-    rng = np.random.default_rng(seed)
-    batches = []
-    remaining = math.ceil(num_samples / size) * size if fixed else num_samples
-    while remaining > 0:
-        count = min(size, remaining)
-        batch = {}
-        for spec in specs:
-            shape = (count, *shapes[spec.name])
-            if spec.dtype.kind == "f":
-                batch[spec.name] = rng.standard_normal(shape, dtype=np.float32).astype(spec.dtype)
-            else:
-                batch[spec.name] = np.zeros(shape, spec.dtype)
-        batches.append(batch)
-        remaining -= count
-    calib = Calibration(batches, synthetic=True, source=f"synthetic (standard normal, seed {seed})")
-    log.info("calibration: %d synthetic samples in %d batches", calib.num_samples,
-             calib.num_batches)
-    return calib
-
-
-def _synthetic_shape(spec: _InputSpec, dims: Mapping[str, int]) -> tuple[int, ...]:
-    """The per-sample shape (without the batch dim) of a synthetic input."""
-    if spec.dims is None:
-        raise InputError(f"input '{spec.name}' has no shape information; give --calib data")
-    if not spec.dims:
-        raise InputError(f"input '{spec.name}' is a scalar; calibration inputs must be "
-                         "batch-first, give --calib data")
-    shape = []
-    for axis, d in enumerate(spec.dims[1:], start=1):
-        if isinstance(d, int):
-            shape.append(d)
-        elif isinstance(d, str) and d in dims:
-            shape.append(int(dims[d]))
-        elif f"{spec.name}:{axis}" in dims:
-            shape.append(int(dims[f"{spec.name}:{axis}"]))
-        elif isinstance(d, str):
-            raise InputError(f"input '{spec.name}' has dynamic dim '{d}' (axis {axis}); give "
-                             f"--calib data or a value for '{d}' in the synthetic dims")
-        else:
-            raise InputError(f"input '{spec.name}' has an unnamed dynamic dim (axis {axis}); give "
-                             f"--calib data or a value for '{spec.name}:{axis}' in the "
-                             "synthetic dims")
-    return tuple(shape)
 
 
 # ---------------------------------------------------------------------------- capture

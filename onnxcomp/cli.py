@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from onnxcomp import bench as bench_mod
-from onnxcomp import calibration, cost, pipeline, report
+from onnxcomp import calibration, cost, pipeline, report, synthetic
 from onnxcomp import model as model_io
 from onnxcomp import recipe as recipe_mod
 from onnxcomp.errors import ConfigError, InputError, OnnxcompError
@@ -155,7 +155,7 @@ def _load_calibration(model: Any, kw: dict[str, Any]) -> calibration.Calibration
         err_console.print(
             "[bold yellow]warning:[/] no --calib given: using synthetic random inputs; "
             "refits and fidelity figures are then meaningless", highlight=False)
-        return calibration.synthetic_calibration(
+        return synthetic.synthetic_calibration(
             model, num_samples=kw["num_calib"] or 8, batch_size=kw["calib_batch"])
     image_given = (kw["size"] is not None or kw["mean"] is not None or kw["std"] is not None
                    or kw["scale"] != 1 / 255 or kw["layout"] != "nchw" or kw["bgr"])

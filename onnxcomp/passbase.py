@@ -242,7 +242,7 @@ class PassBase(Generic[CC]):
         synthetic = False
         if self.uses_calibration and (calib is None or calib.synthetic):
             if calib is None:
-                from onnxcomp.calibration import synthetic_calibration
+                from onnxcomp.synthetic import synthetic_calibration
 
                 calib = synthetic_calibration(model, num_samples=8)
             synthetic = True

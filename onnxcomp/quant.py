@@ -17,9 +17,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcomp import capture
-from onnxcomp.calibration import Calibration, synthetic_calibration
+from onnxcomp.calibration import Calibration
 from onnxcomp.graph import Graph
 from onnxcomp.ops import RANGE_KEEPING
+from onnxcomp.synthetic import synthetic_calibration
 
 # Values kept per tensor for percentiles (a seeded subsample bounds the memory).
 PERCENTILE_VALUES = 1_000_000

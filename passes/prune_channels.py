@@ -31,21 +31,21 @@ unknown), the removed channels' mean contribution is folded into the bias instea
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 import onnx
 
-from onnxcomp import bench, capture, cost, depgraph, search
+from onnxcomp import bench, cost, depgraph, search
 from onnxcomp.calibration import Calibration
 from onnxcomp.chain import write_linear
 from onnxcomp.depgraph import DepGraph, Group
 from onnxcomp.graph import Graph
+from onnxcomp.importance import CRITERIA, SCORERS, Scoring
 from onnxcomp.linear import Layer, batch1_shapes, make_layer, static_shapes
 from onnxcomp.model import copy_model
 from onnxcomp.moments import Moments, collect_compressed, collect_original
-from onnxcomp.ops import FOLLOWERS
 from onnxcomp.passbase import (
     Change,
     ConfigError,
@@ -220,83 +220,11 @@ def _macs_per_channel(model: onnx.ModelProto, graph: Graph, dep: DepGraph,
     return out
 
 
-@dataclasses.dataclass
-class _Scoring:
-    """What the importance scorers read; activation sums are captured once, for all groups."""
-
-    graph: Graph
-    dep: DepGraph
-    calib: Calibration
-    layers: dict[str, Layer]
-    moments: dict[str, Moments]
-    groups: list[Group]
-    _sums: dict[str, np.ndarray] | None = None
-
-    def producers(self, group: Group) -> list[Any]:
-        nodes = {n.name: n for n in self.graph.nodes}
-        return [nodes[name] for name in group.producers]
-
-    def activation_sums(self) -> dict[str, np.ndarray]:
-        """Per watched tensor (after each producer's BN/activations): sum of |x| per channel."""
-        if self._sums is None:
-            watch = list(dict.fromkeys(_after_followers(self.graph, n.outputs[0])
-                                       for g in self.groups for n in self.producers(g)))
-            sums: dict[str, np.ndarray] = {}
-            for batch in capture.iter_capture(self.graph.source, watch, self.calib):
-                for t, x in batch.items():
-                    axes = tuple(i for i in range(x.ndim) if i != 1)
-                    m = np.abs(x).astype(np.float64).sum(axis=axes)
-                    sums[t] = sums[t] + m if t in sums else m
-            self._sums = sums
-        return self._sums
-
-
-def _normalized(s: np.ndarray) -> np.ndarray:
-    return s / max(float(np.mean(s)), 1e-30)
-
-
-def _by_norm(p: int) -> Callable[[_Scoring, Group], np.ndarray | None]:
-    def score(sc: _Scoring, group: Group) -> np.ndarray:
-        return sum((_normalized(_filter_norms(sc.graph, n, p)) for n in sc.producers(group)),
-                   np.zeros(group.size))
-    return score
-
-
-def _by_bn_scale(sc: _Scoring, group: Group) -> np.ndarray | None:
-    """|gamma| of the BatchNormalization after each producer; None if one has none."""
-    found = [_bn_scale(sc.graph, n) for n in sc.producers(group)]
-    if any(s is None for s in found):
-        return None
-    return sum((_normalized(s) for s in found if s is not None), np.zeros(group.size))
-
-
-def _by_activation(sc: _Scoring, group: Group) -> np.ndarray:
-    sums = sc.activation_sums()
-    return sum((_normalized(sums[_after_followers(sc.graph, n.outputs[0])])
-                for n in sc.producers(group)), np.zeros(group.size))
-
-
-def _by_reconstruction(sc: _Scoring, group: Group) -> np.ndarray | None:
-    return _contributions(sc.dep, group.id, sc.layers, sc.moments)
-
-
-# --criterion: how each group's channels are ranked. A scorer returns None when it cannot
-# score a group (no BN to read, no refittable consumer): l2 is used there, and said.
-SCORERS: dict[str, Callable[[_Scoring, Group], np.ndarray | None]] = {
-    "l1": _by_norm(1),
-    "l2": _by_norm(2),
-    "bn_scale": _by_bn_scale,
-    "activation": _by_activation,
-    "reconstruction": _by_reconstruction,
-}
-CRITERIA = tuple(SCORERS)
-
-
 def _score(graph: Graph, dep: DepGraph, scores: dict[int, np.ndarray], config: PruneConfig,
            calib: Calibration, report: Report, layers: dict[str, Layer],
            moments: dict[str, Moments]) -> None:
     groups = [g for g in dep.groups if g.id in scores]
-    sc = _Scoring(graph, dep, calib, layers, moments, groups)
+    sc = Scoring(graph, dep, calib, layers, moments, groups)
     scorer = SCORERS[config.criterion]
     fallback = 0
     for group in groups:
@@ -310,69 +238,6 @@ def _score(graph: Graph, dep: DepGraph, scores: dict[int, np.ndarray], config: P
         report.notes.append(f"{config.criterion}: {fallback} group(s) could not be scored that "
                             f"way (no BatchNormalization after a producer, or no refittable "
                             f"consumer): scored by l2 instead")
-
-
-def _contributions(dep: DepGraph, group_id: int, layers: dict[str, Layer],
-                   moments: dict[str, Moments]) -> np.ndarray | None:
-    """Per channel: how much the consumers' outputs change if it alone is removed.
-
-    ``E||W[:, c] (x_c - E x_c)||^2 / E||y||^2`` summed over the consumers (centered: the
-    refit or the mean compensation puts the channel's mean back through the bias), after
-    He et al. 2017's criterion without its LASSO search.
-    """
-    total: np.ndarray | None = None
-    for name, layer in layers.items():
-        feats = depgraph.channel_features(dep, layer.node.inputs[0].name, group_id)
-        if feats is None:
-            continue
-        xx, _, _ = moments[name].normalized()
-        d = layer.matrix.shape[1]
-        mean = xx[d, :d]
-        cov = xx[:d, :d] - np.outer(mean, mean)
-        t = layer.matrix
-        energy = float(np.sum((t @ xx[:d, :d]) * t)) + 1e-30
-        if layer.is_conv:
-            k = int(np.prod(layer.weight.shape[2:]))
-            cols = (feats[:, :, None] * k + np.arange(k)[None, None, :]).reshape(len(feats), -1)
-        else:
-            cols = feats
-        contrib = np.array([float(np.sum((t[:, c] @ cov[np.ix_(c, c)]) * t[:, c]))
-                            for c in cols]) / energy
-        total = contrib if total is None else total + contrib
-    return total
-
-
-def _after_followers(graph: Graph, tensor: Any) -> str:
-    """The last tensor of a single-consumer BN/activation chain starting at ``tensor``."""
-    while len(tensor.outputs) == 1 and not graph.is_graph_output(tensor):
-        nxt = tensor.outputs[0]
-        if nxt.op not in FOLLOWERS or nxt.inputs[0] is not tensor:
-            break
-        tensor = nxt.outputs[0]
-    return str(tensor.name)
-
-
-def _filter_norms(graph: Graph, node: Any, order: int) -> np.ndarray:
-    w = graph.const_value(graph.input(node, 1))
-    assert w is not None
-    if node.op == "ConvTranspose":
-        w = np.moveaxis(w, 1, 0)
-    elif node.op == "MatMul" or (node.op == "Gemm" and not node.attrs.get("transB", 0)):
-        w = w.T
-    flat = np.abs(w.reshape(w.shape[0], -1).astype(np.float64))
-    return flat.sum(axis=1) if order == 1 else np.sqrt((flat * flat).sum(axis=1))
-
-
-def _bn_scale(graph: Graph, node: Any) -> np.ndarray | None:
-    out = node.outputs[0]
-    if len(out.outputs) != 1 or out.outputs[0].op != "BatchNormalization":
-        return None
-    bn = out.outputs[0]
-    gamma, var = graph.const_value(graph.input(bn, 1)), graph.const_value(graph.input(bn, 4))
-    if gamma is None or var is None:
-        return None
-    eps = float(bn.attrs.get("epsilon", 1e-5))
-    return np.abs(gamma.astype(np.float64)) / np.sqrt(var.astype(np.float64) + eps)
 
 
 def _consumers_to_refit(graph: Graph, dep: DepGraph, group_ids: Sequence[int]) -> list[Any]:

@@ -53,7 +53,7 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx
 
-from onnxcomp import bench, calibration, fidelity, quant, search
+from onnxcomp import bench, fidelity, quant, search, synthetic
 from onnxcomp.calibration import Calibration
 from onnxcomp.graph import Graph
 from onnxcomp.linear import own_float_weight
@@ -330,7 +330,7 @@ def _static(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibration |
                          f"{MIN_PERCENTILE_SAMPLES} calibration samples, got "
                          f"{calib.num_samples} (use --calibrator minmax)")
     if calib is None:
-        calib = calibration.synthetic_calibration(model, num_samples=8)
+        calib = synthetic.synthetic_calibration(model, num_samples=8)
     model, bn_folded = _fold_batchnorms(model)
     if bn_folded:
         notes.append(f"{bn_folded} BatchNormalization folded into their convs first (int8 "

@@ -14,9 +14,10 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from onnxcomp import capture as capture_module
-from onnxcomp.calibration import Calibration, ImageOptions, load_calibration, synthetic_calibration
+from onnxcomp.calibration import Calibration, ImageOptions, load_calibration
 from onnxcomp.capture import CaptureTooLargeError, capture, iter_capture, run_model, with_outputs
 from onnxcomp.passbase import ConfigError, InputError
+from onnxcomp.synthetic import synthetic_calibration
 
 IR_VERSION = 8
 OPSET = 17

@@ -20,9 +20,9 @@ LAYERS: dict[str, int] = {
     **dict.fromkeys(["decompose", "sharing"], 2),
     **dict.fromkeys(["allocate", "sensitivity", "search", "measure", "stream", "moments",
                      "refit", "chain", "linear", "cp_als", "lowrank", "depgraph", "verify", "quant",
-                     "fidelity", "ops"], 1),
-    **dict.fromkeys(["graph", "model", "runtime", "calibration", "capture", "cost", "bench",
-                     "latency_cache", "errors", "passbase"], 0),
+                     "fidelity", "ops", "importance"], 1),
+    **dict.fromkeys(["graph", "model", "runtime", "calibration", "capture", "synthetic",
+                     "cost", "bench", "latency_cache", "errors", "passbase"], 0),
 }
 
 
