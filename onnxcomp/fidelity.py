@@ -49,6 +49,7 @@ class Reference:
     names: list[str]
     outputs: list[np.ndarray]
     decisions: list[tuple[int, int]]
+    _prepared: verify.PreparedReference | None = dataclasses.field(default=None, repr=False)
 
     @classmethod
     def of(cls, model: onnx.ModelProto, calib: Calibration) -> Reference:
@@ -62,7 +63,10 @@ class Reference:
 
     def compare_outputs(self, outputs: list[np.ndarray]) -> verify.Fidelity:
         """The fidelity of outputs computed elsewhere on the same samples."""
-        return verify.compare_outputs(self.names, self.outputs, outputs, self.decisions)
+        if self._prepared is None:  # the reference converted and measured once
+            self._prepared = verify.PreparedReference.of(self.names, self.outputs,
+                                                         self.decisions)
+        return self._prepared.compare(outputs)
 
     def first(self, samples: int) -> Reference:
         """The reference on the first ``samples`` samples (whole batches, the last one cut)."""

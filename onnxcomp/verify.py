@@ -88,6 +88,78 @@ class Fidelity:
         }
 
 
+@dataclasses.dataclass(frozen=True)
+class PreparedReference:
+    """Reference outputs with what every comparison needs of them computed once."""
+
+    names: tuple[str, ...]
+    outputs: tuple[np.ndarray, ...]  # float64
+    norms: tuple[float, ...]
+    max_abs: tuple[float, ...]
+    top1: tuple[np.ndarray | None, ...]  # argmax over axis 1 of 2-D classifier-like outputs
+    decisions: tuple[tuple[int, int], ...]
+    decided: tuple[np.ndarray | None, ...]  # per decision: argmax over its axis
+
+    @classmethod
+    def of(cls, names: Sequence[str], reference: Sequence[np.ndarray],
+           decisions: Sequence[tuple[int, int]] = ()) -> PreparedReference:
+        """Convert and measure ``reference`` once."""
+        refs = tuple(np.asarray(r, dtype=np.float64) for r in reference)
+        return cls(
+            tuple(names), refs,
+            tuple(float(np.linalg.norm(r)) for r in refs),
+            tuple(float(np.max(np.abs(r))) if r.size else 0.0 for r in refs),
+            tuple(r.argmax(axis=1) if r.ndim == 2 and r.shape[1] > 1 else None
+                  for r in refs),
+            tuple(decisions),
+            tuple(_decided(refs[i], axis) for i, axis in decisions))
+
+    def compare(self, candidate: Sequence[np.ndarray]) -> Fidelity:
+        """Fidelity of ``candidate`` outputs against this reference."""
+        per_output = []
+        samples = 0
+        for k, (name, ref64) in enumerate(zip(self.names, self.outputs, strict=True)):
+            got = np.asarray(candidate[k])
+            if ref64.shape != got.shape:
+                raise PassError(f"output '{name}' changed shape: {ref64.shape} -> {got.shape}")
+            diff = np.subtract(got, ref64, dtype=np.float64)
+            norm = self.norms[k]
+            rel = float(np.linalg.norm(diff)) / norm if norm > 0 else float(
+                np.linalg.norm(diff))
+            top1 = None
+            if self.top1[k] is not None:
+                top1 = float(np.mean(self.top1[k] == got.argmax(axis=1)))
+            samples = max(samples, ref64.shape[0] if ref64.ndim else 1)
+            per_output.append(OutputFidelity(
+                name=name, rel_l2=rel,
+                max_abs=float(np.max(np.abs(diff))) if diff.size else 0.0,
+                ref_max_abs=self.max_abs[k], top1_agreement=top1))
+        agreement = None
+        if self.decisions:
+            agree: np.ndarray | None = None
+            for (index, axis), ref_decided in zip(self.decisions, self.decided, strict=True):
+                if ref_decided is None:
+                    continue
+                got = np.asarray(candidate[index])
+                if got.shape != self.outputs[index].shape:
+                    continue
+                same = (ref_decided == got.argmax(axis=axis % got.ndim)).reshape(
+                    got.shape[0], -1).all(axis=1)
+                agree = same if agree is None else agree & same
+            agreement = None if agree is None else float(agree.mean())
+        return Fidelity(tuple(per_output), samples, agreement)
+
+
+def _decided(ref: np.ndarray, axis: int) -> np.ndarray | None:
+    """The reference's decisions (argmax over ``axis``), or None when it decides nothing."""
+    if ref.ndim < 2:
+        return None
+    axis %= ref.ndim
+    if axis == 0 or ref.shape[axis] < 2:
+        return None
+    return np.asarray(ref.argmax(axis=axis))
+
+
 def compare_outputs(
     names: Sequence[str], reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray],
     decisions: Sequence[tuple[int, int]] = (),
@@ -95,34 +167,9 @@ def compare_outputs(
     """Fidelity of ``candidate`` outputs against ``reference`` outputs.
 
     ``decisions``: the decision outputs (see :func:`decision_outputs`) whose agreement to
-    measure.
+    measure. Comparing many candidates with one reference: :class:`PreparedReference`.
     """
-    per_output = []
-    samples = 0
-    for name, ref, got in zip(names, reference, candidate, strict=True):
-        ref64 = np.asarray(ref, dtype=np.float64)
-        got64 = np.asarray(got, dtype=np.float64)
-        if ref64.shape != got64.shape:
-            raise PassError(f"output '{name}' changed shape: {ref64.shape} -> {got64.shape}")
-        diff = got64 - ref64
-        norm = float(np.linalg.norm(ref64))
-        rel = float(np.linalg.norm(diff)) / norm if norm > 0 else float(np.linalg.norm(diff))
-        top1 = None
-        if ref64.ndim == 2 and ref64.shape[1] > 1:
-            top1 = float(np.mean(ref64.argmax(axis=1) == got64.argmax(axis=1)))
-        samples = max(samples, ref64.shape[0] if ref64.ndim else 1)
-        per_output.append(
-            OutputFidelity(
-                name=name,
-                rel_l2=rel,
-                max_abs=float(np.max(np.abs(diff))) if diff.size else 0.0,
-                ref_max_abs=float(np.max(np.abs(ref64))) if ref64.size else 0.0,
-                top1_agreement=top1,
-            )
-        )
-    return Fidelity(tuple(per_output), samples,
-                    decision_agreement(decisions, reference, candidate) if decisions else None)
-
+    return PreparedReference.of(names, reference, decisions).compare(candidate)
 
 
 
@@ -173,17 +220,11 @@ def decision_agreement(decisions: Sequence[tuple[int, int]], reference: Sequence
     decides one character per step). None when ``decisions`` names no output with a batch
     axis and at least two classes.
     """
-    agree: np.ndarray | None = None
-    for index, axis in decisions:
-        ref, got = np.asarray(reference[index]), np.asarray(candidate[index])
-        if ref.ndim < 2 or ref.shape != got.shape:
-            continue
-        axis %= ref.ndim
-        if axis == 0 or ref.shape[axis] < 2:
-            continue
-        same = (ref.argmax(axis=axis) == got.argmax(axis=axis)).reshape(ref.shape[0], -1)
-        agree = same.all(axis=1) if agree is None else agree & same.all(axis=1)
-    return None if agree is None else float(agree.mean())
+    if not decisions:
+        return None
+    names = [f"output {i}" for i in range(len(reference))]
+    return PreparedReference.of(names, reference, decisions).compare(candidate
+                                                                     ).decision_agreement
 
 
 def check_interface(before: onnx.ModelProto, after: onnx.ModelProto) -> None:
