@@ -435,3 +435,29 @@ def test_decision_agreement_floor_ignores_synthetic_calibration(monkeypatch):
     result = cp(model, LowRankConfig(target_speedup=1.5, min_macs=0, min_agreement=1.0), None)
     assert "decision_outputs" not in result.report.metrics
     assert "min_agreement_bound_active" not in result.report.metrics
+
+
+def test_a_target_met_only_within_noise_is_said(monkeypatch):
+    """The median of the rounds meets the target, a tenth of them did not: the report says so."""
+    from types import SimpleNamespace
+
+    def fake_measure(layer, plan, model, config, cache=None):
+        return layer.macs * 1e-6, plan.macs * 1e-6
+
+    def fake_benchmark(models, config, inputs=None, labels=None):
+        speed = SimpleNamespace(median=1.6, p10=1.3, p90=1.8)
+        return SimpleNamespace(speedups=[speed])
+
+    monkeypatch.setattr(measure, "measure_plan", fake_measure)
+    monkeypatch.setattr(measure, "layer_edges_ms", lambda *a, **k: 0.0)
+    monkeypatch.setattr(bench, "time_model", lambda *a, **k: 1.0)
+    monkeypatch.setattr(bench, "benchmark", fake_benchmark)
+    model = _two_layer_model()
+    config = LowRankConfig(target_speedup=1.5, min_macs=0, min_agreement=0.0,
+                           sensitivity=False)
+    result = cp(model, config, calibration(model))
+    metrics = result.report.metrics
+    assert "target_met" not in metrics
+    assert metrics["target_within_noise"] is True
+    assert all(v == [1.3, 1.8] for v in metrics["probe_spread"].values())
+    assert any("within noise" in n for n in result.report.notes)
