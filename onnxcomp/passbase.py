@@ -240,7 +240,7 @@ class PassBase(Generic[CC]):
                               f"{type(config).__name__}")
         self.requires(model, config)
         synthetic = False
-        if self.uses_calibration and (calib is None or calib.synthetic):
+        if self.needs_calibration(config) and (calib is None or calib.synthetic):
             if calib is None:
                 from onnxcomp.synthetic import synthetic_calibration
 
@@ -253,6 +253,10 @@ class PassBase(Generic[CC]):
                 result.report.notes.append(SYNTHETIC_NOTE)
         self.ensures(model, result)
         return result
+
+    def needs_calibration(self, config: CC) -> bool:
+        """Whether this run reads calibration data (by default: ``uses_calibration``)."""
+        return self.uses_calibration
 
     def requires(self, model: onnx.ModelProto, config: CC) -> None:
         """Raise :class:`PreconditionError` when the model as a whole is not supported."""

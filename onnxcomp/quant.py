@@ -20,7 +20,6 @@ from onnxcomp import capture
 from onnxcomp.calibration import Calibration
 from onnxcomp.graph import Graph
 from onnxcomp.ops import RANGE_KEEPING
-from onnxcomp.synthetic import synthetic_calibration
 
 # Values kept per tensor for percentiles (a seeded subsample bounds the memory).
 PERCENTILE_VALUES = 1_000_000
@@ -237,12 +236,10 @@ def clamping_activation(graph: Graph, tensor: Any) -> tuple[Any, float] | None:
     return act, float(np.asarray(hi)) if hi is not None else float("inf")
 
 
-def activation_ranges(model: onnx.ModelProto, names: list[str], calib: Calibration | None,
+def activation_ranges(model: onnx.ModelProto, names: list[str], calib: Calibration,
                       calibrator: str = "percentile", percentile: float = 99.99, seed: int = 0
                       ) -> dict[str, tuple[float, float]]:
     """(low, high) of each float tensor on the calibration data, per the calibrator."""
-    if calib is None:
-        calib = synthetic_calibration(model, num_samples=8)
     lows = {n: np.inf for n in names}
     highs = {n: -np.inf for n in names}
     pools: dict[str, list[np.ndarray]] = {n: [] for n in names}

@@ -53,7 +53,7 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx
 
-from onnxcomp import bench, fidelity, quant, search, synthetic
+from onnxcomp import bench, fidelity, quant, search
 from onnxcomp.calibration import Calibration
 from onnxcomp.graph import Graph
 from onnxcomp.linear import own_float_weight
@@ -207,6 +207,10 @@ class Quantize(PassBase):
         return _weights_only(model, config)
 
 
+    def needs_calibration(self, config: PassConfig) -> bool:
+        """Static int8 reads calibration data; the weight-only modes do not."""
+        return isinstance(config, QuantizeConfig) and config.mode == "static"
+
     def prerequisites(self, model: onnx.ModelProto, config: PassConfig
                       ) -> tuple[list[tuple[str, PassConfig]], PassConfig]:
         """Lossless passes the pipeline runs (and verifies) first, and the config after them.
@@ -321,16 +325,12 @@ def _static(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibration |
             notes.append(f"opset {opset} -> 13 (onnx version converter), for per-channel "
                          f"int8 weights")
             model = upgraded
-    if calib is None or calib.synthetic:
-        notes.append("static quantization without --calib: activation ranges come from "
-                     "random inputs")
-    if calib is not None and config.calibrator in ("percentile", "entropy") and (
+    assert calib is not None  # PassBase gives synthetic inputs to static runs (and says so)
+    if config.calibrator in ("percentile", "entropy") and (
             calib.num_samples < MIN_PERCENTILE_SAMPLES):
         raise InputError(f"the {config.calibrator} calibrator needs at least "
                          f"{MIN_PERCENTILE_SAMPLES} calibration samples, got "
                          f"{calib.num_samples} (use --calibrator minmax)")
-    if calib is None:
-        calib = synthetic.synthetic_calibration(model, num_samples=8)
     model, bn_folded = _fold_batchnorms(model)
     if bn_folded:
         notes.append(f"{bn_folded} BatchNormalization folded into their convs first (int8 "
@@ -378,6 +378,8 @@ def _fold_batchnorms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     only what the BN passes on, and the conv fuses with its Relu into one integer kernel.
     ONNX Runtime's own quantizer folds BN first for the same reason.
     """
+    if not any(n.op_type == "BatchNormalization" for n in model.graph.node):
+        return model, 0  # the usual case in the pipeline, which ran fold_bn before
     result = fold_bn.PASS(model, fold_bn.FoldBNConfig())
     if not result.report.applied:
         return model, 0

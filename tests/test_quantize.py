@@ -496,3 +496,12 @@ def test_drop_counts_kept_decisions_of_a_softmax_output():
     no_decisions = fidelity.Reference(model, calib, ref.names, ref.outputs, [])
     assert fidelity.drop(no_decisions.compare(scaled)) == pytest.approx(fid.rel_l2)
     assert fidelity.drop(ref.compare(_softmax_conv(-w))) == 1.0
+
+
+def test_only_static_runs_get_synthetic_calibration_and_say_so():
+    model = conv_model(_on_grid(8), pads=[1] * 4)
+    static = quantize(model, QuantizeConfig(calibrator="minmax"))
+    assert static.report.metrics["synthetic_calibration"] is True
+    assert any("synthetic calibration" in n for n in static.report.notes)
+    weights = quantize(model, QuantizeConfig(mode="weight"))
+    assert "synthetic_calibration" not in weights.report.metrics
