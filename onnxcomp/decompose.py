@@ -43,7 +43,7 @@ from onnxcomp import measure
 from onnxcomp.allocate import LayerChoice, Option, Probes, allocate, realized
 from onnxcomp.calibration import Calibration
 from onnxcomp.chain import build_chain
-from onnxcomp.graph import Graph
+from onnxcomp.graph import Graph, check_rewritten
 from onnxcomp.latency_cache import LatencyCache
 from onnxcomp.linear import (
     Layer,
@@ -412,11 +412,13 @@ def _build_streamed(
 ) -> tuple[onnx.ModelProto, list[Change]]:
     current = model
     changes: list[Change] = []
+    # One graph for the whole rewrite: each step exports (unchecked) only what the stream
+    # runs next; the result is checked once at the end.
+    graph = Graph(model)
     for index in sorted(chosen):  # layers are in graph order
         name = layers[index].name
         opt = chosen[index]
         plan = opt.plan
-        graph = Graph(current)
         node = next(n for n in graph.nodes if n.name == name)
         layer = dataclasses.replace(layers[index], node=node)
         if progress:
@@ -452,7 +454,7 @@ def _build_streamed(
                 ab, err_after, expected = raw_ab, err_before, err_before
                 refit_note = "none: not expected to beat the raw decomposition"
         build_chain(graph, layer, plan, ab, pass_name)
-        current = graph.export()
+        current = graph.export(check=False)
         details: dict[str, Any] = {
             "method": plan.method,
             "ranks": list(plan.ranks),
@@ -476,6 +478,8 @@ def _build_streamed(
             macs_before=layer.macs, macs_after=plan.macs, error=round(err_after, 6),
             details=details,
         ))
+    if current is not model:
+        check_rewritten(current)
     return current, changes
 
 

@@ -268,10 +268,7 @@ class Graph:
         self._restore_node_metadata(out)
         out = model_io.infer_shapes(out)
         if check:
-            try:
-                model_io.check_model(out, full=True)
-            except Exception as exc:
-                raise PassError(f"rewritten model fails onnx.checker: {exc}") from exc
+            check_rewritten(out)
         return out
 
     def _restore_node_metadata(self, out: onnx.ModelProto) -> None:
@@ -288,6 +285,14 @@ class Graph:
                 node.doc_string = old[node.name].doc_string
                 if use_props:
                     node.metadata_props.extend(old[node.name].metadata_props)
+
+
+def check_rewritten(model: onnx.ModelProto) -> None:
+    """onnx.checker on a rewrite's result: a failure is onnxcomp's bug (PassError)."""
+    try:
+        model_io.check_model(model, full=True)
+    except Exception as exc:
+        raise PassError(f"rewritten model fails onnx.checker: {exc}") from exc
 
 
 def onnx_dtype(tensor: gs.Tensor) -> Any:

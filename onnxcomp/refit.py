@@ -121,12 +121,6 @@ def optimism(plan: Plan, rows: int) -> float:
     return float(np.sqrt((1 + ratio) / (1 - ratio)))
 
 
-def plan_error(layer: Layer, plan: Plan, ab: np.ndarray, xx: np.ndarray,
-               xy: np.ndarray | None, yy: float) -> float:
-    """Relative RMS error of one chain from moments (see :class:`ChainFit` for many)."""
-    return ChainFit(layer, xx, xy, yy).error(plan, ab)
-
-
 def plan_ab(layer: Layer, plan: Plan) -> np.ndarray:
     """The plan's own ``[A, b]`` (no refit)."""
     return np.hstack([plan.last, layer.bias_vector[:, None]])

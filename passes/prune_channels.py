@@ -41,7 +41,7 @@ from onnxcomp import bench, cost, depgraph, search
 from onnxcomp.calibration import Calibration
 from onnxcomp.chain import write_linear
 from onnxcomp.depgraph import DepGraph, Group
-from onnxcomp.graph import Graph
+from onnxcomp.graph import Graph, check_rewritten
 from onnxcomp.importance import CRITERIA, SCORERS, Scoring
 from onnxcomp.linear import Layer, batch1_shapes, make_layer, static_shapes
 from onnxcomp.model import copy_model
@@ -458,11 +458,13 @@ def _refit_streamed(model: onnx.ModelProto, prep: _Prepared,
                     calib: Calibration, order: list[str],
                     stream: LayerStream) -> onnx.ModelProto:
     current = model
+    # Refits change weights, not shapes: one graph, shapes once, exports unchecked until the
+    # end (the stream runs each from where the last one stopped).
+    shapes = static_shapes(model, calib)
+    graph = Graph(model)
     for name in order:
         if name not in refits or not refits[name][2].startswith("least squares"):
             continue
-        shapes = static_shapes(current, calib)
-        graph = Graph(current)
         node = next((n for n in graph.nodes if n.name == name), None)
         if node is None:  # dead code (its output reaches no graph output): export removed it
             continue
@@ -482,7 +484,9 @@ def _refit_streamed(model: onnx.ModelProto, prep: _Prepared,
         start = np.hstack([w0, b0[:, None]]) if use_bias and b0 is not None else w0
         sol = shrunk_solve(xx[np.ix_(sel, sel)], xy[sel].T, start, config.ridge)
         write_linear(graph, name, sol[:, :d], sol[:, d] if use_bias else None)
-        current = graph.export()
+        current = graph.export(check=False)
+    if current is not model:
+        check_rewritten(current)
     return current
 
 

@@ -32,7 +32,7 @@ import onnx
 from onnxcomp import bench, capture, cost, search, verify
 from onnxcomp.calibration import Calibration
 from onnxcomp.chain import write_linear
-from onnxcomp.graph import Graph
+from onnxcomp.graph import Graph, check_rewritten
 from onnxcomp.linear import Layer, batch1_shapes, make_layer, static_shapes
 from onnxcomp.model import copy_model
 from onnxcomp.moments import collect_compressed, collect_original
@@ -320,10 +320,13 @@ def _refit_streamed(pruned: onnx.ModelProto, layers: list[Layer],
                     calib: Calibration, stream: LayerStream
                     ) -> onnx.ModelProto:
     current = pruned
+    # Refits change weights, not shapes: one graph, shapes once, exports unchecked until the
+    # end (the stream runs each from where the last one stopped).
+    shapes = static_shapes(pruned, calib)
+    g = Graph(pruned)
     for index, layer in enumerate(layers):
-        g = Graph(current)
         node = next(n for n in g.nodes if n.name == layer.name)
-        now = make_layer(g, static_shapes(current, calib), node)
+        now = make_layer(g, shapes, node)
         if not isinstance(now, Layer):
             continue
         m = collect_compressed(stream, current, index, now, targets[index],
@@ -338,7 +341,9 @@ def _refit_streamed(pruned: onnx.ModelProto, layers: list[Layer],
         start = np.hstack([now.matrix, now.bias_vector[:, None]]) if use_bias else now.matrix
         sol = shrunk_solve(xx[np.ix_(sel, sel)], xy[sel].T, start, config.ridge)
         write_linear(g, node.name, sol[:, :d], sol[:, d] if use_bias else None)
-        current = g.export()
+        current = g.export(check=False)
+    if current is not pruned:
+        check_rewritten(current)
     return current
 
 

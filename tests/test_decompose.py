@@ -59,14 +59,15 @@ def test_moment_errors_match_direct_computation():
     sol = np.linalg.lstsq(z, y, rcond=None)[0].T
     np.testing.assert_allclose(ab, sol, rtol=1e-6, atol=1e-8)
     direct = np.linalg.norm(z @ sol.T - y) / np.linalg.norm(y)
-    assert refit.plan_error(layer, plan, ab, xx, None, yy) == pytest.approx(direct, rel=1e-6)
+    assert refit.ChainFit(layer, xx).error(plan, ab) == pytest.approx(direct, rel=1e-6)
     # The asymmetric form with x_c = x reduces to the same answer.
     xt = np.hstack([x, np.ones([len(x), 1])])
     asym = Moments(xt.T @ xt, xt.T @ y, float(np.sum(y * y)), len(x))
     xx2, xy2, yy2 = asym.normalized()
     ab2 = refit.refit_solution(layer, plan, xx2, xy2, 0.0)
     np.testing.assert_allclose(ab2, sol, rtol=1e-6, atol=1e-8)
-    assert refit.plan_error(layer, plan, ab2, xx2, xy2, yy2) == pytest.approx(direct, rel=1e-6)
+    assert refit.ChainFit(layer, xx2, xy2, yy2).error(plan, ab2) == pytest.approx(direct,
+                                                                       rel=1e-6)
     assert len(targets) == calib.num_samples
 
 
