@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import sys
@@ -89,6 +90,7 @@ def calib_options(func: F) -> F:
     return func
 
 
+@functools.cache
 def _pass_fields() -> dict[str, tuple[dataclasses.Field[Any], Any, list[str]]]:
     """Every pass config field made with :func:`onnxcomp.passbase.option`: (field, type, passes).
 
