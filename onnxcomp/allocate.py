@@ -19,11 +19,12 @@ import onnx
 
 from onnxcomp import bench, cost, fidelity, search, verify
 from onnxcomp.calibration import Calibration
-from onnxcomp.latency_cache import LatencyCache, structure_hash
+from onnxcomp.latency_cache import structure_hash
 from onnxcomp.linear import Layer, Plan, batch1_shapes
 from onnxcomp.moments import Moments
 from onnxcomp.passbase import Report, SkipReason
 from onnxcomp.sensitivity import layer_gains
+from onnxcomp.timing import Timer
 
 if TYPE_CHECKING:
     from onnxcomp.decompose import LowRankConfig
@@ -82,11 +83,11 @@ class Probes:
     def __init__(self, model: onnx.ModelProto, layers: list[Layer], moments: list[Moments],
                  calib: Calibration, config: LowRankConfig,
                  build: Callable[[dict[int, Option]], onnx.ModelProto],
-                 cache: LatencyCache | None = None) -> None:
+                 timer: Timer | None = None) -> None:
         self.model, self.layers, self.moments = model, layers, moments
         self._build_model = build  # a candidate model for a choice (symmetric refit)
-        self.cache = cache
-        self._structure = structure_hash(model) if cache is not None else ""
+        self.timer = timer or Timer()
+        self._structure = structure_hash(model) if self.timer.cache is not None else ""
         self.calib = calib
         self.config = config
         self.feeds = {k: v[:1] for k, v in calib.batches[0].items()}
@@ -102,9 +103,10 @@ class Probes:
     def model_ms(self) -> float:
         """The model's measured latency (ms), once per compile (and per latency cache)."""
         if self._model_ms is None:
-            self._model_ms = self.cached("model_ms", lambda: bench.time_model(
-                self.model, self.feeds, self.config.provider, self.config.threads,
-                runs=self.config.bench_runs))
+            cfg = bench.BenchConfig(provider=self.config.provider, threads=self.config.threads,
+                                    warmup=5, runs=self.config.bench_runs)
+            self._model_ms = self.cached("model_ms", lambda: self.timer.latency_ms(
+                self.model, cfg, self.feeds))
         return self._model_ms
 
     @staticmethod
@@ -121,33 +123,33 @@ class Probes:
 
     def speedup_of(self, candidate: onnx.ModelProto) -> float:
         """Measured whole-model speedup of ``candidate`` over the model (latency cache aware)."""
-        key = ""
-        if self.cache is not None:
-            key = f"speedup {self._structure} {structure_hash(candidate)}"
-            if (hit := self.cache.get(key)) is not None:
-                return float(hit)
-        # Noise-aware in rounds, bounded in time: a 15-GMAC model takes a third of a second
-        # a run, and 30 interleaved rounds of it per probe were most of a compile.
+        # Bounded in time: a 15-GMAC model takes a third of a second a run, and 30
+        # interleaved rounds of it per probe were most of a compile. The timer repeats a
+        # measurement whose spread is wide.
         cfg = bench.BenchConfig(provider=self.config.provider, threads=self.config.threads,
                                 warmup=2, runs=max(self.config.bench_runs, 30),
                                 max_seconds=PROBE_SECONDS)
-        res = bench.benchmark([self.model, candidate], cfg, inputs=self.feeds)
-        value = float(res.speedups[0].median)
-        self.spread[value] = (float(res.speedups[0].p10), float(res.speedups[0].p90))
-        if self.cache is not None:
-            self.cache.put(key, value)
-        return value
+
+        def measure() -> list[float]:
+            res = self.timer.compare([self.model, candidate], cfg, self.feeds)
+            s = res.speedups[0]
+            return [s.median, s.p10, s.p90]
+
+        key = f"speedup {self._structure} {structure_hash(candidate)}" if self._structure else ""
+        if key:
+            median, p10, p90 = (self.timer.remember(key, measure, in_process=False) + [0, 0])[:3]
+        else:
+            median, p10, p90 = measure()
+        if p90 > 0:
+            self.spread[median] = (p10, p90)
+        return median
 
     def cached(self, what: str, measure: Callable[[], float]) -> float:
         """``measure()``, or its value recorded for this model in the latency cache."""
-        if self.cache is None:
+        if not self._structure:
             return measure()
-        key = f"{what} {self._structure}"
-        if (hit := self.cache.get(key)) is not None:
-            return float(hit)
-        value = measure()
-        self.cache.put(key, value)
-        return value
+        return self.timer.remember(f"{what} {self._structure}", lambda: [measure()],
+                                   in_process=False)[0]
 
     def measured(self, chosen: dict[int, Option]) -> float | None:
         """The whole-model speedup already measured for ``chosen``, if any."""
@@ -303,8 +305,9 @@ def _auto_allocate(
     target_macs = config.target_macs
     if config.target_speedup is not None and not config.latency_check:
         target_macs = 1 / config.target_speedup
-        report.notes.append(f"no latency measurements (--no-latency-check): the speed target "
-                            f"is read as keeping {target_macs:.1%} of the MACs")
+        report.note("speed_target_from_macs",
+                    f"no latency measurements (--no-latency-check): the speed target is read "
+                    f"as keeping {target_macs:.1%} of the MACs")
     if config.target_speedup is not None and config.latency_check:
         base = probes.model_ms()
         report.metrics["model_ms"] = round(base, 4)
@@ -321,8 +324,9 @@ def _auto_allocate(
                 f"be saved, {1 - target_macs:.1%} asked; using the most aggressive ranks")
     elif max_error is None:
         max_error = DEFAULT_MAX_ERROR
-        report.notes.append(f"no target given: the fastest ranks within a model output error "
-                            f"of {DEFAULT_MAX_ERROR} (the default --max-error)")
+        report.note("default_max_error",
+                    f"no target given: the fastest ranks within a model output error of "
+                    f"{DEFAULT_MAX_ERROR} (the default --max-error)")
     min_agreement = config.min_agreement if config.min_agreement > 0 else None
     if probes.decisions:
         report.metrics["decision_outputs"] = [model.graph.output[i].name
@@ -432,9 +436,9 @@ def _reach_speedup(picks: list[dict[int, Option]], savings: list[float], base_ms
         p10, _ = probes.spread[measured[best]]
         if p10 < target:  # the median meets it, a tenth of the rounds did not
             report.metrics["target_within_noise"] = True
-            report.notes.append(f"target {target:.3g}x met by the median ({measured[best]:.2f}x) "
-                                f"but within noise: a tenth of the rounds measured under "
-                                f"{p10:.2f}x")
+            report.note("target_within_noise",
+                        f"target {target:.3g}x met by the median ({measured[best]:.2f}x) but "
+                        f"within noise: a tenth of the rounds measured under {p10:.2f}x")
     if not met:
         if best == 0:
             report.target_missed(f"target {target}x not reached: no choice of ranks measured "
@@ -527,12 +531,14 @@ def _bound_fidelity(picks: list[dict[int, Option]], limit: int, max_error: float
     err, agree = tried[hi]
     if max_error is not None and err > max_error and explicit:
         report.metrics["max_error_bound_active"] = True
-        report.notes.append(f"--max-error {max_error} limits the ranks (measured model error "
-                            f"{probes.fidelity(picks[lo])[0]:.4g})")
+        report.note("max_error_bound_active",
+                    f"--max-error {max_error} limits the ranks (measured model error "
+                    f"{probes.fidelity(picks[lo])[0]:.4g})")
     if min_agreement is not None and agree is not None and agree < min_agreement:
         report.metrics["min_agreement_bound_active"] = True
         kept = probes.fidelity(picks[lo])[1]
-        report.notes.append(
+        report.note(
+            "min_agreement_bound_active",
             f"--min-agreement {min_agreement} limits the ranks: the next faster choice keeps "
             f"{agree:.1%} of the calibration samples' decisions"
             + (f" (this one {kept:.1%})" if kept is not None else ""))

@@ -55,6 +55,8 @@ from onnxcomp.linear import (
 from onnxcomp.model import copy_model
 from onnxcomp.moments import Moments, collect_compressed, collect_original, input_covariance
 from onnxcomp.passbase import (
+    NOTHING_TO_DO,
+    SYNTHETIC_CALIBRATION,
     Change,
     ConfigError,
     PassBase,
@@ -62,6 +64,7 @@ from onnxcomp.passbase import (
     PassError,
     PassResult,
     Report,
+    RunContext,
     Skip,
     SkipReason,
     exclude_option,
@@ -79,6 +82,7 @@ from onnxcomp.refit import (
     refit_rows_needed,
 )
 from onnxcomp.stream import LayerStream
+from onnxcomp.timing import Timer
 
 log = logging.getLogger(__name__)
 
@@ -267,20 +271,20 @@ def _option(layer: Layer, plan: Plan, fit: ChainFit, rows: int, config: LowRankC
 
 
 def _measure_options(layer: Layer, options: list[Option], model: onnx.ModelProto,
-                     config: LowRankConfig, cache: LatencyCache | None = None) -> None:
+                     config: LowRankConfig, timer: Timer) -> None:
     """Time the options cheapest first; once one is not faster, costlier ones are not timed.
 
     A chain's latency grows with its rank, so an option that loses to the original layer
     means every costlier option would too: they are marked not faster without measuring.
     """
     lost, base = False, 0.0
-    edges = measure.layer_edges_ms(layer, model, config, cache) if options else 0.0
+    edges = measure.layer_edges_ms(layer, model, config, timer) if options else 0.0
     for opt in sorted(options, key=lambda o: o.plan.macs):
         opt.edges_ms = edges
         if lost:
             opt.base_ms, opt.ms = base, float("inf")
             continue
-        opt.base_ms, opt.ms = measure.measure_plan(layer, opt.plan, model, config, cache)
+        opt.base_ms, opt.ms = measure.measure_plan(layer, opt.plan, model, config, timer)
         base = opt.base_ms
         lost = opt.base_ms < config.min_layer_speedup * opt.ms
 
@@ -292,14 +296,20 @@ def run_decomposition(
     calib: Calibration | None,
     pass_name: str,
     progress: Callable[[str], None] | None = None,
+    timer: Timer | None = None,
 ) -> PassResult:
-    """Decompose ``model``'s layers with ``method`` per ``config``; see the module docstring."""
+    """Decompose ``model``'s layers with ``method`` per ``config``; see the module docstring.
+
+    Latencies go through ``timer`` (the run context's; a fresh process timer when None),
+    with ``config.latency_cache`` attached when given.
+    """
     start = time.perf_counter()
     report = Report(pass_name)
     assert calib is not None  # PassBase gives synthetic inputs without --calib
     if calib.synthetic:
-        report.notes.append("synthetic calibration: ranks and refits come from random inputs "
-                            "(weights alone); give --calib for meaningful results")
+        report.note(SYNTHETIC_CALIBRATION,
+                    "synthetic calibration: ranks and refits come from random inputs (weights "
+                    "alone); give --calib for meaningful results")
     shapes = static_shapes(model, calib)
     graph = Graph(model)
     layers = find_layers(graph, shapes, method.ops, report, config.exclude, config.min_macs)
@@ -311,10 +321,11 @@ def run_decomposition(
         else:
             kept.append(layer)
     if not kept:
-        report.notes.append(f"no layer to decompose with {method.name}")
+        report.note(NOTHING_TO_DO, f"no layer to decompose with {method.name}")
         return PassResult(copy_model(model), report)
-    cache = (LatencyCache(Path(config.latency_cache), config.provider, config.threads)
-             if config.latency_cache else None)
+    timer = (timer or Timer()).with_cache(
+        LatencyCache(Path(config.latency_cache), config.provider, config.threads)
+        if config.latency_cache else None)
     data_basis = (getattr(method, "data_basis", False) and config.basis == "data"
                   and not calib.synthetic)
     moments, targets = collect_original(model, kept, calib, config.max_rows, config.seed,
@@ -349,14 +360,14 @@ def run_decomposition(
                 continue
             options.append(_option(layer, plan, fit, moments[i].rows, config))
         if config.latency_check:
-            _measure_options(layer, options, model, config, cache)
+            _measure_options(layer, options, model, config, timer)
         choices.append(LayerChoice(layer, i, options))
 
     symmetric = dataclasses.replace(config, refit_mode="symmetric")
     fits = {i: option_fits[i] for i in range(len(kept))}  # probes refit from these
     probes = Probes(model, kept, moments, calib, symmetric,
                     lambda chosen: _build(model, chosen, kept, moments, targets, calib,
-                                          symmetric, "probe", None, fits)[0], cache)
+                                          symmetric, "probe", None, fits)[0], timer)
     chosen = allocate(choices, probes, config, report)
     final_model, changes = _build(model, chosen, kept, moments, targets, calib, config,
                                   pass_name, progress, fits)
@@ -369,7 +380,8 @@ def run_decomposition(
             speedup = probes.speedup_of(final_model)
         report.metrics["measured_speedup"] = round(speedup, 3)
         if speedup < 1.0:
-            report.notes.append(
+            report.note(
+                "whole_model_slower",
                 f"the rewritten model measured {speedup:.2f}x (slower) as a whole on "
                 f"{config.provider}: nothing applied")
             for change in changes:
@@ -378,9 +390,8 @@ def run_decomposition(
             changes = []
     for change in changes:
         report.apply(change)
-    if cache is not None:
-        cache.save()
-        report.metrics["latency_cache"] = cache.stats()
+    if (cache_stats := timer.save()) is not None:
+        report.metrics["latency_cache"] = cache_stats
     report.metrics["seconds"] = round(time.perf_counter() - start, 2)
     if not changes:
         return PassResult(copy_model(model), report)
@@ -493,15 +504,16 @@ class DecompositionPass(PassBase):
     uses_calibration: ClassVar[bool] = True
     method_cls: Callable[[], Any]  # a Method class
 
-    def call(self, model: onnx.ModelProto, config: PassConfig, calib: Calibration | None
-             ) -> PassResult:
+    def call(self, model: onnx.ModelProto, config: PassConfig, calib: Calibration | None,
+             ctx: RunContext) -> PassResult:
         """Decompose ``model``'s layers; see :func:`run_decomposition`.
 
         A fresh method object per call: caches (e.g. CP warm starts) never outlive a run, so
         the same inputs give the same bytes.
         """
         assert isinstance(config, LowRankConfig)
-        return run_decomposition(self.method_for(config), model, config, calib, self.name)
+        return run_decomposition(self.method_for(config), model, config, calib, self.name,
+                                 timer=ctx.timer)
 
     def method_for(self, config: LowRankConfig) -> Any:
         """The :class:`Method` object for one run."""

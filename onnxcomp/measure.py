@@ -2,9 +2,9 @@
 
 A rank option is judged by timing the layer alone and its replacement chain alone (one-layer
 models, :func:`onnxcomp.chain.standalone`), minus what such a model pays at its edges and a
-layer inside a network does not (:func:`edge_ms`). Every measurement is memoized per shape in
-the process and, with a :class:`LatencyCache`, read from / written to a file so a second
-compile replays the first.
+layer inside a network does not (:func:`edge_ms`). Every measurement goes through the run's
+:class:`onnxcomp.timing.Timer`: remembered per shape in the process and, with a latency cache
+attached, read from / written to a file so a second compile replays the first.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from onnx import helper, numpy_helper
 
 from onnxcomp import bench
 from onnxcomp.chain import standalone
-from onnxcomp.latency_cache import LatencyCache
 from onnxcomp.linear import Layer, Plan
+from onnxcomp.timing import Timer
 
 # A one-layer measurement stops after this long (once bench.MIN_ROUNDS rounds are done):
 # large layers take tens of ms a run, and their ratio is stable long before 25 rounds.
@@ -45,30 +45,26 @@ class TimingSettings(Protocol):
         ...
 
 
-_LATENCY_CACHE: dict[tuple[Any, ...], tuple[float, float]] = {}
+def _micro(config: TimingSettings) -> bench.BenchConfig:
+    return bench.BenchConfig(provider=config.provider, threads=config.threads, warmup=3,
+                             runs=config.bench_runs, max_seconds=MAX_SECONDS)
 
 
 def measure_plan(layer: Layer, plan: Plan, model: onnx.ModelProto, config: TimingSettings,
-                 cache: LatencyCache | None = None) -> tuple[float, float]:
-    """(original ms, plan ms) of the layer alone on the provider; cached per shape."""
+                 timer: Timer) -> tuple[float, float]:
+    """(original ms, plan ms) of the layer alone on the provider; remembered per shape."""
     key = (plan.method, layer.op, layer.weight.shape, layer.in_shape, layer.out_shape,
            layer.geom, plan.ranks, plan.last_shape, config.provider, config.threads,
            tuple((st.weight.shape, repr(sorted(st.attrs.items()))) for st in plan.stages))
-    file_key = f"layer {key!r}"
-    if cache is not None and (hit := cache.get(file_key)) is not None:
-        _LATENCY_CACHE[key] = (float(hit[0]), float(hit[1]))
-        return _LATENCY_CACHE[key]
-    if key not in _LATENCY_CACHE:
+
+    def time_both() -> list[float]:
         a = standalone(layer, None, model.ir_version, model.opset_import)
         b = standalone(layer, plan, model.ir_version, model.opset_import)
-        cfg = bench.BenchConfig(provider=config.provider, threads=config.threads, warmup=3,
-                                runs=config.bench_runs, max_seconds=MAX_SECONDS)
-        res = bench.benchmark([a, b], cfg)
-        _LATENCY_CACHE[key] = (res.models[0].median_ms,
-                               res.models[0].median_ms / res.speedups[0].median)
-    if cache is not None:
-        cache.put(file_key, list(_LATENCY_CACHE[key]))
-    return _LATENCY_CACHE[key]
+        res = timer.compare([a, b], _micro(config))
+        return [res.models[0].median_ms, res.models[0].median_ms / res.speedups[0].median]
+
+    base, new = timer.remember(f"layer {key!r}", time_both)
+    return base, new
 
 
 def _edge_model(shape: Sequence[int], copies: int, ir_version: int, opsets: Sequence[Any]
@@ -99,30 +95,19 @@ def _edge_model(shape: Sequence[int], copies: int, ir_version: int, opsets: Sequ
     return model
 
 
-_EDGE_CACHE: dict[tuple[Any, ...], float] = {}
-
-
 def _edges_from_copies(key: tuple[Any, ...], build: Callable[[int], onnx.ModelProto],
-                       config: TimingSettings, cache: LatencyCache | None) -> float:
-    """Edge cost (ms) from timing 1 and 3 chained copies: t(1) - (t(3) - t(1)) / 2; cached."""
-    full_key = (*key, config.provider, config.threads)
-    file_key = f"edge {full_key!r}"
-    if cache is not None and (hit := cache.get(file_key)) is not None:
-        _EDGE_CACHE[full_key] = float(hit[0])
-        return _EDGE_CACHE[full_key]
-    if full_key not in _EDGE_CACHE:
-        cfg = bench.BenchConfig(provider=config.provider, threads=config.threads, warmup=3,
-                                runs=config.bench_runs, max_seconds=MAX_SECONDS)
-        res = bench.benchmark([build(1), build(3)], cfg)
+                       config: TimingSettings, timer: Timer) -> float:
+    """Edge cost (ms) from timing 1 and 3 chained copies: t(1) - (t(3) - t(1)) / 2."""
+    def time_copies() -> list[float]:
+        res = timer.compare([build(1), build(3)], _micro(config))
         t1, t3 = res.models[0].median_ms, res.models[1].median_ms
-        _EDGE_CACHE[full_key] = min(max(t1 - max(t3 - t1, 0.0) / 2, 0.0), t1)
-    if cache is not None:
-        cache.put(file_key, [_EDGE_CACHE[full_key]])
-    return _EDGE_CACHE[full_key]
+        return [min(max(t1 - max(t3 - t1, 0.0) / 2, 0.0), t1)]
+
+    return timer.remember(f"edge {(*key, config.provider, config.threads)!r}", time_copies)[0]
 
 
 def edge_ms(shape: Sequence[int], model: onnx.ModelProto, config: TimingSettings,
-            cache: LatencyCache | None = None) -> float:
+            timer: Timer) -> float:
     """What a one-layer model on a tensor of ``shape`` pays at its edges, in ms.
 
     A layer timed alone pays costs a layer inside a network does not: the conversion into and
@@ -131,20 +116,20 @@ def edge_ms(shape: Sequence[int], model: onnx.ModelProto, config: TimingSettings
     """
     return _edges_from_copies(
         (tuple(shape),),
-        lambda n: _edge_model(shape, n, model.ir_version, model.opset_import), config, cache)
+        lambda n: _edge_model(shape, n, model.ir_version, model.opset_import), config, timer)
 
 
 def layer_edges_ms(layer: Layer, model: onnx.ModelProto, config: TimingSettings,
-                   cache: LatencyCache | None = None) -> float:
+                   timer: Timer) -> float:
     """Edge cost of a one-layer model of ``layer``.
 
     When the layer keeps its input's shape, from 1 and 3 chained copies of the layer itself;
     otherwise from cheap stand-in layers, half the input's edges and half the output's.
     """
     if tuple(layer.in_shape) != tuple(layer.out_shape):
-        return 0.5 * (edge_ms(layer.in_shape, model, config, cache)
-                      + edge_ms(layer.out_shape, model, config, cache))
+        return 0.5 * (edge_ms(layer.in_shape, model, config, timer)
+                      + edge_ms(layer.out_shape, model, config, timer))
     return _edges_from_copies(
         ("layer", layer.op, layer.weight.shape, tuple(layer.in_shape), layer.geom),
         lambda n: standalone(layer, None, model.ir_version, model.opset_import, copies=n),
-        config, cache)
+        config, timer)

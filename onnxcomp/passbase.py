@@ -20,6 +20,7 @@ from onnxcomp.errors import (  # noqa: F401 - the pass contract names its errors
     PassError,
     PreconditionError,
 )
+from onnxcomp.timing import Timer
 
 if TYPE_CHECKING:
     import onnx
@@ -107,6 +108,29 @@ class ReportWarning:
         return {"code": self.code, "text": self.text}
 
 
+class Note(str):
+    """A note of a report: its text, and a stable ``code`` that tools and tests match.
+
+    A ``str`` (the text) so notes print and join as before; the wording may change, the
+    code does not.
+    """
+
+    code: str
+
+    def __new__(cls, code: str, text: str) -> Note:
+        """A note ``text`` under ``code``."""
+        obj = super().__new__(cls, text)
+        obj.code = code
+        return obj
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Note, (self.code, str(self)))
+
+    def to_dict(self) -> dict[str, str]:
+        """JSON-serializable form."""
+        return {"code": self.code, "text": str(self)}
+
+
 @dataclasses.dataclass
 class Report:
     """What one pass did: applied changes, skipped candidates, notes and warnings."""
@@ -114,9 +138,18 @@ class Report:
     pass_name: str
     applied: list[Change] = dataclasses.field(default_factory=list)
     skipped: list[Skip] = dataclasses.field(default_factory=list)
-    notes: list[str] = dataclasses.field(default_factory=list)
+    notes: list[Note] = dataclasses.field(default_factory=list)
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
     warnings: list[ReportWarning] = dataclasses.field(default_factory=list)
+
+    def note(self, code: str, text: str, *, first: bool = False) -> None:
+        """Record a note (``first``: ahead of the others)."""
+        self.notes.insert(0 if first else len(self.notes), Note(code, text))
+
+    @property
+    def codes(self) -> set[str]:
+        """The codes of every note and warning."""
+        return {n.code for n in self.notes} | {w.code for w in self.warnings}
 
     def warn(self, code: str, text: str) -> None:
         """Record a warning the front ends show loudly (the CLI prints it to stderr)."""
@@ -127,7 +160,7 @@ class Report:
         self.metrics["target_met"] = False
         if not any(w.code == TARGET_NOT_MET for w in self.warnings):
             self.warn(TARGET_NOT_MET, text)
-        self.notes.append(text)
+        self.note(TARGET_NOT_MET, text)
 
     def apply(self, change: Change) -> None:
         """Record an applied change."""
@@ -159,7 +192,7 @@ class Report:
             "pass": self.pass_name,
             "applied": [c.to_dict() for c in self.applied],
             "skipped": [s.to_dict() for s in self.skipped],
-            "notes": list(self.notes),
+            "notes": [n.to_dict() for n in self.notes],
             "warnings": [w.to_dict() for w in self.warnings],
             "metrics": dict(self.metrics),
             "totals": self.totals,
@@ -195,6 +228,19 @@ CC = TypeVar("CC", bound=PassConfig)
 # Node provenance (see graph.py, which writes it) and warning codes the base class uses.
 PROVENANCE_KEY = "onnxcomp.pass"
 SYNTHETIC_CALIBRATION = "synthetic_calibration"
+NOTHING_TO_DO = "nothing_to_do"
+
+
+@dataclasses.dataclass
+class RunContext:
+    """What a run hands every pass besides the model: the services they share.
+
+    ``timer`` is the one measurement service (memo, latency cache, noise handling); a
+    pipeline gives all its passes the same one, and tests give a :class:`Timer` over a
+    modelled benchmark instead of timing.
+    """
+
+    timer: Timer = dataclasses.field(default_factory=Timer)
 
 
 class Pass(Protocol[C]):
@@ -205,7 +251,8 @@ class Pass(Protocol[C]):
     config_cls: ClassVar[type[PassConfig]]
 
     def __call__(
-        self, model: onnx.ModelProto, config: C, calib: Calibration | None = None
+        self, model: onnx.ModelProto, config: C, calib: Calibration | None = None,
+        context: RunContext | None = None,
     ) -> PassResult:
         """Rewrite a copy of ``model``; never mutate ``model``."""
         ...
@@ -232,8 +279,8 @@ class PassBase(Generic[CC]):
     # A pass that rewrites ops through a converter it does not control (opset) cannot tag.
     tags_new_nodes: ClassVar[bool] = True
 
-    def __call__(self, model: onnx.ModelProto, config: CC, calib: Calibration | None = None
-                 ) -> PassResult:
+    def __call__(self, model: onnx.ModelProto, config: CC, calib: Calibration | None = None,
+                 context: RunContext | None = None) -> PassResult:
         """Rewrite a copy of ``model``; never mutate ``model``."""
         if not isinstance(config, self.config_cls):
             raise ConfigError(f"{self.name} needs a {self.config_cls.__name__}, got "
@@ -246,11 +293,11 @@ class PassBase(Generic[CC]):
 
                 calib = synthetic_calibration(model, num_samples=8)
             synthetic = True
-        result = self.call(model, config, calib)
+        result = self.call(model, config, calib, context or RunContext())
         if synthetic:
             result.report.metrics[SYNTHETIC_CALIBRATION] = True
-            if not any("synthetic" in n for n in result.report.notes):
-                result.report.notes.append(SYNTHETIC_NOTE)
+            if SYNTHETIC_CALIBRATION not in {n.code for n in result.report.notes}:
+                result.report.note(SYNTHETIC_CALIBRATION, SYNTHETIC_NOTE)
         self.ensures(model, result)
         return result
 
@@ -261,8 +308,8 @@ class PassBase(Generic[CC]):
     def requires(self, model: onnx.ModelProto, config: CC) -> None:
         """Raise :class:`PreconditionError` when the model as a whole is not supported."""
 
-    def call(self, model: onnx.ModelProto, config: CC, calib: Calibration | None
-             ) -> PassResult:
+    def call(self, model: onnx.ModelProto, config: CC, calib: Calibration | None,
+             ctx: RunContext) -> PassResult:
         """The rewrite itself (on a copy; ``calib`` is synthetic when the user gave none)."""
         raise NotImplementedError
 

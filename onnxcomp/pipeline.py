@@ -14,7 +14,8 @@ import onnx
 from onnxcomp import bench, cost, fidelity, runtime, verify
 from onnxcomp.errors import PassError
 from onnxcomp.model import QUANTIZED_OPS, copy_model
-from onnxcomp.passbase import PassConfig, PassResult, Report, SkipReason
+from onnxcomp.passbase import PassConfig, PassResult, Report, RunContext, SkipReason
+from onnxcomp.timing import Timer
 
 if TYPE_CHECKING:
     from onnxcomp.calibration import Calibration
@@ -105,7 +106,8 @@ def _check_lossless(
             f"lossless pass '{name}' changed the outputs (relative L2 error "
             f"{fidelity.rel_l2:.3g}; ORT's own float32 noise on these inputs: {noise.rel_l2:.3g})"
         )
-    report.notes.append(
+    report.note(
+        "within_float_noise",
         f"outputs moved by up to {max(o.max_abs for o in fidelity.outputs):.3g}, past the "
         f"fixed tolerance but within {verify.NOISE_FACTOR:g}x ORT's own float32 noise on these "
         f"inputs (fusions on vs off: {max(o.max_abs for o in noise.outputs):.3g})"
@@ -118,14 +120,17 @@ def run_pipeline(
     calib: Calibration,
     registry: Mapping[str, Pass[Any]] | None = None,
     on_step: Callable[[str], None] | None = None,
+    context: RunContext | None = None,
 ) -> PipelineResult:
     """Run ``steps`` in order on ``model``; verify after each; never mutate ``model``.
 
     After every pass: the interface (output names, types, static dims) is unchanged, the model
     passes the checker and loads in ONNX Runtime, and its outputs on the calibration batches are
     compared with the pre-pass model's. A lossless pass outside tolerance raises
-    :class:`PassError`; a lossy pass's error is recorded.
+    :class:`PassError`; a lossy pass's error is recorded. Every pass gets the same
+    ``context`` (one measurement service for the whole run).
     """
+    ctx = context or RunContext()
     if registry is None:
         from onnxcomp.passes import REGISTRY
 
@@ -155,15 +160,18 @@ def run_pipeline(
         note: str | None = None
         so_far: float | None = None
         if changed:
-            config, note, so_far = pipeline_target(step.config, model, current, calib)
+            config, note, so_far = pipeline_target(step.config, model, current, calib,
+                                                   ctx.timer)
         if config is None:
             result = PassResult(copy_model(current), Report(step.name))
         else:
-            result = pass_(current, config, calib)
+            result = pass_(current, config, calib, ctx)
         if step.before is not None:
-            result.report.notes.insert(0, f"run before {step.before}, which needs it")
+            result.report.note("prerequisite", f"run before {step.before}, which needs it",
+                               first=True)
         if note is not None:
-            result.report.notes.insert(0, note)
+            result.report.note("pipeline_target" if config is not None
+                               else "pipeline_target_reached", note, first=True)
             result.report.metrics["pipeline_speedup_before"] = round(float(so_far or 1.0), 3)
         seconds = time.perf_counter() - start
         if result.model is current:
@@ -193,7 +201,8 @@ def run_pipeline(
 
 
 def pipeline_target(config: PassConfig, original: onnx.ModelProto, current: onnx.ModelProto,
-                    calib: Calibration) -> tuple[PassConfig | None, str | None, float | None]:
+                    calib: Calibration, timer: Timer | None = None
+                    ) -> tuple[PassConfig | None, str | None, float | None]:
     """The step's config with its targets turned into what is left of the pipeline's.
 
     ``target_speedup`` and ``target_macs`` are for the whole pipeline. Returns (config, note,
@@ -215,10 +224,10 @@ def pipeline_target(config: PassConfig, original: onnx.ModelProto, current: onnx
     so_far = 1 / max(mac_ratio, 1e-12)
     if timed:
         feeds = {k: v[:1] for k, v in calib.batches[0].items()}
-        so_far = bench.compare_models(original, current, feeds,
-                                      str(getattr(config, "provider", "cpu")),
-                                      int(getattr(config, "threads", 1)),
-                                      runs=max(int(getattr(config, "bench_runs", 30)), 100))
+        cfg = bench.BenchConfig(provider=str(getattr(config, "provider", "cpu")),
+                                threads=int(getattr(config, "threads", 1)), warmup=5,
+                                runs=max(int(getattr(config, "bench_runs", 30)), 100))
+        so_far = (timer or Timer()).compare([original, current], cfg, feeds).speedups[0].median
     what = "measured" if timed else "cut the MACs"
     changes: dict[str, float | None] = {}
     if target is not None and so_far > 1.0:

@@ -20,6 +20,31 @@ PROVIDERS = {
 }
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (``/proc/cpuinfo``; empty when they cannot be read)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def channel_block(provider: str) -> int:
+    """The channel count a provider's conv kernels work in blocks of.
+
+    ONNX Runtime's CPU provider runs convs in a blocked layout (NCHWc) of 16 channels on
+    AVX-512 CPUs and 8 on AVX2; a layer of 40 channels then costs what 48 do. Pruning and
+    rank rounding keep channel counts a multiple of this. 8 elsewhere (GPU tensor cores
+    want multiples of 8).
+    """
+    if provider == "cpu" and "avx512f" in cpu_flags():
+        return 16
+    return 8
+
+
 def provider_list(provider: str) -> list[str]:
     """ORT provider names for a short name; raise :class:`InputError` when unavailable."""
     if provider not in PROVIDERS:

@@ -47,11 +47,13 @@ from onnxcomp.graph import Graph, Node, Tensor
 from onnxcomp.model import copy_model
 from onnxcomp.ops import FLOAT_TYPES, NOOP_CANDIDATES
 from onnxcomp.passbase import (
+    NOTHING_TO_DO,
     Change,
     PassBase,
     PassConfig,
     PassResult,
     Report,
+    RunContext,
     Skip,
     SkipReason,
     option,
@@ -77,7 +79,8 @@ class Canonicalize(PassBase):
     config_cls: ClassVar[type[PassConfig]] = CanonicalizeConfig
 
     def call(
-        self, model: onnx.ModelProto, config: PassConfig, calib: Calibration | None
+        self, model: onnx.ModelProto, config: PassConfig, calib: Calibration | None,
+        ctx: RunContext,
     ) -> PassResult:
         """Return a canonicalized copy of ``model``."""
         assert isinstance(config, CanonicalizeConfig)
@@ -111,7 +114,7 @@ class Canonicalize(PassBase):
             if match is not None:
                 report.apply(_fuse_hardswish(graph, *match))
         if not report.applied:
-            report.notes.append("nothing to canonicalize")
+            report.note(NOTHING_TO_DO, "nothing to canonicalize")
             return PassResult(copy_model(model), report)
         return PassResult(graph.export(), report)
 

@@ -38,11 +38,13 @@ from onnxcomp.graph import Graph
 from onnxcomp.linear import own_float_weight
 from onnxcomp.model import copy_model
 from onnxcomp.passbase import (
+    NOTHING_TO_DO,
     Change,
     PassBase,
     PassConfig,
     PassResult,
     Report,
+    RunContext,
     Skip,
     SkipReason,
     exclude_option,
@@ -69,14 +71,14 @@ class Equalize(PassBase):
     uses_calibration: ClassVar[bool] = True
 
     def call(self, model: onnx.ModelProto, config: PassConfig,
-             calib: Calibration | None) -> PassResult:
+             calib: Calibration | None, ctx: RunContext) -> PassResult:
         """Equalize every linear conv pair of a copy of ``model``."""
         assert isinstance(config, EqualizeConfig)
         report = Report(self.name)
         graph = Graph(model)
         pairs = linear_pairs(graph, config.exclude)
         if not pairs:
-            report.notes.append("no Conv -> Conv pair with nothing between")
+            report.note(NOTHING_TO_DO, "no Conv -> Conv pair with nothing between")
             return PassResult(copy_model(model), report)
         assert calib is not None  # PassBase gives synthetic inputs without --calib
         amax = _channel_ranges(model, [a.outputs[0].name for a, _, _ in pairs], calib)

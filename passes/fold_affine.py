@@ -49,11 +49,13 @@ from onnxcomp.graph import Graph, Node, attr_ints
 from onnxcomp.model import copy_model
 from onnxcomp.ops import ACTIVATIONS, FLOAT_TYPES, NCHWC_OPS
 from onnxcomp.passbase import (
+    NOTHING_TO_DO,
     Change,
     PassBase,
     PassConfig,
     PassResult,
     Report,
+    RunContext,
     Skip,
     SkipReason,
     option,
@@ -82,7 +84,8 @@ class FoldAffine(PassBase):
     config_cls: ClassVar[type[PassConfig]] = FoldAffineConfig
 
     def call(
-        self, model: onnx.ModelProto, config: PassConfig, calib: Calibration | None
+        self, model: onnx.ModelProto, config: PassConfig, calib: Calibration | None,
+        ctx: RunContext,
     ) -> PassResult:
         """Return a new model with every foldable constant Mul/Add folded."""
         graph = Graph(model)
@@ -109,7 +112,7 @@ class FoldAffine(PassBase):
         for skip in reasons.values():
             report.add_skip(skip)
         if not report.applied:
-            report.notes.append("no constant Mul/Add folded")
+            report.note(NOTHING_TO_DO, "no constant Mul/Add folded")
             return PassResult(copy_model(model), report)
         return PassResult(graph.export(), report)
 

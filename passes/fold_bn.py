@@ -34,7 +34,17 @@ import onnx
 from onnxcomp.graph import Graph, Node
 from onnxcomp.model import copy_model
 from onnxcomp.ops import FLOAT_TYPES
-from onnxcomp.passbase import Change, PassBase, PassConfig, PassResult, Report, Skip, SkipReason
+from onnxcomp.passbase import (
+    NOTHING_TO_DO,
+    Change,
+    PassBase,
+    PassConfig,
+    PassResult,
+    Report,
+    RunContext,
+    Skip,
+    SkipReason,
+)
 
 PRODUCERS = ("Conv", "ConvTranspose", "Gemm")
 
@@ -55,7 +65,8 @@ class FoldBN(PassBase):
     config_cls: ClassVar[type[PassConfig]] = FoldBNConfig
 
     def call(
-        self, model: onnx.ModelProto, config: PassConfig, calib: Calibration | None
+        self, model: onnx.ModelProto, config: PassConfig, calib: Calibration | None,
+        ctx: RunContext,
     ) -> PassResult:
         """Return a new model with every foldable BatchNormalization folded."""
         graph = Graph(model)
@@ -67,7 +78,7 @@ class FoldBN(PassBase):
                 continue
             report.apply(self.rewrite(graph, bn))
         if not report.applied:
-            report.notes.append("no BatchNormalization folded")
+            report.note(NOTHING_TO_DO, "no BatchNormalization folded")
             return PassResult(copy_model(model), report)
         return PassResult(graph.export(), report)
 

@@ -31,6 +31,7 @@ from onnxcomp.passbase import (
     PassConfig,
     PassResult,
     Report,
+    RunContext,
     Skip,
     SkipReason,
     option,
@@ -71,7 +72,7 @@ class Opset(PassBase):
     tags_new_nodes: ClassVar[bool] = False  # the converter rewrites ops
 
     def call(self, model: onnx.ModelProto, config: PassConfig,
-             calib: Calibration | None) -> PassResult:
+             calib: Calibration | None, ctx: RunContext) -> PassResult:
         """A copy of ``model`` at ``config.target_opset``."""
         assert isinstance(config, OpsetConfig)
         report = Report(self.name)

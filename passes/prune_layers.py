@@ -38,12 +38,14 @@ from onnxcomp.model import copy_model
 from onnxcomp.moments import collect_compressed, collect_original
 from onnxcomp.ops import FOLLOWERS
 from onnxcomp.passbase import (
+    NOTHING_TO_DO,
     Change,
     ConfigError,
     PassBase,
     PassConfig,
     PassResult,
     Report,
+    RunContext,
     SkipReason,
     exclude_option,
     option,
@@ -53,6 +55,7 @@ from onnxcomp.passbase import (
 )
 from onnxcomp.refit import REFIT_ROWS_PER_UNKNOWN, shrunk_solve
 from onnxcomp.stream import LayerStream
+from onnxcomp.timing import Timer
 
 # Up to this many candidates, importance is measured with the next layers refit (what the
 # removal really costs); beyond, without (one model run per candidate).
@@ -114,15 +117,15 @@ class PruneLayers(PassBase):
     config_cls: ClassVar[type[PassConfig]] = PruneLayersConfig
     uses_calibration: ClassVar[bool] = True
 
-    def call(self, model: onnx.ModelProto, config: PassConfig, calib: Calibration | None
-             ) -> PassResult:
+    def call(self, model: onnx.ModelProto, config: PassConfig, calib: Calibration | None,
+             ctx: RunContext) -> PassResult:
         """Remove the least important units of a copy of ``model``."""
         assert isinstance(config, PruneLayersConfig)
         assert calib is not None  # PassBase gives synthetic inputs (and says so)
         report = Report(self.name)
         units = find_units(Graph(model), config.exclude, report)
         if not units:
-            report.notes.append("no removable layer")
+            report.note(NOTHING_TO_DO, "no removable layer")
             return PassResult(copy_model(model), report)
         names, ref = verify_outputs(model, calib)
         importance = {}
@@ -143,7 +146,8 @@ class PruneLayers(PassBase):
             chosen = _disjoint(ranked, config.layers or 1)
             pruned = _finish(model, chosen, config, calib)
         else:
-            chosen, pruned = _fewest_layers_for_speed(model, ranked, config, calib, report)
+            chosen, pruned = _fewest_layers_for_speed(model, ranked, config, calib, report,
+                                                      ctx.timer)
         for unit in ranked:
             if unit in chosen:
                 report.apply(Change(
@@ -366,8 +370,8 @@ def _next_linear(graph: Graph, tensor: Any) -> list[str]:
 
 
 def _fewest_layers_for_speed(model: onnx.ModelProto, ranked: list[Unit],
-                             config: PruneLayersConfig, calib: Calibration, report: Report
-                             ) -> tuple[list[Unit], onnx.ModelProto]:
+                             config: PruneLayersConfig, calib: Calibration, report: Report,
+                             timer: Timer) -> tuple[list[Unit], onnx.ModelProto]:
     """The fewest units (least important first) whose removal measures fast enough.
 
     More units removed is faster, so the count is bisected (see onnxcomp/search.py): the
@@ -385,7 +389,7 @@ def _fewest_layers_for_speed(model: onnx.ModelProto, ranked: list[Unit],
     def fast_enough(count: int) -> bool:
         if count not in measured:
             candidate = remove(model, _disjoint(ranked, count))
-            res = bench.benchmark([model, candidate], cfg, inputs=feeds)
+            res = timer.compare([model, candidate], cfg, feeds)
             measured[count] = float(res.speedups[0].median)
         return measured[count] >= target
 

@@ -47,13 +47,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import platform
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import onnx
 
-from onnxcomp import bench, fidelity, quant, search
+from onnxcomp import bench, fidelity, quant, runtime, search
 from onnxcomp.calibration import Calibration
 from onnxcomp.graph import Graph
 from onnxcomp.linear import own_float_weight
@@ -62,10 +61,12 @@ from onnxcomp.passbase import (
     Change,
     ConfigError,
     InputError,
+    Note,
     PassBase,
     PassConfig,
     PassResult,
     Report,
+    RunContext,
     Skip,
     SkipReason,
     exclude_option,
@@ -73,6 +74,7 @@ from onnxcomp.passbase import (
     seed_option,
 )
 from onnxcomp.passes import equalize, fold_bn, opset
+from onnxcomp.timing import Timer
 
 MODES = ("static", "weight", "kmeans", "binary")
 CALIBRATORS = ("percentile", "minmax", "entropy")
@@ -182,12 +184,7 @@ def reduced_range(config: QuantizeConfig) -> bool:
 
 def _cpu_has_vnni() -> bool:
     """True when the CPU flags list VNNI / AMX (False when they cannot be read)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = set(text.split())
-    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    return bool(runtime.cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 class Quantize(PassBase):
@@ -198,12 +195,12 @@ class Quantize(PassBase):
     config_cls: ClassVar[type[PassConfig]] = QuantizeConfig
 
     def call(self, model: onnx.ModelProto, config: PassConfig,
-             calib: Calibration | None) -> PassResult:
+             calib: Calibration | None, ctx: RunContext) -> PassResult:
         """Quantize the constant weights (and, static, the activations) of a copy of ``model``."""
         if not isinstance(config, QuantizeConfig):
             raise ConfigError("quantize needs a QuantizeConfig")
         if config.mode == "static":
-            return _static(model, config, calib)
+            return _static(model, config, calib, ctx.timer)
         return _weights_only(model, config)
 
 
@@ -242,15 +239,17 @@ def _weights_only(model: onnx.ModelProto, config: QuantizeConfig) -> PassResult:
     opset = default_opset(model) or 0
     storage4 = config.mode == "weight" and config.bits == 4 and opset >= quant.INT4_OPSET
     if config.mode == "weight" and config.bits == 4 and not storage4:
-        report.notes.append(f"int4 initializers need opset >= {quant.INT4_OPSET} (model has "
-                            f"{opset}): 4-bit values are stored as int8")
+        report.note("int4_stored_as_int8",
+                    f"int4 initializers need opset >= {quant.INT4_OPSET} (model has {opset}): "
+                    f"4-bit values are stored as int8")
     if config.mode in ("weight", "binary") and opset < 13:
-        report.notes.append("opset < 13 has no per-channel DequantizeLinear: the "
-                            "per-channel scales are applied by a Mul after it")
+        report.note("scales_by_mul", "opset < 13 has no per-channel DequantizeLinear: the "
+                                     "per-channel scales are applied by a Mul after it")
     if config.mode == "binary":
-        report.notes.append("binary weights (BWN) are experimental: without training the "
-                            "error is large (see the fidelity); signs are stored as int8, "
-                            "ONNX Runtime has no 1-bit type (packed_bytes: the 1-bit figure)")
+        report.note("experimental",
+                    "binary weights (BWN) are experimental: without training the error is "
+                    "large (see the fidelity); signs are stored as int8, ONNX Runtime has no "
+                    "1-bit type (packed_bytes: the 1-bit figure)")
     huffman_bits = 0
     int4_names: set[str] = set()
     for node in graph.nodes:
@@ -304,26 +303,27 @@ def _weights_only(model: onnx.ModelProto, config: QuantizeConfig) -> PassResult:
 
 
 # ====================================================================== static int8
-def _static(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibration | None
-            ) -> PassResult:
+def _static(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibration | None,
+            timer: Timer) -> PassResult:
     """``--mode static``: int8 weights and uint8 activations in QDQ form.
 
     Activation ranges are measured once on the float model for every layer that could be
     quantized; each candidate model (all layers, or all but the most sensitive ones for
     ``--max-drop``) is then built from those ranges.
     """
-    notes = []
+    notes: list[Note] = []
     original = model  # what a pass that applies nothing hands back
     opset = default_opset(model) or 0
     if opset < 13:
         upgraded = _to_opset13(model)
         if upgraded is None:
-            notes.append(f"opset {opset}: static quantization uses per-tensor weight scales "
-                         f"(per-channel needs opset 13 to stay fusable, and the onnx version "
-                         f"converter could not upgrade this model)")
+            notes.append(Note("per_tensor_weights",
+                              f"opset {opset}: static quantization uses per-tensor weight scales "
+                              f"(per-channel needs opset 13 to stay fusable, and the onnx version "
+                              f"converter could not upgrade this model)"))
         else:
-            notes.append(f"opset {opset} -> 13 (onnx version converter), for per-channel "
-                         f"int8 weights")
+            notes.append(Note("opset_upgraded", f"opset {opset} -> 13 (onnx version "
+                                                f"converter), for per-channel int8 weights"))
             model = upgraded
     assert calib is not None  # PassBase gives synthetic inputs to static runs (and says so)
     if config.calibrator in ("percentile", "entropy") and (
@@ -333,8 +333,9 @@ def _static(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibration |
                          f"{calib.num_samples} (use --calibrator minmax)")
     model, bn_folded = _fold_batchnorms(model)
     if bn_folded:
-        notes.append(f"{bn_folded} BatchNormalization folded into their convs first (int8 "
-                     f"between a conv and its BN loses what the BN scales up)")
+        notes.append(Note("bn_folded", f"{bn_folded} BatchNormalization folded into their "
+                                       f"convs first (int8 between a conv and its BN loses what "
+                                       f"the BN scales up)"))
     equalized = 0
     if config.equalize:
         eq = equalize.PASS(model, equalize.EqualizeConfig(exclude=config.exclude), calib)
@@ -356,13 +357,13 @@ def _static(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibration |
     report.metrics["tensors_equalized"] = equalized
     report.metrics["batchnorms_folded"] = bn_folded
     feeds = {k: v[:1] for k, v in calib.batches[0].items()}
-    res = bench.benchmark([model, quantized],
-                          bench.BenchConfig(provider=config.provider, runs=20, warmup=3),
-                          inputs=feeds)
+    res = timer.compare([model, quantized],
+                        bench.BenchConfig(provider=config.provider, runs=20, warmup=3), feeds)
     speedup = float(res.speedups[0].median)
     report.metrics["measured_speedup"] = round(speedup, 3)
     if speedup < 1.0:
-        report.notes.append(
+        report.note(
+            "slower_than_float",
             f"static int8 measured {speedup:.2f}x (slower than float) on {config.provider}: "
             f"ONNX Runtime could not fuse enough of the QDQ pattern here")
     return PassResult(quantized, report)
@@ -483,7 +484,7 @@ def _build_static(model: onnx.ModelProto, config: QuantizeConfig,
 
 def _float_layers_for_drop(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibration,
                    ranges: dict[str, tuple[float, float]], quantized: onnx.ModelProto,
-                   report: Report, notes: list[str]) -> tuple[onnx.ModelProto, Report]:
+                   report: Report, notes: list[Note]) -> tuple[onnx.ModelProto, Report]:
     """Leave the most sensitive layers in float until the drop is within ``--max-drop``.
 
     Sensitivity of a layer: the output error with that layer alone quantized (on at most
@@ -535,10 +536,11 @@ def _float_layers_for_drop(model: onnx.ModelProto, config: QuantizeConfig, calib
                          f"layer(s) left in float, drop now {best_drop:.3g} (most sensitive, "
                          f"output error alone: {worst})")
     if good == len(ranked):
-        best_report.notes.append(f"--max-drop {config.max_drop}: not met with any layer "
-                                 f"quantized; the model is left in float")
+        best_report.note("max_drop", f"--max-drop {config.max_drop}: not met with any layer "
+                                     f"quantized; the model is left in float")
     else:
-        best_report.notes.append(
+        best_report.note(
+            "max_drop",
             f"--max-drop {config.max_drop}: {good} most sensitive layer(s) left in float; "
             f"drop {best_drop:.4f} on {reference.calib.num_samples} calibration samples "
             f"(all layers: {drop:.4f})")

@@ -55,7 +55,7 @@ def test_a_tensor_read_twice_is_no_pair():
     model.graph.output.append(tensor("side", ["N", 8, 6, 6]))
     result = equalize(model, EqualizeConfig(), calibration(model))
     assert not result.report.applied
-    assert any("no Conv -> Conv pair" in n for n in result.report.notes)
+    assert "nothing_to_do" in result.report.codes
 
 
 def test_the_pipeline_runs_it_before_static_int8_and_verifies_it():
@@ -67,5 +67,5 @@ def test_the_pipeline_runs_it_before_static_int8_and_verifies_it():
     assert [s.name for s in result.steps] == ["fold_bn", "equalize", "quantize"]
     eq = result.steps[1]
     assert eq.lossless and eq.fidelity.rel_l2 < 1e-5 and eq.report.applied
-    assert "run before quantize" in eq.report.notes[0]
+    assert eq.report.notes[0].code == "prerequisite"
     assert result.steps[2].config.equalize is False  # done once, by the step before

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from builders import calibration, conv_model
 
-from onnxcomp import bench, latency_cache
+from onnxcomp import latency_cache
 from onnxcomp.decompose import LowRankConfig
 from onnxcomp.latency_cache import LatencyCache, structure_hash
-from onnxcomp.measure import _LATENCY_CACHE
-from onnxcomp.passbase import InputError
+from onnxcomp.passbase import InputError, RunContext
 from onnxcomp.passes import REGISTRY
+from onnxcomp.timing import Timer
 
 
 def test_round_trip_keeps_other_machines(tmp_path, monkeypatch):
@@ -56,7 +56,7 @@ def test_structure_hash_ignores_weight_values_only():
     assert structure_hash(conv_model(w[:4], pads=[1, 1, 1, 1])) != base
 
 
-def test_second_compile_replays_the_first(tmp_path, monkeypatch):
+def test_second_compile_replays_the_first(tmp_path):
     w = np.random.default_rng(1).standard_normal([64, 64, 3, 3]).astype(np.float32)
     model = conv_model(w, size=16, batch="N", pads=[1, 1, 1, 1])
     calib = calibration(model, n=4, batch=4)
@@ -66,13 +66,11 @@ def test_second_compile_replays_the_first(tmp_path, monkeypatch):
     stats = first.report.metrics["latency_cache"]
     assert stats["measured"] > 0 and (tmp_path / "lat.json").exists()
 
-    _LATENCY_CACHE.clear()  # a fresh process
-
     def no_timing(*args, **kwargs):
         raise AssertionError("measured although the cache has it")
 
-    monkeypatch.setattr(bench, "benchmark", no_timing)
-    second = svd(model, config, calib)
+    # a fresh process: an empty memo, and a timer that must not time
+    second = svd(model, config, calib, context=RunContext(timer=Timer(no_timing)))
     assert second.report.metrics["latency_cache"]["measured"] == 0
     assert second.report.metrics["latency_cache"]["hits"] >= stats["measured"]
     assert second.model.SerializeToString() == first.model.SerializeToString()

@@ -22,7 +22,7 @@ LAYERS: dict[str, int] = {
                      "refit", "chain", "linear", "cp_als", "lowrank", "depgraph", "verify", "quant",
                      "fidelity", "ops", "importance"], 1),
     **dict.fromkeys(["graph", "model", "runtime", "calibration", "capture", "synthetic",
-                     "cost", "bench", "latency_cache", "errors", "passbase"], 0),
+                     "cost", "bench", "latency_cache", "errors", "passbase", "timing"], 0),
 }
 
 

@@ -27,7 +27,7 @@ class _Toy(PassBase):
     config_cls: ClassVar[type[PassConfig]] = _Cfg
     uses_calibration: ClassVar[bool] = True
 
-    def call(self, model, config, calib):
+    def call(self, model, config, calib, ctx):
         self.seen = calib
         if config.mode == "same":
             return PassResult(model, Report(self.name))
@@ -72,7 +72,7 @@ def test_synthetic_calibration_is_given_and_said():
     result = toy(_model(), _Cfg())
     assert toy.seen is not None and toy.seen.synthetic
     assert result.report.metrics["synthetic_calibration"] is True
-    assert any("synthetic" in n for n in result.report.notes)
+    assert "synthetic_calibration" in result.report.codes
 
 
 def test_every_registered_pass_stands_on_the_base():
@@ -88,3 +88,22 @@ def test_unnamed_input_nodes_that_come_back_named_are_not_new():
     assert result.report.applied
     relu = next(n for n in result.model.graph.node if n.op_type == "Relu")
     assert relu.name  # named by the export, and no PassError
+
+
+def test_notes_carry_codes_through_json_and_pickle():
+    import json
+    import pickle
+
+    from onnxcomp.passbase import Note, Report
+
+    report = Report("p")
+    report.note("later", "second")
+    report.note("sooner", "first", first=True)
+    report.warn("loud", "a warning")
+    assert [str(n) for n in report.notes] == ["first", "second"]
+    assert report.codes == {"sooner", "later", "loud"}
+    doc = json.loads(json.dumps(report.to_dict()))
+    assert doc["notes"] == [{"code": "sooner", "text": "first"},
+                            {"code": "later", "text": "second"}]
+    again = pickle.loads(pickle.dumps(report.notes[0]))
+    assert isinstance(again, Note) and again.code == "sooner" and again == "first"

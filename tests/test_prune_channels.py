@@ -199,7 +199,7 @@ def test_keep_count_rounding():
 
 
 @pytest.mark.parametrize("kwargs", [{"ratio": 1.0}, {"ratio": -0.1}, {"criterion": "magic"},
-                                    {"target_speedup": 0.5}, {"round_to": 0}])
+                                    {"target_speedup": 0.5}, {"round_to": -1}])
 def test_config_validation(kwargs):
     with pytest.raises(ConfigError):
         PruneConfig(**kwargs)
@@ -247,3 +247,14 @@ def test_random_graphs_stay_valid(model, ratio, refit):
     feeds = random_feeds(model, 0)
     for ya, yb in zip(run(model, feeds), run(result.model, feeds), strict=True):
         assert ya.shape == yb.shape and np.all(np.isfinite(yb))
+
+
+def test_default_rounding_is_the_providers_channel_block():
+    from onnxcomp import runtime
+
+    model = _zero_channel_chain()
+    result = prune(model, PruneConfig(ratio=0.5, refit=False), calibration(model, n=8))
+    block = runtime.channel_block("cpu")
+    assert result.report.metrics["round_to"] == block
+    # 8-channel groups are not above a block of 8 or 16: nothing to prune
+    assert not result.report.applied

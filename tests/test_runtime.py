@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import platform
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -36,3 +38,18 @@ def test_large_model_goes_through_a_file(monkeypatch):
     feeds = random_feeds(model, 0, 1)
     np.testing.assert_allclose(session.run(None, feeds)[0], run(model, feeds)[0], rtol=1e-4,
                                atol=1e-5)
+
+
+def test_channel_block_follows_the_cpu(monkeypatch):
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2", "avx512f"})
+    assert runtime.channel_block("cpu") == 16
+    assert runtime.channel_block("cuda") == 8
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2"})
+    assert runtime.channel_block("cpu") == 8
+
+
+def test_cpu_flags_reads_this_machine():
+    flags = runtime.cpu_flags()
+    assert isinstance(flags, set)
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert "sse2" in flags
