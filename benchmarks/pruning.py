@@ -30,6 +30,8 @@ from cases import CASES, fmnist_accuracy, run
 from common import calibration, fixed_batch, macs, optimize, params, speed, write
 
 
+from onnxcomp import runtime
+
 def prune_row(name: str, opts: dict[str, Any], n_calib: int, runs: int,
               pass_name: str = "prune_channels") -> dict[str, Any]:
     case = CASES[name]
@@ -133,7 +135,8 @@ def main() -> None:
     if not md:
         return
     pre = (f"prune_channels after canonicalize + fold_bn; ORT CPU 1 thread batch 1, "
-           f"{args.runs} interleaved rounds; {platform.machine()}.\n\n")
+           f"{args.runs} interleaved rounds; {platform.machine()}, channels rounded to "
+           f"multiples of {runtime.channel_block('cpu')} (the CPU's conv block).\n\n")
     path = write("pruning", [], [], docs, pre + "".join(md))
     print(path.read_text())
 

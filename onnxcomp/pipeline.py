@@ -65,6 +65,8 @@ class PipelineResult:
     steps: tuple[StepResult, ...]
     fidelity: verify.Fidelity
     synthetic_calibration: bool
+    # What the run's timer spent (measurements, repeats for noise, memo hits, seconds).
+    timing: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serializable form."""
@@ -72,6 +74,7 @@ class PipelineResult:
             "steps": [s.to_dict() for s in self.steps],
             "fidelity_vs_original": self.fidelity.to_dict(),
             "synthetic_calibration": self.synthetic_calibration,
+            "timing": dict(self.timing),
         }
 
 
@@ -197,7 +200,8 @@ def run_pipeline(
     final = fidelity.Reference.of(model, calib).compare(current) if changed else \
         verify.compare_outputs(names, original, previous,
                                verify.calibrated_decisions(model, calib))
-    return PipelineResult(current, tuple(results), final, calib.synthetic)
+    return PipelineResult(current, tuple(results), final, calib.synthetic,
+                          ctx.timer.spent.to_dict())
 
 
 def pipeline_target(config: PassConfig, original: onnx.ModelProto, current: onnx.ModelProto,

@@ -191,6 +191,7 @@ def _target_run(so_far: float, first_changes: bool, target: float = 2.0):
 def test_target_is_for_the_whole_pipeline():
     record, result, timed = _target_run(so_far=1.6, first_changes=True)
     assert timed and record.seen == [pytest.approx(2.0 / 1.6)]
+    assert result.timing["measurements"] == timed  # what the run's timer spent is reported
     report = result.steps[-1].report
     assert report.metrics["pipeline_speedup_before"] == 1.6
     assert report.notes[0].code == "pipeline_target"
