@@ -29,8 +29,8 @@ from typing import Any
 from cases import CASES, fmnist_accuracy, run
 from common import calibration, fixed_batch, macs, optimize, params, speed, write
 
-
 from onnxcomp import runtime
+
 
 def prune_row(name: str, opts: dict[str, Any], n_calib: int, runs: int,
               pass_name: str = "prune_channels") -> dict[str, Any]:
