@@ -19,6 +19,7 @@ import onnx
 
 from onnxcomp import bench, cost, fidelity, search, verify
 from onnxcomp.calibration import Calibration
+from onnxcomp.judge import Judge
 from onnxcomp.latency_cache import structure_hash
 from onnxcomp.linear import Layer, Plan, batch1_shapes
 from onnxcomp.moments import Moments
@@ -83,10 +84,11 @@ class Probes:
     def __init__(self, model: onnx.ModelProto, layers: list[Layer], moments: list[Moments],
                  calib: Calibration, config: LowRankConfig,
                  build: Callable[[dict[int, Option]], onnx.ModelProto],
-                 timer: Timer | None = None) -> None:
+                 timer: Timer | None = None, judge: Judge | None = None) -> None:
         self.model, self.layers, self.moments = model, layers, moments
         self._build_model = build  # a candidate model for a choice (symmetric refit)
         self.timer = timer or Timer()
+        self.judge = judge or Judge()
         self._structure = structure_hash(model) if self.timer.cache is not None else ""
         self.calib = calib
         self.config = config
@@ -99,6 +101,13 @@ class Probes:
         self._ref: fidelity.Reference | None = None
         self._model_ms: float | None = None
         self.decisions = verify.calibrated_decisions(model, calib)
+        self.scores = verify.calibrated_scores(model, calib)
+
+    def judged_by(self) -> str:
+        """Which outputs the agreement reads, for the report."""
+        names = [self.model.graph.output[i].name for i, _ in self.decisions]
+        names += [self.model.graph.output[s.index].name for s in self.scores]
+        return ", ".join(dict.fromkeys(names)) or "none"
 
     def model_ms(self) -> float:
         """The model's measured latency (ms), once per compile (and per latency cache)."""
@@ -131,7 +140,8 @@ class Probes:
                                 max_seconds=PROBE_SECONDS)
 
         def measure() -> list[float]:
-            res = self.timer.compare([self.model, candidate], cfg, self.feeds)
+            res = self.timer.compare([self.model, candidate], cfg, self.feeds,
+                                     around=self.config.target_speedup or 1.0)
             s = res.speedups[0]
             return [s.median, s.p10, s.p90]
 
@@ -163,19 +173,21 @@ class Probes:
         return self._speedup[k]
 
     def fidelity(self, chosen: dict[int, Option]) -> tuple[float, float | None]:
-        """(relative output error, decision agreement or None) of ``chosen``.
+        """(relative output error, agreement or None) of ``chosen``.
 
-        Both on the calibration data; the agreement is None without decision outputs.
+        Both on the calibration data; the agreement (:func:`onnxcomp.fidelity.agreement`:
+        argmax decisions and above-threshold scores kept) is None when the outputs decide
+        nothing.
         """
         k = self.key(chosen)
         if k not in self._fidelity:
             if not chosen:
-                self._fidelity[k] = (0.0, 1.0 if self.decisions else None)
+                self._fidelity[k] = (0.0, 1.0 if self.decisions or self.scores else None)
             else:
                 if self._ref is None:
-                    self._ref = fidelity.Reference.of(self.model, self.calib)
+                    self._ref = fidelity.Reference.of(self.model, self.calib, self.judge)
                 fid = self._ref.compare(self.build(chosen))
-                self._fidelity[k] = (fid.rel_l2, fid.decision_agreement)
+                self._fidelity[k] = (fid.rel_l2, fidelity.agreement(fid))
         return self._fidelity[k]
 
 
@@ -331,7 +343,10 @@ def _auto_allocate(
     if probes.decisions:
         report.metrics["decision_outputs"] = [model.graph.output[i].name
                                               for i, _ in probes.decisions]
-    else:
+    if probes.scores:
+        report.metrics["score_outputs"] = [model.graph.output[s.index].name
+                                           for s in probes.scores]
+    if not probes.decisions and not probes.scores:
         min_agreement = None
     if max_error is not None or min_agreement is not None:
         target_index = index
@@ -540,6 +555,7 @@ def _bound_fidelity(picks: list[dict[int, Option]], limit: int, max_error: float
         report.note(
             "min_agreement_bound_active",
             f"--min-agreement {min_agreement} limits the ranks: the next faster choice keeps "
-            f"{agree:.1%} of the calibration samples' decisions"
+            f"{agree:.1%} of what the outputs decide on the calibration samples (argmax "
+            f"decisions, above-threshold scores: {probes.judged_by()})"
             + (f" (this one {kept:.1%})" if kept is not None else ""))
     return lo

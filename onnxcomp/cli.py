@@ -16,8 +16,10 @@ import click
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from onnxcomp import auto as auto_mod
 from onnxcomp import bench as bench_mod
-from onnxcomp import calibration, cost, pipeline, report, synthetic
+from onnxcomp import calibration, cost, passbase, pipeline, report, synthetic
+from onnxcomp import judge as judge_mod
 from onnxcomp import model as model_io
 from onnxcomp import recipe as recipe_mod
 from onnxcomp.errors import ConfigError, InputError, OnnxcompError
@@ -126,6 +128,9 @@ def _click_option(f: dataclasses.Field[Any], kind: Any) -> Callable[[F], F]:
             decl = f"--{f.name.replace('_', '-')}/--no-{f.name.replace('_', '-')}"
         return click.option(decl, f.name, default=None, help=help_)
     if typing.get_origin(kind) is tuple:
+        if meta.get("choices"):
+            return click.option(decl, f.name, multiple=True, help=help_,
+                                type=click.Choice(meta["choices"]))
         return click.option(decl, f.name, multiple=True, metavar="NODE", help=help_)
     if meta.get("choices"):
         return click.option(decl, f.name, type=click.Choice(meta["choices"]), help=help_)
@@ -135,7 +140,7 @@ def _click_option(f: dataclasses.Field[Any], kind: Any) -> Callable[[F], F]:
 
 # Parameters of `optimize` that configure passes (a recipe holds them instead).
 PASS_FLAGS = frozenset({*_pass_fields(), "groups", "depth_multiplier"})
-LOWRANK = ("cp", "tucker", "svd", "kernel_sharing", "depthwise_separable")
+LOWRANK = ("cp", "tucker", "svd", "kernel_sharing", "depthwise_separable", "factorize")
 
 
 def pass_options(func: F) -> F:
@@ -210,6 +215,24 @@ def main(verbose: int) -> None:
 @click.option("--recipe", "recipe_path", type=click.Path(path_type=Path),
               help="Run the passes and options of this recipe file (TOML or .json) instead "
                    "of --pass and pass flags.")
+@click.option("--auto", "auto_mode", is_flag=True,
+              help="Choose the passes: the fastest plan within --max-drop (default "
+                   f"{auto_mod.DEFAULT_MAX_DROP} without it) that meets --target-speedup "
+                   "(int8, per-layer factorization, both, channel pruning; see the report).")
+@click.option("--heldout", "heldout_path", type=click.Path(path_type=Path),
+              help="Held-out data (like --calib, never used to compile): the final model's "
+                   "fidelity on it is reported beside the calibration figure.")
+@click.option("--score-threshold", "score_threshold", type=float, default=0.5,
+              show_default=True,
+              help="Sigmoid outputs (detector scores, probability maps): a value above this is "
+                   "a confident detection; fidelity bounds keep the above-threshold sets.")
+@click.option("--metric", "metric_spec", metavar="MODULE:FUNCTION",
+              help="Your fidelity metric: FUNCTION(reference_outputs, new_outputs) per "
+                   "calibration batch, a score in [0, 1]; bounds (--max-drop, --min-agreement) "
+                   "then hold on it too. MODULE may be a file.py.")
+@click.option("--labels", "labels_path", type=click.Path(path_type=Path),
+              help="One class per calibration sample (.npy or .json): --max-drop then bounds "
+                   "the drop in labelled accuracy too.")
 @click.option("--save-recipe", "save_recipe", type=click.Path(path_type=Path),
               help="Write the run's passes and options as a recipe file (TOML).")
 @click.option("--report", "report_path", type=click.Path(path_type=Path),
@@ -228,16 +251,18 @@ def main(verbose: int) -> None:
 @pass_options
 @calib_options
 def optimize(model_path: Path, output: Path, passes: Sequence[str], recipe_path: Path | None,
+             auto_mode: bool, heldout_path: Path | None, score_threshold: float,
+             metric_spec: str | None, labels_path: Path | None,
              save_recipe: Path | None, report_path: Path | None, bench: bool, provider: str,
              threads: int, runs: int, latency_cache: Path | None, groups: str | None,
              depth_multiplier: str | None, **kw: Any) -> None:
     """Rewrite IN.onnx with the given passes, verify, benchmark and write -o OUT.onnx."""
     from onnxcomp.passes import REGISTRY
 
-    if recipe_path is not None and passes:
-        _fail("give --pass or --recipe, not both", code=2)
-    if recipe_path is None and not passes:
-        _fail("nothing to do: give --pass NAME (repeatable) or --recipe FILE", code=2)
+    if sum([recipe_path is not None, bool(passes), auto_mode]) > 1:
+        _fail("give one of --pass, --recipe and --auto", code=2)
+    if recipe_path is None and not passes and not auto_mode:
+        _fail("nothing to do: give --pass NAME (repeatable), --recipe FILE or --auto", code=2)
     unknown = [p for p in passes if p not in REGISTRY]
     if unknown:
         _fail(f"unknown pass '{unknown[0]}' (available: {', '.join(REGISTRY)})", code=2)
@@ -279,11 +304,28 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], recipe_path:
                                    for s in steps):
             err_console.print("[bold yellow]warning:[/] --rank auto without --calib: ranks are "
                               "chosen from weights alone", highlight=False)
+        heldout = (_load_calibration(model, {**calib_kw, "calib_path": heldout_path})
+                   if heldout_path is not None else None)
+        metric, metric_name = (judge_mod.load_metric(metric_spec) if metric_spec
+                               else (None, ""))
+        judge = judge_mod.Judge(
+            score_threshold, metric, metric_name,
+            judge_mod.load_labels(labels_path) if labels_path is not None else None)
+        run_ctx = passbase.RunContext(judge=judge)
+        chosen = None
         with _progress() as progress:
             task = progress.add_task("optimizing", total=None)
-            result = pipeline.run_pipeline(
-                model, steps, calib,
-                on_step=lambda n: progress.update(task, description=f"pass {n}"))
+            if auto_mode:
+                chosen = auto_mod.run_auto(model, calib, auto_mod.AutoConfig(
+                    target_speedup=options.get("target_speedup"),
+                    max_drop=options.get("max_drop", auto_mod.DEFAULT_MAX_DROP),
+                    provider=provider, threads=threads, latency_cache=options["latency_cache"]),
+                    context=run_ctx, on_step=lambda n: progress.update(task, description=n))
+                result, steps = chosen.result, chosen.steps
+            else:
+                result = pipeline.run_pipeline(
+                    model, steps, calib, context=run_ctx,
+                    on_step=lambda n: progress.update(task, description=f"pass {n}"))
             model_io.save(result.model, output)
             if save_recipe is not None:
                 _write_text(save_recipe, recipe_mod.dump(steps))
@@ -308,6 +350,19 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], recipe_path:
             for warning in step.report.warnings:
                 err_console.print(f"[bold yellow]warning:[/] {step.name}: {warning.text}",
                                   highlight=False)
+        if chosen is not None:
+            console.print(report.auto_table(chosen))
+            if chosen.code != "target_met" and options.get("target_speedup") is not None:
+                err_console.print(f"[bold yellow]warning:[/] auto: {chosen.why}",
+                                  highlight=False)
+        held = None
+        if heldout is not None:
+            held = report.heldout(model, result.model, calib, heldout,
+                                  options.get("max_drop") if auto_mode else None, judge)
+            console.print(held["text"], highlight=False)
+            if held.get("warning"):
+                err_console.print(f"[bold yellow]warning:[/] {held['warning']}",
+                                  highlight=False)
         if report_path is not None:
             doc = {
                 "input": str(model_path),
@@ -320,6 +375,8 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], recipe_path:
                 "latency": latency,
                 "realized": report.realized(latency, cost_before, cost_after),
                 **result.to_dict(),
+                **({"auto": chosen.to_dict()} if chosen is not None else {}),
+                **({"heldout": held} if held is not None else {}),
             }
             _write_json(report_path, doc)
 

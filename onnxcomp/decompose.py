@@ -44,6 +44,7 @@ from onnxcomp.allocate import LayerChoice, Option, Probes, allocate, realized
 from onnxcomp.calibration import Calibration
 from onnxcomp.chain import build_chain
 from onnxcomp.graph import Graph, check_rewritten
+from onnxcomp.judge import Judge
 from onnxcomp.latency_cache import LatencyCache
 from onnxcomp.linear import (
     Layer,
@@ -115,9 +116,10 @@ class LowRankConfig(PassConfig):
     # share of the calibration samples' decisions (0: no such bound).
     min_agreement: float = option(
         DEFAULT_MIN_AGREEMENT,
-        "--rank auto: keep at least this share of the calibration samples' decisions (argmax "
-        'of a softmax or logits output, at every position) unchanged, with or without a '
-        'target (0: off). Models with no such output are not bound by it.')
+        "--rank auto: keep at least this share of what the outputs decide on the calibration "
+        "samples (argmax of a softmax or logits output at every position; the F1 of a "
+        "sigmoid output's above-threshold set), with or without a target (0: off). Models "
+        "whose outputs decide nothing are not bound by it.")
     refit: bool = refit_option()
     refit_mode: str = refit_mode_option()
     rank_multiple: int = option(8, 'Round ranks to multiples of this.')
@@ -277,16 +279,18 @@ def _measure_options(layer: Layer, options: list[Option], model: onnx.ModelProto
     A chain's latency grows with its rank, so an option that loses to the original layer
     means every costlier option would too: they are marked not faster without measuring.
     """
-    lost, base = False, 0.0
     edges = measure.layer_edges_ms(layer, model, config, timer) if options else 0.0
-    for opt in sorted(options, key=lambda o: o.plan.macs):
-        opt.edges_ms = edges
-        if lost:
-            opt.base_ms, opt.ms = base, float("inf")
-            continue
-        opt.base_ms, opt.ms = measure.measure_plan(layer, opt.plan, model, config, timer)
-        base = opt.base_ms
-        lost = opt.base_ms < config.min_layer_speedup * opt.ms
+    for method in dict.fromkeys(o.plan.method for o in options):  # per method (factorize)
+        lost, base = False, 0.0
+        for opt in sorted((o for o in options if o.plan.method == method),
+                          key=lambda o: o.plan.macs):
+            opt.edges_ms = edges
+            if lost:
+                opt.base_ms, opt.ms = base, float("inf")
+                continue
+            opt.base_ms, opt.ms = measure.measure_plan(layer, opt.plan, model, config, timer)
+            base = opt.base_ms
+            lost = opt.base_ms < config.min_layer_speedup * opt.ms
 
 
 def run_decomposition(
@@ -297,6 +301,7 @@ def run_decomposition(
     pass_name: str,
     progress: Callable[[str], None] | None = None,
     timer: Timer | None = None,
+    judge: Judge | None = None,
 ) -> PassResult:
     """Decompose ``model``'s layers with ``method`` per ``config``; see the module docstring.
 
@@ -367,7 +372,7 @@ def run_decomposition(
     fits = {i: option_fits[i] for i in range(len(kept))}  # probes refit from these
     probes = Probes(model, kept, moments, calib, symmetric,
                     lambda chosen: _build(model, chosen, kept, moments, targets, calib,
-                                          symmetric, "probe", None, fits)[0], timer)
+                                          symmetric, "probe", None, fits)[0], timer, judge)
     chosen = allocate(choices, probes, config, report)
     final_model, changes = _build(model, chosen, kept, moments, targets, calib, config,
                                   pass_name, progress, fits)
@@ -513,7 +518,7 @@ class DecompositionPass(PassBase):
         """
         assert isinstance(config, LowRankConfig)
         return run_decomposition(self.method_for(config), model, config, calib, self.name,
-                                 timer=ctx.timer)
+                                 timer=ctx.timer, judge=ctx.judge)
 
     def method_for(self, config: LowRankConfig) -> Any:
         """The :class:`Method` object for one run."""

@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 
 import numpy as np
 import onnx
 
 from onnxcomp import capture, verify
+from onnxcomp import outputs as kinds
 from onnxcomp.calibration import Calibration
+from onnxcomp.errors import InputError
+from onnxcomp.judge import Judge
 
 
 def run(model: onnx.ModelProto, calib: Calibration) -> list[np.ndarray]:
@@ -29,15 +33,46 @@ def run(model: onnx.ModelProto, calib: Calibration) -> list[np.ndarray]:
     return capture.run_model(model, calib, threads=os.cpu_count() or 1, optimize=True)
 
 
-def drop(fid: verify.Fidelity) -> float:
-    """One number for "how much was lost", the larger the worse.
+def bound(fid: verify.Fidelity) -> tuple[float, str]:
+    """How much was lost (the larger the worse) and by which measure.
 
-    1 - the share of samples whose decisions are all kept when the model has decision
-    outputs; else 1 - top-1 agreement for a classifier-like output (2-D, several classes);
-    else the relative L2 error of the outputs.
+    Where the model's outputs decide something (onnxcomp/outputs.py), the worst of: 1 - the
+    share of samples whose argmax decisions are all kept (``decisions``), 1 - the mean F1 of
+    the above-threshold score sets (``scores``), and the relative error of the outputs beside
+    them (``regression``: boxes next to class scores). Otherwise 1 - top-1 agreement for a
+    classifier-like output (``top1``), else the relative L2 error (``rel_l2``). The user's
+    terms (onnxcomp/judge.py) count too: 1 - the ``--metric`` score (``metric``), the drop in
+    labelled accuracy (``labels``).
     """
-    kept = fid.decision_agreement if fid.decision_agreement is not None else fid.top1_agreement
-    return 1.0 - kept if kept is not None else fid.rel_l2
+    parts: list[tuple[float, str]] = []
+    if fid.metric_score is not None:
+        parts.append((1.0 - fid.metric_score, "metric"))
+    if fid.label_accuracy is not None:
+        parts.append((max(0.0, fid.label_accuracy[0] - fid.label_accuracy[1]), "labels"))
+    if fid.decision_agreement is not None:
+        parts.append((1.0 - fid.decision_agreement, "decisions"))
+    if fid.score_agreement is not None:
+        parts.append((1.0 - fid.score_agreement, "scores"))
+    if parts and fid.regression_rel_l2 is not None:
+        parts.append((fid.regression_rel_l2, "regression"))
+    if not parts:
+        parts.append((1.0 - fid.top1_agreement, "top1") if fid.top1_agreement is not None
+                     else (fid.rel_l2, "rel_l2"))
+    return max(parts, key=lambda p: p[0])
+
+
+def drop(fid: verify.Fidelity) -> float:
+    """One number for "how much was lost", the larger the worse (see :func:`bound`)."""
+    return bound(fid)[0]
+
+
+def agreement(fid: verify.Fidelity) -> float | None:
+    """The share of what the outputs decide that is kept: the worse of decisions and scores.
+
+    None when the model decides nothing (no argmax or score output).
+    """
+    kept = [a for a in (fid.decision_agreement, fid.score_agreement) if a is not None]
+    return min(kept) if kept else None
 
 
 @dataclasses.dataclass
@@ -49,13 +84,24 @@ class Reference:
     names: list[str]
     outputs: list[np.ndarray]
     decisions: list[tuple[int, int]]
+    scores: list[kinds.ScoreOutput] = dataclasses.field(default_factory=list)
+    judge: Judge = dataclasses.field(default_factory=Judge)
     _prepared: verify.PreparedReference | None = dataclasses.field(default=None, repr=False)
 
     @classmethod
-    def of(cls, model: onnx.ModelProto, calib: Calibration) -> Reference:
-        """Run ``model`` once on ``calib``; decisions come from its outputs' producers."""
+    def of(cls, model: onnx.ModelProto, calib: Calibration, judge: Judge | None = None
+           ) -> Reference:
+        """Run ``model`` once on ``calib``; what its outputs decide comes from their producers.
+
+        ``judge``: the run's terms (score threshold, the user's metric, labels).
+        """
+        judge = judge or Judge()
+        if judge.labels is not None and len(judge.labels) != calib.num_samples:
+            raise InputError(f"--labels has {len(judge.labels)} labels for "
+                             f"{calib.num_samples} calibration samples")
         return cls(model, calib, [o.name for o in model.graph.output], run(model, calib),
-                   verify.calibrated_decisions(model, calib))
+                   verify.calibrated_decisions(model, calib),
+                   verify.calibrated_scores(model, calib), judge)
 
     def compare(self, candidate: onnx.ModelProto) -> verify.Fidelity:
         """The candidate's fidelity against the reference on the same samples."""
@@ -65,8 +111,36 @@ class Reference:
         """The fidelity of outputs computed elsewhere on the same samples."""
         if self._prepared is None:  # the reference converted and measured once
             self._prepared = verify.PreparedReference.of(self.names, self.outputs,
-                                                         self.decisions)
-        return self._prepared.compare(outputs)
+                                                         self.decisions, self.scores,
+                                                         self.judge.score_threshold)
+        fid = self._prepared.compare(outputs)
+        extra: dict[str, Any] = {}
+        if self.judge.metric is not None:
+            extra["metric_score"] = float(np.mean([
+                self.judge.score(ref, got) for ref, got in zip(
+                    self._batches(self.outputs), self._batches(outputs), strict=True)]))
+        if self.judge.labels is not None:
+            extra["label_accuracy"] = (self._accuracy(self.outputs), self._accuracy(outputs))
+        return dataclasses.replace(fid, **extra) if extra else fid
+
+    def _batches(self, outputs: list[np.ndarray]) -> list[list[np.ndarray]]:
+        """Concatenated outputs cut back into the calibration batches."""
+        sizes = [len(next(iter(b.values()))) for b in self.calib.batches]
+        cuts = np.cumsum(sizes)[:-1]
+        per_output = [np.split(o, cuts) if o.ndim and o.shape[0] == sum(sizes)
+                      else [o] * len(sizes) for o in outputs]
+        return [list(parts) for parts in zip(*per_output, strict=True)]
+
+    def _accuracy(self, outputs: list[np.ndarray]) -> float:
+        """Labelled accuracy of the first classifier-like output (argmax over axis 1)."""
+        assert self.judge.labels is not None
+        index = self.decisions[0][0] if self.decisions else 0
+        out = np.asarray(outputs[index])
+        if out.ndim < 2 or out.shape[0] != len(self.judge.labels):
+            raise InputError(f"--labels: output '{self.names[index]}' of shape {out.shape} "
+                             f"has no class axis for {len(self.judge.labels)} labels")
+        guess = out.reshape(out.shape[0], out.shape[1], -1)[:, :, 0].argmax(axis=1)
+        return float(np.mean(guess == self.judge.labels))
 
     def first(self, samples: int) -> Reference:
         """The reference on the first ``samples`` samples (whole batches, the last one cut)."""
@@ -76,4 +150,6 @@ class Reference:
             outputs = [r[:n] for r in self.outputs]  # batch-first: no need to run again
         else:
             outputs = run(self.model, sub)
-        return Reference(self.model, sub, self.names, outputs, self.decisions)
+        judge = self.judge.first(n)
+        return Reference(self.model, sub, self.names, outputs, self.decisions, self.scores,
+                         judge)

@@ -60,7 +60,7 @@ def measure_plan(layer: Layer, plan: Plan, model: onnx.ModelProto, config: Timin
     def time_both() -> list[float]:
         a = standalone(layer, None, model.ir_version, model.opset_import)
         b = standalone(layer, plan, model.ir_version, model.opset_import)
-        res = timer.compare([a, b], _micro(config))
+        res = timer.compare([a, b], _micro(config), around=1.0)
         return [res.models[0].median_ms, res.models[0].median_ms / res.speedups[0].median]
 
     base, new = timer.remember(f"layer {key!r}", time_both)
@@ -99,7 +99,7 @@ def _edges_from_copies(key: tuple[Any, ...], build: Callable[[int], onnx.ModelPr
                        config: TimingSettings, timer: Timer) -> float:
     """Edge cost (ms) from timing 1 and 3 chained copies: t(1) - (t(3) - t(1)) / 2."""
     def time_copies() -> list[float]:
-        res = timer.compare([build(1), build(3)], _micro(config))
+        res = timer.compare([build(1), build(3)], _micro(config), around=0.0)
         t1, t3 = res.models[0].median_ms, res.models[1].median_ms
         return [min(max(t1 - max(t3 - t1, 0.0) / 2, 0.0), t1)]
 

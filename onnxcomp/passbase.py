@@ -20,6 +20,7 @@ from onnxcomp.errors import (  # noqa: F401 - the pass contract names its errors
     PassError,
     PreconditionError,
 )
+from onnxcomp.judge import Judge
 from onnxcomp.timing import Timer
 
 if TYPE_CHECKING:
@@ -241,6 +242,8 @@ class RunContext:
     """
 
     timer: Timer = dataclasses.field(default_factory=Timer)
+    # How fidelity is judged beyond what the outputs' producers say (threshold, metric, labels).
+    judge: Judge = dataclasses.field(default_factory=Judge)
 
 
 class Pass(Protocol[C]):

@@ -197,7 +197,7 @@ def run_pipeline(
         current = result.model
         previous = outputs
     # What the user gets: the final model as deployed against the original (fidelity.py).
-    final = fidelity.Reference.of(model, calib).compare(current) if changed else \
+    final = fidelity.Reference.of(model, calib, ctx.judge).compare(current) if changed else \
         verify.compare_outputs(names, original, previous,
                                verify.calibrated_decisions(model, calib))
     return PipelineResult(current, tuple(results), final, calib.synthetic,

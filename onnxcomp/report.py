@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
 if TYPE_CHECKING:
+    import onnx
+
+    from onnxcomp.auto import AutoResult
+    from onnxcomp.calibration import Calibration
     from onnxcomp.cost import ModelCost
+    from onnxcomp.judge import Judge
     from onnxcomp.pipeline import PipelineResult, StepResult
 
 
@@ -59,7 +65,10 @@ def summary_rows(
     fid_text = f"rel L2 error {fid.rel_l2:.3g}"
     if fid.decision_agreement is not None:
         fid_text += f", decisions kept on {fid.decision_agreement:.1%} of samples"
-    elif fid.top1_agreement is not None:
+    if fid.score_agreement is not None:
+        fid_text += f", above-threshold scores kept at F1 {fid.score_agreement:.1%}"
+    if fid.decision_agreement is None and fid.score_agreement is None and \
+            fid.top1_agreement is not None:
         fid_text += f", top-1 agreement {fid.top1_agreement:.1%}"
     rows.append(["fidelity vs original", "-", fid_text + f" ({fid.num_samples} samples)", ""])
     return rows
@@ -120,6 +129,54 @@ def layer_table(cost: ModelCost, title: str, limit: int | None = None) -> Table:
     table.add_row("total", "", "", human(cost.params), human(cost.macs), "100.0",
                   style="bold")
     return table
+
+
+def auto_table(chosen: AutoResult) -> Table:
+    """Every plan ``--auto`` compiled: passes, measured speedup, loss, and which one won."""
+    table = Table(title=f"--auto: {chosen.chosen} ({chosen.why})", title_justify="left")
+    for header in ("plan", "passes", "speedup (p10-p90)", "loss (metric)", ""):
+        table.add_column(header)
+    for plan in chosen.plans:
+        if plan.error is not None:
+            table.add_row(plan.name, "-", "-", "-", f"failed: {plan.error}")
+            continue
+        passes = " > ".join(s.name for s in plan.steps)
+        table.add_row(plan.name, passes,
+                      f"{plan.speedup:.2f}x ({plan.p10:.2f}-{plan.p90:.2f})",
+                      f"{plan.drop:.4g} ({plan.metric})",
+                      "chosen" if plan.name == chosen.chosen else "")
+    return table
+
+
+def heldout(original: onnx.ModelProto, final: onnx.ModelProto, calib: Calibration,
+            held: Calibration, budget: float | None, judge: Judge | None = None
+            ) -> dict[str, Any]:
+    """The final model's loss on held-out data beside the calibration figure.
+
+    A warning when the held-out loss is over ``budget`` (when given) while the calibration
+    loss was within it: the compile fit its few samples (data basis, sensitivity), not the
+    data.
+    """
+    from onnxcomp import fidelity
+    from onnxcomp.judge import Judge
+
+    on_calib = fidelity.bound(fidelity.Reference.of(original, calib, judge).compare(final))
+    # labels belong to the calibration samples, not the held-out ones
+    plain = dataclasses.replace(judge or Judge(), labels=None)
+    on_held = fidelity.bound(fidelity.Reference.of(original, held, plain).compare(final))
+    doc: dict[str, Any] = {
+        "calibration": {"drop": on_calib[0], "metric": on_calib[1],
+                        "samples": calib.num_samples},
+        "heldout": {"drop": on_held[0], "metric": on_held[1], "samples": held.num_samples},
+        "text": (f"loss on held-out data: {on_held[0]:.4g} ({on_held[1]}, "
+                 f"{held.num_samples} samples); on the calibration data: {on_calib[0]:.4g}"),
+    }
+    if budget is not None and on_held[0] > budget >= on_calib[0]:
+        doc["warning"] = (f"held-out loss {on_held[0]:.4g} is over the budget {budget:g} that "
+                          f"the calibration data ({on_calib[0]:.4g}) kept: more or more varied "
+                          f"--calib samples help")
+        doc["code"] = "heldout_over_budget"
+    return doc
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

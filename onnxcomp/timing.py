@@ -80,25 +80,30 @@ class Timer:
         return other
 
     def compare(self, models: Sequence[onnx.ModelProto], config: bench.BenchConfig,
-                inputs: Mapping[str, np.ndarray] | None = None) -> bench.BenchResult:
+                inputs: Mapping[str, np.ndarray] | None = None,
+                around: float | None = None) -> bench.BenchResult:
         """Time ``models`` interleaved (model 0 the baseline); repeat while a speedup is wide.
 
         A repeat runs the same rounds again and pools them with the earlier ones, so a
         decision on a wide measurement rests on more rounds, not on a lucky second draw.
+        ``around``: the speedup a decision compares with (a target); then only a wide
+        measurement whose p10-p90 contains it is repeated (more rounds would not change a
+        decision that is clear either way).
         """
         start = time.perf_counter()
         result = self.benchmark(models, config, inputs)
         self.spent.measurements += 1
         for _ in range(self.max_repeats):
-            if not self._wide(result):
+            if not self._wide(result, around):
                 break
             result = pool(result, self.benchmark(models, config, inputs))
             self.spent.repeats += 1
         self.spent.seconds += time.perf_counter() - start
         return result
 
-    def _wide(self, result: bench.BenchResult) -> bool:
+    def _wide(self, result: bench.BenchResult, around: float | None = None) -> bool:
         return any(s.p90 - s.p10 > self.wide_spread * max(s.median, 1e-12)
+                   and (around is None or s.p10 <= around <= s.p90)
                    for s in result.speedups)
 
     def latency_ms(self, model: onnx.ModelProto, config: bench.BenchConfig,

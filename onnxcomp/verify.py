@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 
 from onnxcomp import model as model_io
+from onnxcomp import outputs as kinds
 from onnxcomp.errors import PassError
 from onnxcomp.ops import DECISION_PASS_THROUGH
 
@@ -46,6 +47,16 @@ class Fidelity:
     # Share of samples whose decisions are all unchanged (see decision_agreement); None when
     # the model has no decision output or none was named.
     decision_agreement: float | None = None
+    # Mean over samples of the F1 of the above-threshold sets of the score outputs (the
+    # worst score output per sample; see onnxcomp/outputs.py); None without score outputs.
+    score_agreement: float | None = None
+    # Worst relative error of the outputs that are neither decisions nor scores, when the
+    # model also has decisions or scores (boxes beside class scores); else None.
+    regression_rel_l2: float | None = None
+    # The user's --metric (mean over batches, 1 = as good as the reference); None without one.
+    metric_score: float | None = None
+    # --labels: labelled accuracy of the reference and of the candidate; None without labels.
+    label_accuracy: tuple[float, float] | None = None
 
     @property
     def rel_l2(self) -> float:
@@ -83,6 +94,10 @@ class Fidelity:
             "rel_l2": self.rel_l2,
             "top1_agreement": self.top1_agreement,
             "decision_agreement": self.decision_agreement,
+            "score_agreement": self.score_agreement,
+            "regression_rel_l2": self.regression_rel_l2,
+            "metric_score": self.metric_score,
+            "label_accuracy": list(self.label_accuracy) if self.label_accuracy else None,
             "num_samples": self.num_samples,
             "outputs": [o.to_dict() for o in self.outputs],
         }
@@ -99,10 +114,15 @@ class PreparedReference:
     top1: tuple[np.ndarray | None, ...]  # argmax over axis 1 of 2-D classifier-like outputs
     decisions: tuple[tuple[int, int], ...]
     decided: tuple[np.ndarray | None, ...]  # per decision: argmax over its axis
+    scores: tuple[kinds.ScoreOutput, ...] = ()
+    threshold: float = kinds.SCORE_THRESHOLD
+    scored: tuple[np.ndarray, ...] = ()  # per score output: the reference's above-threshold
 
     @classmethod
     def of(cls, names: Sequence[str], reference: Sequence[np.ndarray],
-           decisions: Sequence[tuple[int, int]] = ()) -> PreparedReference:
+           decisions: Sequence[tuple[int, int]] = (),
+           scores: Sequence[kinds.ScoreOutput] = (),
+           threshold: float = kinds.SCORE_THRESHOLD) -> PreparedReference:
         """Convert and measure ``reference`` once."""
         refs = tuple(np.asarray(r, dtype=np.float64) for r in reference)
         return cls(
@@ -112,7 +132,9 @@ class PreparedReference:
             tuple(r.argmax(axis=1) if r.ndim == 2 and r.shape[1] > 1 else None
                   for r in refs),
             tuple(decisions),
-            tuple(_decided(refs[i], axis) for i, axis in decisions))
+            tuple(_decided(refs[i], axis) for i, axis in decisions),
+            tuple(scores), float(threshold),
+            tuple(kinds.above(s.part(refs[s.index]), threshold) for s in scores))
 
     def compare(self, candidate: Sequence[np.ndarray]) -> Fidelity:
         """Fidelity of ``candidate`` outputs against this reference."""
@@ -147,7 +169,27 @@ class PreparedReference:
                     got.shape[0], -1).all(axis=1)
                 agree = same if agree is None else agree & same
             agreement = None if agree is None else float(agree.mean())
-        return Fidelity(tuple(per_output), samples, agreement)
+        score_agreement = None
+        if self.scores:
+            f1 = np.min([kinds.f1_per_sample(ref_above, kinds.above(
+                s.part(np.asarray(candidate[s.index])), self.threshold))
+                for s, ref_above in zip(self.scores, self.scored, strict=True)], axis=0)
+            score_agreement = float(np.mean(f1))
+        regression = None
+        if self.decisions or self.scores:
+            split = {s.index: s for s in self.scores if s.axis is not None}
+            errors = []
+            for i in kinds.regression_outputs(len(per_output), self.decisions, self.scores):
+                if i in split:  # boxes beside scores: the boxes alone
+                    ref_rest = split[i].rest(self.outputs[i])
+                    got_rest = split[i].rest(np.asarray(candidate[i], dtype=np.float64))
+                    norm = float(np.linalg.norm(ref_rest))
+                    diff = float(np.linalg.norm(got_rest - ref_rest))
+                    errors.append(diff / norm if norm > 0 else diff)
+                else:
+                    errors.append(per_output[i].rel_l2)
+            regression = max(errors, default=None)
+        return Fidelity(tuple(per_output), samples, agreement, score_agreement, regression)
 
 
 def _decided(ref: np.ndarray, axis: int) -> np.ndarray | None:
@@ -210,6 +252,11 @@ def decision_outputs(model: onnx.ModelProto) -> list[tuple[int, int]]:
 def calibrated_decisions(model: onnx.ModelProto, calib: Calibration) -> list[tuple[int, int]]:
     """:func:`decision_outputs` of ``model``, or none on synthetic data (random inputs)."""
     return [] if calib.synthetic else decision_outputs(model)
+
+
+def calibrated_scores(model: onnx.ModelProto, calib: Calibration) -> list[kinds.ScoreOutput]:
+    """:func:`onnxcomp.outputs.score_outputs` of ``model``, or none on synthetic data."""
+    return [] if calib.synthetic else kinds.score_outputs(model)
 
 
 def decision_agreement(decisions: Sequence[tuple[int, int]], reference: Sequence[np.ndarray],

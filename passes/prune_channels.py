@@ -518,7 +518,7 @@ def _least_pruning_for_speed(model: onnx.ModelProto, prep: _Prepared, config: Pr
     def speed(f: float) -> float:
         if f not in measured:
             pruned, _ = _build(model, prep, keep_at(f), config, calib)
-            res = timer.compare([model, pruned], cfg, feeds)
+            res = timer.compare([model, pruned], cfg, feeds, around=target)
             measured[f] = float(res.speedups[0].median)
         return measured[f]
 

@@ -389,7 +389,7 @@ def _fewest_layers_for_speed(model: onnx.ModelProto, ranked: list[Unit],
     def fast_enough(count: int) -> bool:
         if count not in measured:
             candidate = remove(model, _disjoint(ranked, count))
-            res = timer.compare([model, candidate], cfg, feeds)
+            res = timer.compare([model, candidate], cfg, feeds, around=target)
             measured[count] = float(res.speedups[0].median)
         return measured[count] >= target
 

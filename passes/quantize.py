@@ -13,8 +13,9 @@ the calibration data: ``--calibrator percentile`` (99.99, default), ``minmax`` o
 (KL-optimal clipping). ONNX Runtime fuses the pattern into integer kernels (QLinearConv,
 QGemm). ``--max-drop X`` measures every layer's sensitivity (output error with it alone
 quantized) and leaves the most sensitive in float until the fidelity drop on the calibration
-data (1 - the share of samples whose decisions are all kept, see ``fidelity.drop``; relative
-output error for a model with no decision output) is at most X. Before
+data (``fidelity.bound``: the worst of decisions changed, score sets lost and the error of the
+outputs beside them; relative output error for a model whose outputs decide nothing) is at
+most X. Before
 opset 13 weights are per tensor (the only form that stays fusable there), which costs
 fidelity.
 
@@ -55,6 +56,7 @@ import onnx
 from onnxcomp import bench, fidelity, quant, runtime, search
 from onnxcomp.calibration import Calibration
 from onnxcomp.graph import Graph
+from onnxcomp.judge import Judge
 from onnxcomp.linear import own_float_weight
 from onnxcomp.model import check_model, copy_model, default_opset
 from onnxcomp.passbase import (
@@ -74,7 +76,6 @@ from onnxcomp.passbase import (
     seed_option,
 )
 from onnxcomp.passes import equalize, fold_bn, opset
-from onnxcomp.timing import Timer
 
 MODES = ("static", "weight", "kmeans", "binary")
 CALIBRATORS = ("percentile", "minmax", "entropy")
@@ -110,9 +111,10 @@ class QuantizeConfig(PassConfig):
     max_drop: float = option(
         DEFAULT_MAX_DROP,
         'quantize --mode static: leave the most sensitive layers in float until the fidelity '
-        'drop on the calibration data (1 - the share of samples whose decisions are all kept,'
-        ' or relative output error without a decision output) is at most this (inf: no '
-        'bound).')
+        'drop on the calibration data is at most this: the share of samples with an argmax '
+        "decision changed, 1 - the F1 of a sigmoid output's above-threshold set, the relative "
+        'error of outputs beside them, or the relative output error when the outputs decide '
+        'nothing (inf: no bound).')
     activations: str = option(
         'auto',
         'quantize --mode static: activation type; auto = uint8 on cpu, int8 (symmetric) on '
@@ -200,7 +202,7 @@ class Quantize(PassBase):
         if not isinstance(config, QuantizeConfig):
             raise ConfigError("quantize needs a QuantizeConfig")
         if config.mode == "static":
-            return _static(model, config, calib, ctx.timer)
+            return _static(model, config, calib, ctx)
         return _weights_only(model, config)
 
 
@@ -304,7 +306,7 @@ def _weights_only(model: onnx.ModelProto, config: QuantizeConfig) -> PassResult:
 
 # ====================================================================== static int8
 def _static(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibration | None,
-            timer: Timer) -> PassResult:
+            ctx: RunContext) -> PassResult:
     """``--mode static``: int8 weights and uint8 activations in QDQ form.
 
     Activation ranges are measured once on the float model for every layer that could be
@@ -351,14 +353,15 @@ def _static(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibration |
     report.notes[:0] = notes
     if math.isfinite(config.max_drop) and report.applied:
         quantized, report = _float_layers_for_drop(model, config, calib, ranges, quantized, report,
-                                           notes)
+                                                   notes, ctx.judge)
     if not report.applied:  # not even the equalization or the opset upgrade is kept
         return PassResult(copy_model(original), report)
     report.metrics["tensors_equalized"] = equalized
     report.metrics["batchnorms_folded"] = bn_folded
     feeds = {k: v[:1] for k, v in calib.batches[0].items()}
-    res = timer.compare([model, quantized],
-                        bench.BenchConfig(provider=config.provider, runs=20, warmup=3), feeds)
+    res = ctx.timer.compare([model, quantized],
+                            bench.BenchConfig(provider=config.provider, runs=20, warmup=3),
+                            feeds, around=1.0)
     speedup = float(res.speedups[0].median)
     report.metrics["measured_speedup"] = round(speedup, 3)
     if speedup < 1.0:
@@ -483,17 +486,20 @@ def _build_static(model: onnx.ModelProto, config: QuantizeConfig,
 
 
 def _float_layers_for_drop(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibration,
-                   ranges: dict[str, tuple[float, float]], quantized: onnx.ModelProto,
-                   report: Report, notes: list[Note]) -> tuple[onnx.ModelProto, Report]:
+                           ranges: dict[str, tuple[float, float]], quantized: onnx.ModelProto,
+                           report: Report, notes: list[Note], judge: Judge
+                           ) -> tuple[onnx.ModelProto, Report]:
     """Leave the most sensitive layers in float until the drop is within ``--max-drop``.
 
     Sensitivity of a layer: the output error with that layer alone quantized (on at most
     ``SENSITIVITY_SAMPLES`` calibration samples). The count left in float is found by
     doubling, then bisection; each count is judged on up to ``DROP_SAMPLES`` samples.
     """
-    reference = fidelity.Reference.of(model, calib.first(DROP_SAMPLES))
-    drop = fidelity.drop(reference.compare(quantized))
+    first = calib.first(DROP_SAMPLES)
+    reference = fidelity.Reference.of(model, first, judge.first(first.num_samples))
+    drop, metric = fidelity.bound(reference.compare(quantized))
     report.metrics["drop_all_layers"] = round(drop, 5)
+    report.metrics["drop_metric"] = metric
     if drop <= config.max_drop:
         report.metrics["drop"] = round(drop, 5)
         report.metrics["layers_left_in_float"] = 0
@@ -519,12 +525,13 @@ def _float_layers_for_drop(model: onnx.ModelProto, config: QuantizeConfig, calib
     best, best_report, best_drop = tried[good]
     best_report.notes[:0] = notes
     best_report.metrics["drop_all_layers"] = round(drop, 5)
+    best_report.metrics["drop_metric"] = metric
     best_report.metrics["drop"] = round(best_drop, 5)
     best_report.metrics["layers_left_in_float"] = good
     best_report.metrics["models_tried"] = len(tried)
     worst = ", ".join(f"{n} ({sensitivity[n]:.3g})" for n in ranked[:3])
     lost = (f"static int8 of every layer drops fidelity by {drop:.3g} on the calibration data "
-            f"(share of samples with a decision changed, or relative output error)")
+            f"(measured as {_DROP_METRICS[metric]})")
     if good == len(ranked):
         best_report.warn("quantize.max_drop_unmet",
                          f"{lost}, and no layer can be quantized within --max-drop "
@@ -545,6 +552,16 @@ def _float_layers_for_drop(model: onnx.ModelProto, config: QuantizeConfig, calib
             f"drop {best_drop:.4f} on {reference.calib.num_samples} calibration samples "
             f"(all layers: {drop:.4f})")
     return best, best_report
+
+
+# What fidelity.bound's metric names mean, for the report.
+_DROP_METRICS = {
+    "decisions": "the share of samples with an argmax decision changed",
+    "scores": "1 - the F1 of the score outputs' above-threshold sets",
+    "regression": "the relative error of the outputs beside the decisions",
+    "top1": "1 - top-1 agreement",
+    "rel_l2": "the relative output error",
+}
 
 
 def _check(graph: Graph, node: Any, config: QuantizeConfig) -> Skip | None:

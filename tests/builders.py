@@ -315,3 +315,39 @@ def uniform_calibration(shape: Sequence[int], batches: int, seed: int = 0, name:
 
     return Calibration([{name: np.random.default_rng(seed + s).uniform(0, 1, shape)
                          .astype(np.float32)} for s in range(batches)], False, f"U(0,1) {seed}")
+
+
+def yolo_head(c_in: int = 16, classes: int = 6, size: int = 12, seed: int = 0,
+              channels: int = 32):
+    """A detector-style model: convs, then boxes (4 channels) and sigmoid class scores
+    concatenated into one ``[N, 4 + classes, anchors]`` output (YOLOv8's export layout).
+
+    Class biases are spread so that some scores sit above 0.5 and most below, as a trained
+    detector's do.
+    """
+    rng = np.random.default_rng(seed)
+    w1 = (rng.standard_normal([channels, c_in, 3, 3]) / np.sqrt(c_in * 9)).astype(np.float32)
+    w2 = (rng.standard_normal([channels, channels, 3, 3]) / np.sqrt(channels * 9)).astype(
+        np.float32)
+    wb = (rng.standard_normal([4, channels, 1, 1]) / np.sqrt(channels)).astype(np.float32)
+    wc = (rng.standard_normal([classes, channels, 1, 1]) * 3 / np.sqrt(channels)).astype(
+        np.float32)
+    bc = np.linspace(-3.0, 0.5, classes).astype(np.float32)
+    anchors = size * size
+    nodes = [
+        helper.make_node("Conv", ["x", "W1"], ["a"], name="c1", pads=[1] * 4),
+        helper.make_node("Relu", ["a"], ["ra"], name="r1"),
+        helper.make_node("Conv", ["ra", "W2"], ["b"], name="c2", pads=[1] * 4),
+        helper.make_node("Relu", ["b"], ["rb"], name="r2"),
+        helper.make_node("Conv", ["rb", "WB"], ["box4"], name="box"),
+        helper.make_node("Conv", ["rb", "WC", "BC"], ["cls4"], name="cls"),
+        helper.make_node("Reshape", ["box4", "shape_b"], ["box3"], name="rs_b"),
+        helper.make_node("Reshape", ["cls4", "shape_c"], ["cls3"], name="rs_c"),
+        helper.make_node("Sigmoid", ["cls3"], ["score"], name="sig"),
+        helper.make_node("Concat", ["box3", "score"], ["y"], name="cat", axis=1),
+    ]
+    inits = {"W1": w1, "W2": w2, "WB": wb, "WC": wc, "BC": bc,
+             "shape_b": np.array([1, 4, anchors], np.int64),
+             "shape_c": np.array([1, classes, anchors], np.int64)}
+    return make_model(nodes, [tensor("x", [1, c_in, size, size])],
+                      [tensor("y", [1, 4 + classes, anchors])], inits)

@@ -463,3 +463,28 @@ def test_a_target_met_only_within_noise_is_said():
     assert all(lo < 1.5 <= 1.6 < hi for lo, hi in metrics["probe_spread"].values())
     assert ctx.timer.spent.repeats >= ctx.timer.max_repeats
     assert "target_within_noise" in result.report.codes
+
+
+def test_a_detector_speed_target_is_bound_by_its_confident_scores():
+    """A sigmoid detector head (boxes + class scores in one output): --min-agreement binds
+    on the F1 of the above-threshold score sets, and the search stops above the floor."""
+    from builders import yolo_head
+
+    from onnxcomp import fidelity
+
+    ctx = _modelled(5.0)
+    model = yolo_head(c_in=16, classes=6, size=12, channels=32)
+    calib = calibration(model, n=8, batch=1)
+    ref = fidelity.Reference.of(model, calib)
+    free = cp(model, LowRankConfig(target_speedup=1.5, min_macs=0, min_agreement=0.0), calib,
+              context=ctx)
+    assert free.report.applied
+    loose = ref.compare(free.model).score_agreement
+    assert loose < 1.0  # the aggressive choice loses confident cells
+    floor = (loose + 1) / 2
+    bound = cp(model, LowRankConfig(target_speedup=1.5, min_macs=0, min_agreement=floor),
+               calib, context=ctx)
+    assert bound.report.metrics["score_outputs"] == ["y"]
+    assert bound.report.metrics["min_agreement_bound_active"] is True
+    assert "min_agreement_bound_active" in bound.report.codes
+    assert ref.compare(bound.model).score_agreement >= floor

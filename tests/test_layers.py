@@ -15,14 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 # Higher imports lower. Same layer: allowed, as long as no cycle forms.
 LAYERS: dict[str, int] = {
     **dict.fromkeys(["cli", "api"], 5),
-    **dict.fromkeys(["pipeline", "recipe", "report"], 4),
+    **dict.fromkeys(["pipeline", "recipe", "report", "auto"], 4),
     "passes": 3,
     **dict.fromkeys(["decompose", "sharing"], 2),
     **dict.fromkeys(["allocate", "sensitivity", "search", "measure", "stream", "moments",
                      "refit", "chain", "linear", "cp_als", "lowrank", "depgraph", "verify", "quant",
-                     "fidelity", "ops", "importance"], 1),
+                     "fidelity", "ops", "importance", "outputs"], 1),
     **dict.fromkeys(["graph", "model", "runtime", "calibration", "capture", "synthetic",
-                     "cost", "bench", "latency_cache", "errors", "passbase", "timing"], 0),
+                     "cost", "bench", "latency_cache", "errors", "passbase", "timing", "judge"], 0),
 }
 
 

@@ -96,7 +96,8 @@ def test_json_recipe_and_read_errors(tmp_path):
 def test_every_pass_flag_is_known_to_the_recipe_check():
     run_level = {"model_path", "output", "passes", "recipe_path", "save_recipe", "report_path",
                  "bench", "provider", "threads", "runs", "latency_cache", "calib_path",
-                 "num_calib", "calib_batch", "size", "mean", "std", "scale", "layout", "bgr"}
+                 "num_calib", "calib_batch", "size", "mean", "std", "scale", "layout", "bgr",
+                 "auto_mode", "heldout_path", "score_threshold", "metric_spec", "labels_path"}
     names = {p.name for p in optimize.params}
     assert names - run_level == PASS_FLAGS
 
@@ -136,7 +137,7 @@ def test_saved_recipe_reproduces_the_run(files, tmp_path):
 
 
 @pytest.mark.parametrize("extra, needle", [
-    (["--pass", "fold_bn"], "give --pass or --recipe, not both"),
+    (["--pass", "fold_bn"], "give one of --pass, --recipe and --auto"),
     (["--rank", "4"], "--rank: with --recipe, pass options belong in the recipe"),
 ])
 def test_recipe_conflicts(files, tmp_path, extra, needle):

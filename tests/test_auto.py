@@ -1,0 +1,114 @@
+"""--auto: plans compiled, judged the same way, the winner within the budget."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from builders import calibration, make_model, tensor
+from click.testing import CliRunner
+from onnx import helper
+
+from onnxcomp import cost, fidelity
+from onnxcomp.auto import AutoConfig, run_auto
+from onnxcomp.cli import main
+from onnxcomp.errors import ConfigError
+from onnxcomp.passbase import RunContext
+from onnxcomp.timing import Modelled, Timer
+
+
+def _classifier(seed=0):
+    """conv-relu-conv-relu-flatten-fc (logits): a small classifier with redundant convs."""
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal([32, 8, 3, 3]).astype(np.float32)
+    w2 = (np.einsum("or,rcij->ocij", rng.standard_normal([32, 8]), base[:8].reshape(
+        8, 32 // 4, 3, 3).repeat(4, axis=1)) / 20).astype(np.float32)
+    inits = {
+        "W1": (rng.standard_normal([32, 3, 3, 3]) / 5).astype(np.float32),
+        "W2": w2,
+        "WF": (rng.standard_normal([32 * 8 * 8, 10]) / 40).astype(np.float32),
+    }
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["a"], name="c1", pads=[1] * 4),
+             helper.make_node("Relu", ["a"], ["ra"], name="r1"),
+             helper.make_node("Conv", ["ra", "W2"], ["b"], name="c2", pads=[1] * 4),
+             helper.make_node("Relu", ["b"], ["rb"], name="r2"),
+             helper.make_node("Flatten", ["rb"], ["f"], name="fl"),
+             helper.make_node("MatMul", ["f", "WF"], ["y"], name="fc")]
+    return make_model(nodes, [tensor("x", [1, 3, 8, 8])], [tensor("y", [1, 10])], inits)
+
+
+def _modelled_context():
+    """Latency = MACs, halved for a model with int8 (QDQ) layers."""
+    def latency(m):
+        macs = cost.model_cost(m).macs
+        quantized = any(n.op_type == "QuantizeLinear" for n in m.graph.node)
+        return macs * 1e-6 * (0.5 if quantized else 1.0)
+    return RunContext(timer=Timer(Modelled(latency)))
+
+
+def test_the_winner_meets_the_target_within_the_budget():
+    model = _classifier()
+    calib = calibration(model, n=8, batch=4)
+    chosen = run_auto(model, calib, AutoConfig(target_speedup=1.5, max_drop=0.1),
+                      context=_modelled_context())
+    names = [p.name for p in chosen.plans]
+    assert names == ["cleanup", "int8", "factorize", "factorize+int8", "prune"]
+    assert chosen.code == "target_met", chosen.why
+    winner = next(p for p in chosen.plans if p.name == chosen.chosen)
+    assert winner.speedup >= 1.5 and winner.drop <= 0.1
+    # the winner's figure is the pipeline's own final fidelity against the original
+    assert fidelity.bound(chosen.result.fidelity)[0] == pytest.approx(winner.drop)
+    # among the plans that meet the target within the budget, none loses less
+    rivals = [p for p in chosen.plans if p.result is not None and p.drop <= 0.1
+              and p.speedup >= 1.5]
+    assert winner.drop == min(p.drop for p in rivals)
+    assert [s.name for s in chosen.steps][:3] == ["canonicalize", "fold_bn", "fold_affine"]
+
+
+def test_a_budget_nothing_fits_keeps_the_cleanup():
+    model = _classifier()
+    calib = calibration(model, n=8, batch=4)
+    chosen = run_auto(model, calib, AutoConfig(max_drop=0.0, plans=("factorize",)),
+                      context=_modelled_context())
+    assert chosen.code in ("budget_unmet", "fastest_within_budget")
+    if chosen.code == "budget_unmet":
+        assert chosen.chosen == "cleanup"
+        assert fidelity.bound(chosen.result.fidelity)[0] == 0.0
+
+
+@pytest.mark.parametrize("kwargs", [{"target_speedup": 1.0}, {"max_drop": -0.1},
+                                    {"plans": ("magic",)}, {"plans": ()}])
+def test_auto_config_validation(kwargs):
+    with pytest.raises(ConfigError):
+        AutoConfig(**kwargs)
+
+
+def test_cli_auto_end_to_end_and_replay(tmp_path):
+    model = _classifier()
+    path = tmp_path / "in.onnx"
+    onnx.save(model, path)
+    calib = tmp_path / "c.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal([16, 3, 8, 8]).astype("f4"))
+    held = tmp_path / "h.npz"
+    np.savez(held, x=np.random.default_rng(1).standard_normal([16, 3, 8, 8]).astype("f4"))
+    out, rep, rec = tmp_path / "out.onnx", tmp_path / "r.json", tmp_path / "r.toml"
+    runner = CliRunner()
+    result = runner.invoke(main, [str(a) for a in [
+        "optimize", path, "-o", out, "--auto", "--max-drop", 0.2, "--calib", calib,
+        "--heldout", held, "--report", rep, "--save-recipe", rec, "--no-bench"]],
+        catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "--auto" in result.output and "held-out" in result.output
+    doc = json.loads(rep.read_text())
+    assert {p["plan"] for p in doc["auto"]["plans"]} >= {"cleanup", "int8", "factorize"}
+    assert doc["heldout"]["heldout"]["samples"] == 16
+    onnx.checker.check_model(onnx.load(out))
+    replay = runner.invoke(main, [str(a) for a in [
+        "optimize", path, "-o", tmp_path / "again.onnx", "--recipe", rec, "--calib", calib,
+        "--no-bench"]], catch_exceptions=False)
+    assert replay.exit_code == 0, replay.output
+    both = runner.invoke(main, [str(a) for a in [
+        "optimize", path, "-o", tmp_path / "x.onnx", "--auto", "--pass", "cp"]])
+    assert both.exit_code == 2 and "one of" in both.output
