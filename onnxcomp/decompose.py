@@ -374,6 +374,7 @@ def run_decomposition(
                     lambda chosen: _build(model, chosen, kept, moments, targets, calib,
                                           symmetric, "probe", None, fits)[0], timer, judge)
     chosen = allocate(choices, probes, config, report)
+    report.metrics["layer_options"] = _options_tried(choices, chosen)
     final_model, changes = _build(model, chosen, kept, moments, targets, calib, config,
                                   pass_name, progress, fits)
     if changes and config.latency_check:
@@ -401,6 +402,23 @@ def run_decomposition(
     if not changes:
         return PassResult(copy_model(model), report)
     return PassResult(final_model, report)
+
+
+def _options_tried(choices: list[LayerChoice], chosen: dict[int, Option]
+                   ) -> dict[str, list[dict[str, Any]]]:
+    """Per layer, every option the allocation weighed, and which one it took.
+
+    Method, ranks, MACs, isolated error, measured latency of the layer and of the option (ms).
+    """
+    out: dict[str, list[dict[str, Any]]] = {}
+    for ch in choices:
+        pick = chosen.get(ch.index)
+        out[ch.layer.name] = [{
+            "method": o.plan.method, "ranks": list(o.plan.ranks), "macs": o.plan.macs,
+            "error": round(o.error, 6), "layer_ms": round(o.base_ms, 4),
+            "ms": round(o.ms, 4) if o.ms != float("inf") else None,
+            "chosen": o is pick} for o in ch.options]
+    return out
 
 
 def _build(

@@ -64,16 +64,47 @@ def _is_sigmoid(name: str, producer: dict[str, onnx.NodeProto],
     return node is not None and node.op_type in _SIGMOIDS
 
 
+def _static_shape(value: onnx.ValueInfoProto) -> list[int | None] | None:
+    tt = value.type.tensor_type
+    if not tt.HasField("shape"):
+        return None
+    return [int(d.dim_value) if d.HasField("dim_value") else None for d in tt.shape.dim]
+
+
+def probability_maps(model: onnx.ModelProto) -> list[ScoreOutput]:
+    """Two-class softmax maps (face / no face per position: MTCNN's PNet) as score maps.
+
+    The positive class's probability per position is judged like a sigmoid map. A softmax
+    output of rank 3 or more whose class axis has 2 classes; the score is class 1.
+    """
+    producer = _producers(model)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    found = []
+    for i, out in enumerate(model.graph.output):
+        node = producer.get(out.name)
+        while node is not None and node.op_type in ("Identity", "Cast") and node.input:
+            node = producer.get(node.input[0])
+        shape = _static_shape(out)
+        if node is None or node.op_type != "Softmax" or shape is None or len(shape) < 3:
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"),
+                    -1 if opset >= 13 else 1) % len(shape)
+        if shape[axis] == 2:
+            found.append(ScoreOutput(i, int(axis), 1, 2))
+    return found
+
+
 def score_outputs(model: onnx.ModelProto) -> list[ScoreOutput]:
     """The score outputs of ``model`` (see the module docstring).
 
     An output computed by a Sigmoid (through reshapes, casts, transposes) is all scores. An
     output computed by a Concat of sigmoid and other inputs holds scores in the sigmoid
     inputs' ranges along the concat axis, when shape inference gives every input's size on
-    that axis; otherwise it is left to the regression error.
+    that axis; otherwise it is left to the regression error. Two-class softmax maps count
+    too (:func:`probability_maps`).
     """
     producer = _producers(model)
-    found: list[ScoreOutput] = []
+    found: list[ScoreOutput] = probability_maps(model)
     sized: dict[str, int | None] | None = None
     for i, out in enumerate(model.graph.output):
         if _is_sigmoid(out.name, producer, _SCORE_PASS_THROUGH):

@@ -220,8 +220,8 @@ def decision_outputs(model: onnx.ModelProto) -> list[tuple[int, int]]:
 
     Outputs computed by Softmax/LogSoftmax are the decisions (their ``axis``). A model with no
     such output reads linear-layer outputs (Gemm, MatMul, MatMul + Add) as logits over the last
-    axis. Anything else (a probability map from Sigmoid, a box regression beside a softmax
-    output) carries no argmax decision.
+    axis. Anything else (a probability map from Sigmoid or a two-class softmax, a box
+    regression beside a softmax output) carries no argmax decision.
     """
     producer = {o: n for n in model.graph.node for o in n.output}
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
@@ -234,9 +234,10 @@ def decision_outputs(model: onnx.ModelProto) -> list[tuple[int, int]]:
 
     softmax: list[tuple[int, int]] = []
     logits: list[tuple[int, int]] = []
+    maps = {s.index for s in kinds.probability_maps(model)}  # judged as score maps
     for i, out in enumerate(model.graph.output):
         node = source(out.name)
-        if node is None:
+        if node is None or i in maps:
             continue
         if node.op_type in ("Softmax", "LogSoftmax"):
             axis = next((a.i for a in node.attribute if a.name == "axis"),

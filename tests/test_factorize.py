@@ -49,6 +49,11 @@ def test_each_layer_takes_the_method_that_fits_it():
     seen = {c.node for c in result.report.applied} | {s.node for s in result.report.skipped}
     assert seen == {"c1", "c2", "fc"}
     assert relative_error(model, result.model, calib) < 0.05
+    # the report keeps every option weighed per layer, and which one won
+    options = result.report.metrics["layer_options"]
+    assert {o["method"] for o in options["c1"]} == set(METHODS)
+    assert sum(o["chosen"] for o in options["c1"]) == 1
+    assert not any(o["chosen"] for o in options["fc"])
 
 
 def test_options_come_from_every_able_method():

@@ -69,3 +69,15 @@ def test_synthetic_calibration_judges_no_scores():
 
 def run_all(model, calib):
     return [run(model, batch)[0] for batch in calib.batches]
+
+
+def test_a_two_class_softmax_map_is_a_score_map_not_a_decision():
+    """MTCNN PNet's face map: softmax over 2 classes at every position."""
+    nodes = [helper.make_node("Softmax", ["x"], ["p"], name="sm", axis=1)]
+    model = make_model(nodes, [tensor("x", [1, 2, 6, 6])], [tensor("p", [1, 2, 6, 6])])
+    assert score_outputs(model) == [ScoreOutput(0, 1, 1, 2)]
+    assert verify.decision_outputs(model) == []
+    # a [N, 2] classifier stays a decision
+    flat = make_model([helper.make_node("Softmax", ["x"], ["p"], name="sm", axis=1)],
+                      [tensor("x", [1, 2])], [tensor("p", [1, 2])])
+    assert score_outputs(flat) == [] and verify.decision_outputs(flat) == [(0, 1)]
