@@ -23,6 +23,7 @@ def calibration(inputs: dict[str, np.ndarray], n: int, batch: int = 8,
                 fixed_batch: int | None = None) -> Calibration:
     """The first ``n`` samples as a calibration set."""
     b = fixed_batch or batch
+    n = min(n, min(len(v) for v in inputs.values()))  # as many as there are
     batches = []
     for start in range(0, n, b):
         batches.append({k: v[start:min(start + b, n)] for k, v in inputs.items()})

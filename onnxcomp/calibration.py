@@ -127,6 +127,8 @@ class Calibration:
                 raise InputError(
                     f"calibration batch {i} has inputs {sorted(batch)}, batch 0 has {sorted(names)}"
                 )
+            if any(np.ndim(v) and np.shape(v)[0] == 0 for v in batch.values()):
+                raise InputError(f"calibration batch {i} of '{self.source}' is empty")
 
     @property
     def input_names(self) -> list[str]:

@@ -624,3 +624,12 @@ def test_calibration_missing_model_input() -> None:
     calib = synthetic_calibration(_conv_relu(), num_samples=2)
     with pytest.raises(InputError, match="no values for model input"):
         run_model(_two_inputs(), calib)
+
+
+def test_an_empty_batch_is_a_clear_error():
+    from onnxcomp.calibration import Calibration
+    from onnxcomp.errors import InputError
+
+    full = {"x": np.zeros([2, 3], np.float32)}
+    with pytest.raises(InputError, match="batch 1 of 'mine' is empty"):
+        Calibration([full, {"x": np.zeros([0, 3], np.float32)}], False, "mine")
