@@ -11,8 +11,9 @@ pipeline of passes that stands on the engine's own searches:
   depthwise-separable (passes/factorize.py), ranks allocated to the target within the budget
   (``--min-agreement`` for models whose outputs decide something, ``--max-error`` otherwise);
 - ``factorize+int8``: the factorization (svd / tucker / kernel sharing: chains of dense convs,
-  which int8 speeds up) aimed at the target divided by what int8 measured, within half the
-  budget, then int8 within the other half; aimed higher once when it falls short;
+  which int8 speeds up) aimed at the target divided by what int8 measured, within the part of
+  the budget int8 alone did not need (at least half), then int8 within what the factorization
+  left (measured against the original); aimed higher once when it falls short;
 - ``prune``: channel pruning to the target (kept only if it lands within the budget).
 
 Every plan's output is then judged the same way: its fidelity against the original (as
@@ -202,7 +203,7 @@ def run_auto(model: onnx.ModelProto, calib: Calibration, config: AutoConfig,
                                                             structural(budget, target))]))
         elif name == "factorize+int8":
             plans.append(_combined(model, calib, config, ctx, int8, budget, target, cleanup,
-                                   make, structural, compile_plan))
+                                   make, structural, compile_plan, registry))
         elif target is not None:  # prune: only toward a target (no fidelity bound of its own)
             plans.append(compile_plan(name, [*cleanup, Step("prune_channels", make(
                 "prune_channels", target_speedup=target))]))
@@ -218,32 +219,54 @@ def _combined(model: onnx.ModelProto, calib: Calibration, config: AutoConfig,
               ctx: RunContext, int8: Plan | None, budget: float, target: float | None,
               cleanup: list[Step], make: Callable[..., PassConfig],
               structural: Callable[..., PassConfig],
-              compile_plan: Callable[[str, list[Step]], Plan]) -> Plan:
-    """Factorization then int8, each within half the budget.
+              compile_plan: Callable[[str, list[Step]], Plan],
+              registry: dict[str, Any]) -> Plan:
+    """Factorization, then int8 within what the factorization left of the budget.
 
-    The factorization aims at the target divided by what int8 measured, with the methods
-    whose chains stay dense convs (int8 speeds those up; depthwise stages it does not). When
-    the result misses the target within the budget, one more try aims higher by the shortfall.
+    The factorization uses the methods whose chains stay dense convs (int8 speeds those up;
+    depthwise stages it does not), aims at the target divided by what int8 measured, and may
+    spend the budget int8 alone did not need (at least half of it). Int8 then gets what the
+    factorization left, measured against the original. When the result misses the target,
+    one more factorization aims higher by the shortfall.
     """
     s8 = int8.speedup if int8 is not None and int8.within(budget) else 1.0
+    int8_cost = int8.drop if int8 is not None and int8.within(budget) else budget / 2
+    share = max(budget / 2, budget - 1.5 * int8_cost)
     aim = None if target is None else max(target / max(s8, 1.0), MIN_AIM)
 
-    def steps_for(aim_now: float | None) -> list[Step]:
-        return [*cleanup, Step("factorize", structural(budget / 2, aim_now, INT8_FRIENDLY)),
-                Step("quantize", make("quantize", mode="static", max_drop=budget / 2))]
+    def attempt(aim_now: float | None) -> Plan:
+        first = compile_plan("factorize+int8", [*cleanup, Step(
+            "factorize", structural(share, aim_now, INT8_FRIENDLY))])
+        if first.result is None or not first.within(budget):
+            return first
+        step = Step("quantize", make("quantize", mode="static",
+                                     max_drop=max(budget - first.drop, 0.0)))
+        try:
+            second = run_pipeline(first.result.model, [step], calib, registry, context=ctx)
+        except OnnxcompError as exc:
+            first.error = str(exc)
+            first.result = None
+            return first
+        # one result: both runs' steps, fidelity of the end against the original
+        whole = fidelity.Reference.of(model, calib, ctx.judge).compare(second.model)
+        first.result = dataclasses.replace(
+            second, steps=(*first.result.steps, *second.steps), fidelity=whole)
+        first.steps = [*first.steps, step]
+        first.drop, first.metric = fidelity.bound(whole)
+        first.rel_l2 = whole.rel_l2
+        return first
 
-    plan = compile_plan("factorize+int8", steps_for(aim))
+    plan = attempt(aim)
     if target is None or aim is None or plan.result is None or not plan.within(budget):
         return plan
     _measure(model, [plan], calib, config, ctx)
     if plan.speedup >= target:
         return plan
-    again = compile_plan("factorize+int8", steps_for(aim * target / max(plan.speedup, 1e-6)))
+    again = attempt(aim * target / max(plan.speedup, 1e-6))
     if again.result is None:
         return plan
     _measure(model, [again], calib, config, ctx)
-    better = again.within(budget) and again.speedup > plan.speedup
-    return again if better else plan
+    return again if again.within(budget) and again.speedup > plan.speedup else plan
 
 
 def _measure(model: onnx.ModelProto, plans: Sequence[Plan], calib: Calibration,
