@@ -135,9 +135,10 @@ def main() -> None:
            f"{fmnist_accuracy(CASES['fashion_mnist_vgg'].load()):.2%}). Latency ORT CPU 1 "
            f"thread batch 1, {args.runs} interleaved rounds per case; {platform.machine()}."
            "\n\n")
-    path = write("auto", ["model", "run", "setting", "speedup (p10-p90)",
-                          "loss on calibration (metric)", "held-out fidelity", "outcome",
-                          "compile s"], [row(d) for d in docs], docs, pre)
+    headers = ["model", "run", "setting", "speedup (p10-p90)", "loss on calibration (metric)",
+               "held-out fidelity", "outcome", "compile s"]
+    path = write("auto_partial" if args.only else "auto", headers, [row(d) for d in docs],
+                 docs, pre)
     print(path.read_text())
 
 

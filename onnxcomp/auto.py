@@ -14,7 +14,9 @@ pipeline of passes that stands on the engine's own searches:
   which int8 speeds up) aimed at the target divided by what int8 measured, within the part of
   the budget int8 alone did not need (at least half), then int8 within what the factorization
   left (measured against the original); aimed higher once when it falls short;
-- ``prune``: channel pruning to the target (kept only if it lands within the budget).
+- ``prune``: channel pruning to the target (kept only if it lands within the budget);
+- ``prune+int8``: channel pruning to what int8 leaves of the target, then int8 within what
+  the pruning left of the budget.
 
 Every plan's output is then judged the same way: its fidelity against the original (as
 deployed) and its speed, all plans timed interleaved in one measurement. A plan counts only
@@ -67,7 +69,7 @@ class AutoConfig:
     max_drop: float = DEFAULT_MAX_DROP
     provider: str = "cpu"
     threads: int = 1
-    plans: tuple[str, ...] = ("int8", "factorize", "factorize+int8", "prune")
+    plans: tuple[str, ...] = ("int8", "factorize", "factorize+int8", "prune", "prune+int8")
     latency_cache: str | None = None
 
     def __post_init__(self) -> None:
@@ -126,7 +128,7 @@ class AutoResult:
                 "plans": [p.to_dict() for p in self.plans]}
 
 
-PLANS = ("int8", "factorize", "factorize+int8", "prune")
+PLANS = ("int8", "factorize", "factorize+int8", "prune", "prune+int8")
 
 
 def _finite(x: float) -> float | None:
@@ -202,11 +204,18 @@ def run_auto(model: onnx.ModelProto, calib: Calibration, config: AutoConfig,
             plans.append(compile_plan(name, [*cleanup, Step("factorize",
                                                             structural(budget, target))]))
         elif name == "factorize+int8":
-            plans.append(_combined(model, calib, config, ctx, int8, budget, target, cleanup,
-                                   make, structural, compile_plan, registry))
-        elif target is not None:  # prune: only toward a target (no fidelity bound of its own)
+            # the methods whose chains stay dense convs: int8 speeds those up, not depthwise
+            plans.append(_combined(name, lambda share, aim: Step("factorize", structural(
+                share, aim, INT8_FRIENDLY)), model, calib, config, ctx, int8, budget, target,
+                cleanup, make, compile_plan, registry))
+        elif target is not None and name == "prune":  # toward a target only (no bound)
             plans.append(compile_plan(name, [*cleanup, Step("prune_channels", make(
                 "prune_channels", target_speedup=target))]))
+        elif target is not None:  # prune+int8: what int8 leaves of the target, by pruning
+            plans.append(_combined(name, lambda share, aim: Step("prune_channels", make(
+                "prune_channels", target_speedup=aim, **({} if aim else {"ratio": 0.2}))),
+                model, calib, config, ctx, int8, budget, target, cleanup, make, compile_plan,
+                registry))
     # Clean-up alone: the floor every plan must beat.
     floor = compile_plan("cleanup", cleanup)
     assert floor.result is not None
@@ -215,19 +224,18 @@ def run_auto(model: onnx.ModelProto, calib: Calibration, config: AutoConfig,
     return _choose(floor, plans, budget, target)
 
 
-def _combined(model: onnx.ModelProto, calib: Calibration, config: AutoConfig,
+def _combined(name: str, first_step: Callable[[float, float | None], Step],
+              model: onnx.ModelProto, calib: Calibration, config: AutoConfig,
               ctx: RunContext, int8: Plan | None, budget: float, target: float | None,
               cleanup: list[Step], make: Callable[..., PassConfig],
-              structural: Callable[..., PassConfig],
               compile_plan: Callable[[str, list[Step]], Plan],
               registry: dict[str, Any]) -> Plan:
-    """Factorization, then int8 within what the factorization left of the budget.
+    """A structural step, then int8 within what it left of the budget.
 
-    The factorization uses the methods whose chains stay dense convs (int8 speeds those up;
-    depthwise stages it does not), aims at the target divided by what int8 measured, and may
-    spend the budget int8 alone did not need (at least half of it). Int8 then gets what the
-    factorization left, measured against the original. When the result misses the target,
-    one more factorization aims higher by the shortfall.
+    The structural step (``first_step(share, aim)``) aims at the target divided by what int8
+    measured and may spend the budget int8 alone did not need (at least half of it). Int8
+    then gets what the first step left, measured against the original. When the result
+    misses the target, one more first step aims higher by the shortfall.
     """
     s8 = int8.speedup if int8 is not None and int8.within(budget) else 1.0
     int8_cost = int8.drop if int8 is not None and int8.within(budget) else budget / 2
@@ -235,8 +243,7 @@ def _combined(model: onnx.ModelProto, calib: Calibration, config: AutoConfig,
     aim = None if target is None else max(target / max(s8, 1.0), MIN_AIM)
 
     def attempt(aim_now: float | None) -> Plan:
-        first = compile_plan("factorize+int8", [*cleanup, Step(
-            "factorize", structural(share, aim_now, INT8_FRIENDLY))])
+        first = compile_plan(name, [*cleanup, first_step(share, aim_now)])
         if first.result is None or not first.within(budget):
             return first
         step = Step("quantize", make("quantize", mode="static",
