@@ -19,12 +19,13 @@ pipeline of passes that stands on the engine's own searches:
   the pruning left of the budget.
 
 Every plan's output is then judged the same way: its fidelity against the original (as
-deployed) and its speed, all plans timed interleaved in one measurement. A plan counts only
-when it is faster than the clean-up alone beyond noise (3 %) and within the budget. The
-winner meets the target with the least loss (equal losses: the outputs closest to the
-original); else one whose p10-p90 reaches the target (said: within noise); else the fastest;
-when no plan counts, the clean-up alone. The result says which bound decided and keeps every
-plan's figures.
+deployed) on calibration samples held back from compiling (every 4th, when there are at
+least 16: refits and sensitivities fit the samples they see), and its speed, all plans timed
+interleaved in one measurement. A plan counts only when it is faster than the clean-up alone
+beyond noise (3 %) and within the budget. The winner meets the target with the least loss
+(equal losses: the outputs closest to the original); else one whose p10-p90 reaches the
+target (said: within noise); else the fastest; when no plan counts, the clean-up alone. The
+result says which bound decided and keeps every plan's figures.
 """
 
 from __future__ import annotations
@@ -35,12 +36,14 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import onnx
 
 from onnxcomp import bench, fidelity, verify
 from onnxcomp import outputs as kinds
 from onnxcomp.calibration import Calibration
 from onnxcomp.errors import ConfigError, OnnxcompError
+from onnxcomp.judge import Judge
 from onnxcomp.passbase import PassConfig, RunContext
 from onnxcomp.pipeline import PipelineResult, Step, run_pipeline
 
@@ -97,6 +100,7 @@ class Plan:
     p10: float = 0.0
     p90: float = 0.0
     rel_l2: float = math.inf
+    fit_drop: float = math.inf  # the loss on the samples the plan was compiled on
 
     def within(self, budget: float) -> bool:
         """Within the fidelity budget (and compiled)."""
@@ -106,7 +110,7 @@ class Plan:
         """JSON-serializable form."""
         return {"plan": self.name, "passes": [s.name for s in self.steps],
                 "error": self.error, "drop": _finite(self.drop), "drop_metric": self.metric,
-                "rel_l2": _finite(self.rel_l2),
+                "rel_l2": _finite(self.rel_l2), "fit_drop": _finite(self.fit_drop),
                 "speedup": round(self.speedup, 3), "speedup_p10": round(self.p10, 3),
                 "speedup_p90": round(self.p90, 3)}
 
@@ -120,15 +124,49 @@ class AutoResult:
     chosen: str
     why: str
     plans: list[Plan]
-    code: str  # "target_met", "fastest_within_budget", "budget_unmet"
+    code: str  # "target_met", "target_within_noise", "fastest_within_budget", "budget_unmet"
+    checked_on: int = 0  # samples the losses were measured on (held back from compiling)
+    fit_samples: int = 0  # samples the plans were compiled on
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serializable form."""
         return {"chosen": self.chosen, "why": self.why, "outcome": self.code,
+                "fit_samples": self.fit_samples, "checked_on": self.checked_on,
                 "plans": [p.to_dict() for p in self.plans]}
 
 
 PLANS = ("int8", "factorize", "factorize+int8", "prune", "prune+int8")
+# Every CHECK_EVERY-th calibration sample is held back to judge the plans (refits and
+# sensitivities fit the samples they see), when there are at least MIN_CHECK_SAMPLES.
+CHECK_EVERY = 4
+MIN_CHECK_SAMPLES = 16
+
+
+def split_check(calib: Calibration, judge: Judge) -> tuple[Calibration, Calibration | None,
+                                                          Judge, Judge]:
+    """(fit, check, fit judge, check judge): every CHECK_EVERY-th sample held back.
+
+    Too few samples, or synthetic ones: everything is fit, nothing held back (check None).
+    """
+    n = calib.num_samples
+    if calib.synthetic or n < MIN_CHECK_SAMPLES:
+        return calib, None, judge, judge
+    arrays = {k: np.concatenate([b[k] for b in calib.batches]) for k in calib.input_names}
+    held = np.arange(n) % CHECK_EVERY == CHECK_EVERY - 1
+    size = max(calib.batch_sizes())
+
+    def part(mask: np.ndarray, what: str) -> Calibration:
+        sel = {k: v[mask] for k, v in arrays.items()}
+        m = int(mask.sum())
+        return Calibration([{k: v[i:i + size] for k, v in sel.items()} for i in range(0, m, size)],
+                           False, f"{calib.source} ({what})")
+
+    def labels(mask: np.ndarray) -> Judge:
+        return judge if judge.labels is None else dataclasses.replace(
+            judge, labels=judge.labels[mask])
+
+    return (part(~held, "compile samples"), part(held, "held-back samples"), labels(~held),
+            labels(held))
 
 
 def _finite(x: float) -> float | None:
@@ -153,6 +191,10 @@ def run_auto(model: onnx.ModelProto, calib: Calibration, config: AutoConfig,
 
         registry = dict(REGISTRY)
     ctx = context or RunContext()
+    fit, check, fit_judge, check_judge = split_check(calib, ctx.judge)
+    ctx = dataclasses.replace(ctx, judge=fit_judge)  # the same timer, the fit samples' labels
+    reference = fidelity.Reference.of(model, check if check is not None else fit, check_judge)
+    calib = fit
     make = _configs(registry, config)
     cleanup = [Step(n, make(n)) for n in CLEANUP]
     decisions = verify.calibrated_decisions(model, calib)
@@ -187,9 +229,15 @@ def run_auto(model: onnx.ModelProto, calib: Calibration, config: AutoConfig,
             plan.error = str(exc)
             log.warning("auto: plan %s failed: %s", name, exc)
             return plan
-        plan.drop, plan.metric = fidelity.bound(plan.result.fidelity)
-        plan.rel_l2 = plan.result.fidelity.rel_l2
+        plan.fit_drop = fidelity.bound(plan.result.fidelity)[0]
+        judge_plan(plan, plan.result.model)
         return plan
+
+    def judge_plan(plan: Plan, out: onnx.ModelProto) -> None:
+        """The plan's loss on the held-back samples (the fit samples when too few)."""
+        fid = reference.compare(out)
+        plan.drop, plan.metric = fidelity.bound(fid)
+        plan.rel_l2 = fid.rel_l2
 
     plans: list[Plan] = []
     int8: Plan | None = None
@@ -207,7 +255,7 @@ def run_auto(model: onnx.ModelProto, calib: Calibration, config: AutoConfig,
             # the methods whose chains stay dense convs: int8 speeds those up, not depthwise
             plans.append(_combined(name, lambda share, aim: Step("factorize", structural(
                 share, aim, INT8_FRIENDLY)), model, calib, config, ctx, int8, budget, target,
-                cleanup, make, compile_plan, registry))
+                cleanup, make, compile_plan, judge_plan, registry))
         elif target is not None and name == "prune":  # toward a target only (no bound)
             plans.append(compile_plan(name, [*cleanup, Step("prune_channels", make(
                 "prune_channels", target_speedup=target))]))
@@ -215,13 +263,19 @@ def run_auto(model: onnx.ModelProto, calib: Calibration, config: AutoConfig,
             plans.append(_combined(name, lambda share, aim: Step("prune_channels", make(
                 "prune_channels", target_speedup=aim, **({} if aim else {"ratio": 0.2}))),
                 model, calib, config, ctx, int8, budget, target, cleanup, make, compile_plan,
-                registry))
+                judge_plan, registry))
     # Clean-up alone: the floor every plan must beat.
     floor = compile_plan("cleanup", cleanup)
     assert floor.result is not None
     done = [p for p in plans if p.result is not None]
     _measure(model, [floor, *done], calib, config, ctx)
-    return _choose(floor, plans, budget, target)
+    chosen = _choose(floor, plans, budget, target)
+    chosen.checked_on = reference.calib.num_samples
+    chosen.fit_samples = fit.num_samples
+    if check is not None:
+        chosen.why += (f" (losses on {check.num_samples} calibration samples held back from "
+                       f"compiling; {fit.num_samples} compiled on)")
+    return chosen
 
 
 def _combined(name: str, first_step: Callable[[float, float | None], Step],
@@ -229,6 +283,7 @@ def _combined(name: str, first_step: Callable[[float, float | None], Step],
               ctx: RunContext, int8: Plan | None, budget: float, target: float | None,
               cleanup: list[Step], make: Callable[..., PassConfig],
               compile_plan: Callable[[str, list[Step]], Plan],
+              judge_plan: Callable[[Plan, onnx.ModelProto], None],
               registry: dict[str, Any]) -> Plan:
     """A structural step, then int8 within what it left of the budget.
 
@@ -259,8 +314,8 @@ def _combined(name: str, first_step: Callable[[float, float | None], Step],
         first.result = dataclasses.replace(
             second, steps=(*first.result.steps, *second.steps), fidelity=whole)
         first.steps = [*first.steps, step]
-        first.drop, first.metric = fidelity.bound(whole)
-        first.rel_l2 = whole.rel_l2
+        first.fit_drop = fidelity.bound(whole)[0]
+        judge_plan(first, second.model)
         return first
 
     plan = attempt(aim)

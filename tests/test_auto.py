@@ -112,3 +112,22 @@ def test_cli_auto_end_to_end_and_replay(tmp_path):
     both = runner.invoke(main, [str(a) for a in [
         "optimize", path, "-o", tmp_path / "x.onnx", "--auto", "--pass", "cp"]])
     assert both.exit_code == 2 and "one of" in both.output
+
+
+def test_plans_are_judged_on_samples_held_back_from_compiling():
+    from onnxcomp.auto import split_check
+    from onnxcomp.judge import Judge
+
+    model = _classifier()
+    calib = calibration(model, n=32, batch=1)  # 32 samples
+    labels = np.arange(32) % 10
+    fit, check, fit_judge, check_judge = split_check(calib, Judge(labels=labels))
+    assert (fit.num_samples, check.num_samples) == (24, 8)
+    assert check_judge.labels.tolist() == labels[3::4].tolist()
+    x = np.concatenate([b["x"] for b in calib.batches])
+    assert np.array_equal(np.concatenate([b["x"] for b in check.batches]), x[3::4])
+    small = calibration(model, n=8, batch=1)
+    assert split_check(small, Judge())[1] is None
+    chosen = run_auto(model, calib, AutoConfig(max_drop=0.1, plans=("int8",)),
+                      context=_modelled_context())
+    assert (chosen.fit_samples, chosen.checked_on) == (24, 8)
