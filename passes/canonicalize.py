@@ -43,21 +43,10 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 import onnx
 
+from onnxcomp import passbase as pb
 from onnxcomp.graph import Graph, Node, Tensor
 from onnxcomp.model import copy_model
 from onnxcomp.ops import FLOAT_TYPES, NOOP_CANDIDATES
-from onnxcomp.passbase import (
-    NOTHING_TO_DO,
-    Change,
-    PassBase,
-    PassConfig,
-    PassResult,
-    Report,
-    RunContext,
-    Skip,
-    SkipReason,
-    option,
-)
 
 if TYPE_CHECKING:
     from onnxcomp.calibration import Calibration
@@ -65,27 +54,27 @@ if TYPE_CHECKING:
 
 
 @dataclasses.dataclass(frozen=True)
-class CanonicalizeConfig(PassConfig):
+class CanonicalizeConfig(pb.PassConfig):
     """canonicalize options."""
 
-    fold_pad: bool = option(True, 'canonicalize: fold zero Pad nodes into the Conv after them.')
+    fold_pad: bool = pb.option(True, 'canonicalize: fold zero Pad nodes into the Conv after them.')
 
 
-class Canonicalize(PassBase):
+class Canonicalize(pb.PassBase):
     """Constants to initializers, no-op removal, Pad folded into Conv."""
 
     name: ClassVar[str] = "canonicalize"
     lossless: ClassVar[bool] = True
-    config_cls: ClassVar[type[PassConfig]] = CanonicalizeConfig
+    config_cls: ClassVar[type[pb.PassConfig]] = CanonicalizeConfig
 
     def call(
-        self, model: onnx.ModelProto, config: PassConfig, calib: Calibration | None,
-        ctx: RunContext,
-    ) -> PassResult:
+        self, model: onnx.ModelProto, config: pb.PassConfig, calib: Calibration | None,
+        ctx: pb.RunContext,
+    ) -> pb.PassResult:
         """Return a canonicalized copy of ``model``."""
         assert isinstance(config, CanonicalizeConfig)
         graph = Graph(model)
-        report = Report(self.name)
+        report = pb.Report(self.name)
         for node in graph.nodes_of("Constant"):
             self._constant(graph, node, report)
         for node in graph.nodes_of(*sorted(NOOP_CANDIDATES)):
@@ -97,39 +86,39 @@ class Canonicalize(PassBase):
                     report.add_skip(skip)
                     continue
                 graph.bypass(node)
-                report.apply(Change(node.name, node.op, "removed no-op"))
+                report.apply(pb.Change(node.name, node.op, "removed no-op"))
             elif node.op == "Pad":
-                skip = _check_pad_fold(graph, node) if config.fold_pad else Skip(
-                    node.name, node.op, SkipReason.USER_EXCLUDED, "--no-fold-pad")
+                skip = _check_pad_fold(graph, node) if config.fold_pad else pb.Skip(
+                    node.name, node.op, pb.SkipReason.USER_EXCLUDED, "--no-fold-pad")
                 if skip is not None:
                     report.add_skip(skip)
                     continue
                 conv = _fold_pad(graph, node)
-                report.apply(Change(node.name, node.op, f"folded into Conv {conv.name} pads"))
+                report.apply(pb.Change(node.name, node.op, f"folded into Conv {conv.name} pads"))
             elif node.op in ("Identity", "Dropout"):
-                report.skip(node.name, node.op, SkipReason.UNSUPPORTED_ATTRIBUTE,
+                report.skip(node.name, node.op, pb.SkipReason.UNSUPPORTED_ATTRIBUTE,
                             "Dropout with its mask output used or in training mode")
         for clip in graph.nodes_of("Clip"):
             match = _hardswish(graph, clip)
             if match is not None:
                 report.apply(_fuse_hardswish(graph, *match))
         if not report.applied:
-            report.note(NOTHING_TO_DO, "nothing to canonicalize")
-            return PassResult(copy_model(model), report)
-        return PassResult(graph.export(), report)
+            report.note(pb.NOTHING_TO_DO, "nothing to canonicalize")
+            return pb.PassResult(copy_model(model), report)
+        return pb.PassResult(graph.export(), report)
 
     @staticmethod
-    def _constant(graph: Graph, node: Node, report: Report) -> None:
+    def _constant(graph: Graph, node: Node, report: pb.Report) -> None:
         out = node.outputs[0]
         value = graph.const_value(out)
         if value is None:
-            report.skip(node.name, node.op, SkipReason.UNSUPPORTED_ATTRIBUTE,
+            report.skip(node.name, node.op, pb.SkipReason.UNSUPPORTED_ATTRIBUTE,
                         "sparse or non-tensor Constant")
         elif graph.is_graph_output(out):
-            report.skip(node.name, node.op, SkipReason.GRAPH_OUTPUT, f"{out.name} is an output")
+            report.skip(node.name, node.op, pb.SkipReason.GRAPH_OUTPUT, f"{out.name} is an output")
         else:
             graph.replace_with_constant(out, value)
-            report.apply(Change(node.name, node.op, "Constant node -> initializer",
+            report.apply(pb.Change(node.name, node.op, "Constant node -> initializer",
                                 params_before=int(value.size), params_after=int(value.size)))
 
 
@@ -159,13 +148,13 @@ def _is_noop(graph: Graph, node: Node) -> bool:
     return False
 
 
-def _check_bypass(graph: Graph, node: Node) -> Skip | None:
+def _check_bypass(graph: Graph, node: Node) -> pb.Skip | None:
     out = node.outputs[0]
     src = node.inputs[0]
     if graph.is_graph_output(out):
         prod = graph.producer(src)
         if prod is None or graph.is_graph_output(src) or len(src.outputs) != 1:
-            return Skip(node.name, node.op, SkipReason.GRAPH_OUTPUT,
+            return pb.Skip(node.name, node.op, pb.SkipReason.GRAPH_OUTPUT,
                         "removing it would rename a graph output")
     return None
 
@@ -195,46 +184,46 @@ def _pad_amounts(graph: Graph, node: Node) -> np.ndarray | None:
     return full
 
 
-def _check_pad_fold(graph: Graph, pad: Node) -> Skip | None:
-    def skip(reason: SkipReason, detail: str) -> Skip:
-        return Skip(pad.name, pad.op, reason, detail)
+def _check_pad_fold(graph: Graph, pad: Node) -> pb.Skip | None:
+    def skip(reason: pb.SkipReason, detail: str) -> pb.Skip:
+        return pb.Skip(pad.name, pad.op, reason, detail)
 
     mode = pad.attrs.get("mode", "constant")
     if isinstance(mode, bytes):
         mode = mode.decode()
     if mode != "constant":
-        return skip(SkipReason.UNSUPPORTED_ATTRIBUTE, f"mode={mode}")
+        return skip(pb.SkipReason.UNSUPPORTED_ATTRIBUTE, f"mode={mode}")
     pads = _pad_amounts(graph, pad)
     if pads is None:
-        return skip(SkipReason.NOT_CONSTANT, "pads are not constant")
+        return skip(pb.SkipReason.NOT_CONSTANT, "pads are not constant")
     value_t = graph.input(pad, 2)
     value = float(pad.attrs.get("value", 0.0))
     if value_t is not None:
         v = graph.const_value(value_t)
         if v is None:
-            return skip(SkipReason.NOT_CONSTANT, "pad value is not constant")
+            return skip(pb.SkipReason.NOT_CONSTANT, "pad value is not constant")
         value = float(np.asarray(v).reshape(-1)[0]) if v.size else 0.0
     if value != 0.0:
-        return skip(SkipReason.UNSUPPORTED_ATTRIBUTE, f"pad value {value} != 0")
+        return skip(pb.SkipReason.UNSUPPORTED_ATTRIBUTE, f"pad value {value} != 0")
     rank = len(pads) // 2
     if np.any(pads < 0):
-        return skip(SkipReason.UNSUPPORTED_ATTRIBUTE, "negative pads (crop)")
+        return skip(pb.SkipReason.UNSUPPORTED_ATTRIBUTE, "negative pads (crop)")
     if pads[0] or pads[1] or pads[rank] or pads[rank + 1]:
-        return skip(SkipReason.UNSUPPORTED_ATTRIBUTE, "pads the batch or channel axis")
+        return skip(pb.SkipReason.UNSUPPORTED_ATTRIBUTE, "pads the batch or channel axis")
     out = pad.outputs[0]
     if graph.is_graph_output(out):
-        return skip(SkipReason.GRAPH_OUTPUT, f"{out.name} is a graph output")
+        return skip(pb.SkipReason.GRAPH_OUTPUT, f"{out.name} is a graph output")
     readers = graph.consumers(out)
     if len(readers) != 1:
-        return skip(SkipReason.MULTIPLE_CONSUMERS, f"read by {len(readers)} nodes")
+        return skip(pb.SkipReason.MULTIPLE_CONSUMERS, f"read by {len(readers)} nodes")
     conv = readers[0]
     if conv.op != "Conv" or conv.inputs[0] is not out:
-        return skip(SkipReason.UNSUPPORTED_PRODUCER, f"read by {conv.op}, not a Conv's data")
+        return skip(pb.SkipReason.UNSUPPORTED_PRODUCER, f"read by {conv.op}, not a Conv's data")
     auto_pad = conv.attrs.get("auto_pad", "NOTSET")
     if isinstance(auto_pad, bytes):
         auto_pad = auto_pad.decode()
     if auto_pad != "NOTSET":
-        return skip(SkipReason.UNSUPPORTED_ATTRIBUTE, f"Conv auto_pad={auto_pad}")
+        return skip(pb.SkipReason.UNSUPPORTED_ATTRIBUTE, f"Conv auto_pad={auto_pad}")
     return None
 
 
@@ -326,7 +315,7 @@ def _hardswish(graph: Graph, clip: Node) -> tuple[Tensor, list[Node]] | None:
     return None
 
 
-def _fuse_hardswish(graph: Graph, x: Tensor, nodes: list[Node]) -> Change:
+def _fuse_hardswish(graph: Graph, x: Tensor, nodes: list[Node]) -> pb.Change:
     last = nodes[-1]
     y = last.outputs[0]
     origin = last.name
@@ -340,7 +329,7 @@ def _fuse_hardswish(graph: Graph, x: Tensor, nodes: list[Node]) -> Change:
                        attrs={"alpha": 1.0 / 6.0, "beta": 0.5}, suffix="gate")
         graph.add_node("Mul", [x, gate], [y], pass_name="canonicalize", origin=origin)
         what = "x*Clip(x+3,0,6)/6 -> x*HardSigmoid(x) (opset < 14)"
-    return Change(origin, "HardSwish", what, details={"nodes": [n.name for n in nodes]})
+    return pb.Change(origin, "HardSwish", what, details={"nodes": [n.name for n in nodes]})
 
 
 PASS = Canonicalize()

@@ -39,10 +39,10 @@ from typing import ClassVar
 import numpy as np
 
 from onnxcomp import cp_als, lowrank
+from onnxcomp import passbase as pb
 from onnxcomp.chain import conv_hw, full_attrs, horizontal_attrs, vertical_attrs
 from onnxcomp.decompose import DecompositionPass, LowRankConfig
 from onnxcomp.linear import Layer, Plan, Stage, rank_ladder, round_up, skip_pointwise
-from onnxcomp.passbase import PassConfig, Skip
 
 # Phan et al.'s degeneracy shows as rank-one terms far larger than W that cancel. Mild
 # cancellation (a few times ||W||) costs fp32 a digit at most and the refit and the measured
@@ -75,7 +75,7 @@ class CPMethod:
         self._fits: dict[tuple[str, int], cp_als.CPResult] = {}
         self._spent = 0.0  # ALS seconds spent on the current layer
 
-    def check(self, layer: Layer) -> Skip | None:
+    def check(self, layer: Layer) -> pb.Skip | None:
         """Skip 1x1 kernels (nothing spatial to separate)."""
         return skip_pointwise(layer)
 
@@ -167,7 +167,7 @@ class CP(DecompositionPass):
 
     name: ClassVar[str] = "cp"
     lossless: ClassVar[bool] = False
-    config_cls: ClassVar[type[PassConfig]] = LowRankConfig
+    config_cls: ClassVar[type[pb.PassConfig]] = LowRankConfig
     method_cls = CPMethod
 
 

@@ -34,19 +34,19 @@ from typing import ClassVar
 
 import numpy as np
 
+from onnxcomp import passbase as pb
 from onnxcomp import sharing
 from onnxcomp.chain import conv_hw, full_attrs
 from onnxcomp.decompose import DecompositionPass, LowRankConfig
 from onnxcomp.errors import ConfigError
 from onnxcomp.linear import Layer, Plan, Stage, skip_pointwise
-from onnxcomp.passbase import PassConfig, Skip, option
 
 
 @dataclasses.dataclass(frozen=True)
 class SeparableConfig(LowRankConfig):
     """Low-rank options with ``rank`` = the depth multiplier; ``share_groups``: WKSC first."""
 
-    share_groups: int | None = option(
+    share_groups: int | None = pb.option(
         None,
         'depthwise_separable: fold input channels into G shared groups first (weighted kernel'
         ' sharing).')
@@ -66,7 +66,7 @@ class SeparableMethod:
     def __init__(self, share_groups: int | None = None) -> None:
         self.share_groups = share_groups
 
-    def check(self, layer: Layer) -> Skip | None:
+    def check(self, layer: Layer) -> pb.Skip | None:
         """Skip 1x1 kernels (nothing spatial to separate)."""
         return skip_pointwise(layer, "1x1 kernel: nothing to separate (use --pass svd)")
 
@@ -150,7 +150,7 @@ class DepthwiseSeparable(DecompositionPass):
 
     name: ClassVar[str] = "depthwise_separable"
     lossless: ClassVar[bool] = False
-    config_cls: ClassVar[type[PassConfig]] = SeparableConfig
+    config_cls: ClassVar[type[pb.PassConfig]] = SeparableConfig
     method_cls = SeparableMethod
 
     def method_for(self, config: LowRankConfig) -> SeparableMethod:

@@ -33,22 +33,11 @@ import numpy as np
 import onnx
 
 from onnxcomp import capture
+from onnxcomp import passbase as pb
 from onnxcomp.calibration import Calibration
 from onnxcomp.graph import Graph
 from onnxcomp.linear import own_float_weight
 from onnxcomp.model import copy_model
-from onnxcomp.passbase import (
-    NOTHING_TO_DO,
-    Change,
-    PassBase,
-    PassConfig,
-    PassResult,
-    Report,
-    RunContext,
-    Skip,
-    SkipReason,
-    exclude_option,
-)
 
 # Pairs whose smallest live channel range is above this share of the largest are left alone.
 EVEN_ENOUGH = 0.5
@@ -56,55 +45,55 @@ MAX_SCALE = 1e4
 
 
 @dataclasses.dataclass(frozen=True)
-class EqualizeConfig(PassConfig):
+class EqualizeConfig(pb.PassConfig):
     """Options of ``equalize``."""
 
-    exclude: tuple[str, ...] = exclude_option()
+    exclude: tuple[str, ...] = pb.exclude_option()
 
 
-class Equalize(PassBase):
+class Equalize(pb.PassBase):
     """The ``equalize`` pass."""
 
     name: ClassVar[str] = "equalize"
     lossless: ClassVar[bool] = True
-    config_cls: ClassVar[type[PassConfig]] = EqualizeConfig
+    config_cls: ClassVar[type[pb.PassConfig]] = EqualizeConfig
     uses_calibration: ClassVar[bool] = True
 
-    def call(self, model: onnx.ModelProto, config: PassConfig,
-             calib: Calibration | None, ctx: RunContext) -> PassResult:
+    def call(self, model: onnx.ModelProto, config: pb.PassConfig,
+             calib: Calibration | None, ctx: pb.RunContext) -> pb.PassResult:
         """Equalize every linear conv pair of a copy of ``model``."""
         assert isinstance(config, EqualizeConfig)
-        report = Report(self.name)
+        report = pb.Report(self.name)
         graph = Graph(model)
         pairs = linear_pairs(graph, config.exclude)
         if not pairs:
-            report.note(NOTHING_TO_DO, "no Conv -> Conv pair with nothing between")
-            return PassResult(copy_model(model), report)
+            report.note(pb.NOTHING_TO_DO, "no Conv -> Conv pair with nothing between")
+            return pb.PassResult(copy_model(model), report)
         assert calib is not None  # PassBase gives synthetic inputs without --calib
         amax = _channel_ranges(model, [a.outputs[0].name for a, _, _ in pairs], calib)
         for a, b, depthwise in pairs:
             r = amax[a.outputs[0].name]
             live = r > 0
             if not live.any():
-                report.add_skip(Skip(a.name, a.op, SkipReason.NOT_NEEDED,
+                report.add_skip(pb.Skip(a.name, a.op, pb.SkipReason.NOT_NEEDED,
                                      f"{a.outputs[0].name} is zero on the calibration data"))
                 continue
             if r[live].min() > EVEN_ENOUGH * r.max():
-                report.add_skip(Skip(a.name, a.op, SkipReason.NOT_NEEDED,
+                report.add_skip(pb.Skip(a.name, a.op, pb.SkipReason.NOT_NEEDED,
                                      f"channel ranges within {1 / EVEN_ENOUGH:g}x already"))
                 continue
             alpha = 1.0 if depthwise else 0.5
             scale = np.ones_like(r)
             scale[live] = np.clip((r.max() / r[live]) ** alpha, 1.0, MAX_SCALE)
             _rescale(graph, a, b, depthwise, scale)
-            report.apply(Change(
+            report.apply(pb.Change(
                 node=a.name, op_type=a.op, what=f"equalized with {b.name}", error=0.0,
                 details={"partner": b.name, "depthwise_partner": depthwise,
                          "range_spread_before": round(float(r.max() / r[live].min()), 3),
                          "largest_scale": round(float(scale.max()), 3)}))
         if not report.applied:
-            return PassResult(copy_model(model), report)
-        return PassResult(graph.export(), report)
+            return pb.PassResult(copy_model(model), report)
+        return pb.PassResult(graph.export(), report)
 
 
 PASS = Equalize()
@@ -118,14 +107,14 @@ def linear_pairs(graph: Graph, exclude: tuple[str, ...] = ()) -> list[tuple[Any,
     """
     pairs = []
     for a in graph.nodes:
-        if a.op != "Conv" or isinstance(own_float_weight(graph, a, exclude), Skip):
+        if a.op != "Conv" or isinstance(own_float_weight(graph, a, exclude), pb.Skip):
             continue
         t = a.outputs[0]
         if len(t.outputs) != 1 or graph.is_graph_output(t):
             continue
         b = t.outputs[0]
         if (b.op != "Conv" or b.inputs[0] is not t
-                or isinstance(own_float_weight(graph, b, exclude), Skip)):
+                or isinstance(own_float_weight(graph, b, exclude), pb.Skip)):
             continue
         if len(a.inputs) > 2 and graph.const_value(graph.input(a, 2)) is None:
             continue  # a computed bias cannot be rescaled

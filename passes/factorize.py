@@ -21,9 +21,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
+from onnxcomp import passbase as pb
 from onnxcomp.decompose import DecompositionPass, LowRankConfig
 from onnxcomp.linear import Layer, Plan
-from onnxcomp.passbase import ConfigError, PassConfig, Skip, option
 from onnxcomp.passes.cp import CPMethod
 from onnxcomp.passes.depthwise_separable import SeparableMethod
 from onnxcomp.passes.kernel_sharing import KernelSharingMethod
@@ -43,7 +43,7 @@ METHODS: dict[str, Any] = {
 class FactorizeConfig(LowRankConfig):
     """Low-rank options (rank auto) and the methods to choose from."""
 
-    methods: tuple[str, ...] = option(
+    methods: tuple[str, ...] = pb.option(
         tuple(METHODS),
         "factorize: the methods each layer may take (repeatable; default: all of "
         + ", ".join(METHODS) + ").", choices=tuple(METHODS))
@@ -52,11 +52,11 @@ class FactorizeConfig(LowRankConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.auto:
-            raise ConfigError("factorize chooses ranks itself: use --rank auto (a fixed rank "
+            raise pb.ConfigError("factorize chooses ranks itself: use --rank auto (a fixed rank "
                               "means one method: run that pass)")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
-            raise ConfigError(f"--methods must name some of {', '.join(METHODS)}, got "
+            raise pb.ConfigError(f"--methods must name some of {', '.join(METHODS)}, got "
                               f"{', '.join(unknown) or 'none'}")
 
 
@@ -74,7 +74,7 @@ class MixedMethod:
         return [k for k, m in enumerate(self.methods)
                 if layer.op in m.ops and m.check(layer) is None]
 
-    def check(self, layer: Layer) -> Skip | None:
+    def check(self, layer: Layer) -> pb.Skip | None:
         """The first method's reason when no method can rewrite ``layer``."""
         if self._able(layer):
             return None
@@ -90,7 +90,7 @@ class MixedMethod:
 
     def fixed_rank(self, layer: Layer, config: LowRankConfig) -> tuple[int, ...]:
         """Not used: the config insists on --rank auto."""
-        raise ConfigError("factorize needs --rank auto")
+        raise pb.ConfigError("factorize needs --rank auto")
 
     def plan(self, layer: Layer, ranks: tuple[int, ...], config: LowRankConfig) -> Plan:
         """The plan of the tagged method at the rest of ``ranks``."""
@@ -102,7 +102,7 @@ class Factorize(DecompositionPass):
 
     name: ClassVar[str] = "factorize"
     lossless: ClassVar[bool] = False
-    config_cls: ClassVar[type[PassConfig]] = FactorizeConfig
+    config_cls: ClassVar[type[pb.PassConfig]] = FactorizeConfig
 
     def method_for(self, config: LowRankConfig) -> MixedMethod:
         """The mixed method over ``config.methods``."""

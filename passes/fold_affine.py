@@ -45,21 +45,10 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 import onnx
 
+from onnxcomp import passbase as pb
 from onnxcomp.graph import Graph, Node, attr_ints
 from onnxcomp.model import copy_model
 from onnxcomp.ops import ACTIVATIONS, FLOAT_TYPES, NCHWC_OPS
-from onnxcomp.passbase import (
-    NOTHING_TO_DO,
-    Change,
-    PassBase,
-    PassConfig,
-    PassResult,
-    Report,
-    RunContext,
-    Skip,
-    SkipReason,
-    option,
-)
 
 if TYPE_CHECKING:
     from onnxcomp.calibration import Calibration
@@ -67,30 +56,30 @@ if TYPE_CHECKING:
 
 
 @dataclasses.dataclass(frozen=True)
-class FoldAffineConfig(PassConfig):
+class FoldAffineConfig(pb.PassConfig):
     """Options of fold_affine."""
 
-    batchnorm: bool = option(
+    batchnorm: bool = pb.option(
         True,
         'fold_affine: write unfoldable affine chains next to a conv as one '
         'BatchNormalization.')  # unfoldable affine chains next to a Conv -> one BatchNormalization
 
 
-class FoldAffine(PassBase):
+class FoldAffine(pb.PassBase):
     """Fold constant Mul/Add nodes into the Conv before or after them."""
 
     name: ClassVar[str] = "fold_affine"
     lossless: ClassVar[bool] = True
-    config_cls: ClassVar[type[PassConfig]] = FoldAffineConfig
+    config_cls: ClassVar[type[pb.PassConfig]] = FoldAffineConfig
 
     def call(
-        self, model: onnx.ModelProto, config: PassConfig, calib: Calibration | None,
-        ctx: RunContext,
-    ) -> PassResult:
+        self, model: onnx.ModelProto, config: pb.PassConfig, calib: Calibration | None,
+        ctx: pb.RunContext,
+    ) -> pb.PassResult:
         """Return a new model with every foldable constant Mul/Add folded."""
         graph = Graph(model)
-        report = Report(self.name)
-        reasons: dict[str, Skip] = {}
+        report = pb.Report(self.name)
+        reasons: dict[str, pb.Skip] = {}
         changed = True
         while changed:  # a fold can make the next node of a chain foldable
             changed = False
@@ -98,7 +87,7 @@ class FoldAffine(PassBase):
                 if not node.outputs or node.name in {c.node for c in report.applied}:
                     continue
                 outcome = _try_fold(graph, node)
-                if isinstance(outcome, Change):
+                if isinstance(outcome, pb.Change):
                     report.apply(outcome)
                     reasons.pop(node.name, None)
                     changed = True
@@ -112,12 +101,12 @@ class FoldAffine(PassBase):
         for skip in reasons.values():
             report.add_skip(skip)
         if not report.applied:
-            report.note(NOTHING_TO_DO, "no constant Mul/Add folded")
-            return PassResult(copy_model(model), report)
-        return PassResult(graph.export(), report)
+            report.note(pb.NOTHING_TO_DO, "no constant Mul/Add folded")
+            return pb.PassResult(copy_model(model), report)
+        return pb.PassResult(graph.export(), report)
 
 
-def _operands(graph: Graph, node: Node) -> tuple[Node, np.ndarray] | Skip | None:
+def _operands(graph: Graph, node: Node) -> tuple[Node, np.ndarray] | pb.Skip | None:
     """(the variable input, the constant) of a Mul/Add with exactly one constant input."""
     if len(node.inputs) != 2 or len(node.outputs) != 1:
         return None
@@ -128,7 +117,7 @@ def _operands(graph: Graph, node: Node) -> tuple[Node, np.ndarray] | Skip | None
     value = values[k]
     assert value is not None
     if value.dtype.type not in FLOAT_TYPES:
-        return Skip(node.name, node.op, SkipReason.UNSUPPORTED_DTYPE, str(value.dtype))
+        return pb.Skip(node.name, node.op, pb.SkipReason.UNSUPPORTED_DTYPE, str(value.dtype))
     return node.inputs[1 - k], value
 
 
@@ -144,7 +133,7 @@ def _channel_vector(value: np.ndarray, rank: int | None, channels: int) -> np.nd
     return np.asarray(value, dtype=np.float64).reshape(channels)
 
 
-def _weights(graph: Graph, conv: Node, readers: list[Node]) -> Skip | None:
+def _weights(graph: Graph, conv: Node, readers: list[Node]) -> pb.Skip | None:
     """Skip unless the conv's weight and bias are constant floats read only by ``readers``."""
     for i in (1, 2):
         t = graph.input(conv, i)
@@ -152,11 +141,12 @@ def _weights(graph: Graph, conv: Node, readers: list[Node]) -> Skip | None:
             continue
         value = graph.const_value(t)
         if value is None:
-            return Skip(conv.name, conv.op, SkipReason.NOT_CONSTANT, f"{t.name} is not constant")
+            return pb.Skip(conv.name, conv.op, pb.SkipReason.NOT_CONSTANT,
+                           f"{t.name} is not constant")
         if value.dtype.type not in FLOAT_TYPES:
-            return Skip(conv.name, conv.op, SkipReason.UNSUPPORTED_DTYPE, str(value.dtype))
+            return pb.Skip(conv.name, conv.op, pb.SkipReason.UNSUPPORTED_DTYPE, str(value.dtype))
         if graph.is_shared(t, readers):
-            return Skip(conv.name, conv.op, SkipReason.SHARED_WEIGHT,
+            return pb.Skip(conv.name, conv.op, pb.SkipReason.SHARED_WEIGHT,
                         f"{t.name} is also read by another node")
     return None
 
@@ -180,16 +170,16 @@ def _set_weights(graph: Graph, conv: Node, w: np.ndarray, b: np.ndarray, dtype: 
         graph.set_input_constant(conv, 2, b.astype(dtype))
 
 
-def _try_fold(graph: Graph, node: Node) -> Change | Skip | None:
+def _try_fold(graph: Graph, node: Node) -> pb.Change | pb.Skip | None:
     operands = _operands(graph, node)
-    if operands is None or isinstance(operands, Skip):
+    if operands is None or isinstance(operands, pb.Skip):
         return operands
     x, value = operands
     into_producer = _fold_into_producer(graph, node, x, value)
-    if isinstance(into_producer, Change):
+    if isinstance(into_producer, pb.Change):
         return into_producer
     into_consumers = _fold_into_consumers(graph, node, x, value)
-    if isinstance(into_consumers, Change):
+    if isinstance(into_consumers, pb.Change):
         return into_consumers
     # Report why the more natural direction failed: the producer when there is a Conv.
     prod = graph.producer(x)
@@ -197,23 +187,23 @@ def _try_fold(graph: Graph, node: Node) -> Change | Skip | None:
 
 
 def _fold_into_producer(graph: Graph, node: Node, x: Node, value: np.ndarray
-                        ) -> Change | Skip:
+                        ) -> pb.Change | pb.Skip:
     conv = graph.producer(x)
     if conv is None or conv.op != "Conv":
-        return Skip(node.name, node.op, SkipReason.UNSUPPORTED_PRODUCER,
+        return pb.Skip(node.name, node.op, pb.SkipReason.UNSUPPORTED_PRODUCER,
                     "input is not written by a Conv")
     if len(x.outputs) != 1 or graph.is_graph_output(x):
-        return Skip(node.name, node.op, SkipReason.MULTIPLE_CONSUMERS,
+        return pb.Skip(node.name, node.op, pb.SkipReason.MULTIPLE_CONSUMERS,
                     f"{conv.name} output is read by other nodes or is a graph output")
     skip = _weights(graph, conv, [conv])
     if skip is not None:
-        return Skip(node.name, node.op, skip.reason, skip.detail)
+        return pb.Skip(node.name, node.op, skip.reason, skip.detail)
     w = graph.const_value(conv.inputs[1])
     assert w is not None
     shape = graph.shape(x)
     vec = _channel_vector(value, len(shape) if shape else None, w.shape[0])
     if vec is None:
-        return Skip(node.name, node.op, SkipReason.UNSUPPORTED_ATTRIBUTE,
+        return pb.Skip(node.name, node.op, pb.SkipReason.UNSUPPORTED_ATTRIBUTE,
                     f"constant of shape {list(value.shape)} is not per output channel")
     b = _bias(graph, conv)
     if node.op == "Mul":
@@ -224,7 +214,7 @@ def _fold_into_producer(graph: Graph, node: Node, x: Node, value: np.ndarray
     _set_weights(graph, conv, w_new, b_new, w.dtype)
     conv.outputs[0] = node.outputs[0]
     graph.retire([node])
-    return Change(node.name, node.op, f"folded into {conv.op} {conv.name} (after it)",
+    return pb.Change(node.name, node.op, f"folded into {conv.op} {conv.name} (after it)",
                   params_before=int(value.size), details={"into": conv.name, "side": "after"})
 
 
@@ -237,22 +227,23 @@ def _zero_pads(conv: Node) -> bool:
 
 
 def _fold_into_consumers(graph: Graph, node: Node, x: Node, value: np.ndarray
-                         ) -> Change | Skip:
+                         ) -> pb.Change | pb.Skip:
     y = node.outputs[0]
     readers = graph.consumers(y)
     if not readers or graph.is_graph_output(y):
-        return Skip(node.name, node.op, SkipReason.GRAPH_OUTPUT, f"{y.name} is a graph output")
+        return pb.Skip(node.name, node.op, pb.SkipReason.GRAPH_OUTPUT,
+                       f"{y.name} is a graph output")
     if any(r.op != "Conv" or r.inputs[0] is not y for r in readers):
-        return Skip(node.name, node.op, SkipReason.UNSUPPORTED_PRODUCER,
+        return pb.Skip(node.name, node.op, pb.SkipReason.UNSUPPORTED_PRODUCER,
                     "neither written by a Conv nor read only by Convs")
     if node.op == "Add" and not all(_zero_pads(r) for r in readers):
-        return Skip(node.name, node.op, SkipReason.UNSUPPORTED_ATTRIBUTE,
+        return pb.Skip(node.name, node.op, pb.SkipReason.UNSUPPORTED_ATTRIBUTE,
                     "Add before a padded Conv (the border would change)")
     plans = []
     for conv in readers:
         skip = _weights(graph, conv, readers)
         if skip is not None:
-            return Skip(node.name, node.op, skip.reason, skip.detail)
+            return pb.Skip(node.name, node.op, skip.reason, skip.detail)
         w = graph.const_value(conv.inputs[1])
         assert w is not None
         groups = int(conv.attrs.get("group", 1))
@@ -260,7 +251,7 @@ def _fold_into_consumers(graph: Graph, node: Node, x: Node, value: np.ndarray
         shape = graph.shape(y)
         vec = _channel_vector(value, len(shape) if shape else None, channels)
         if vec is None or (groups != 1 and value.size != 1):
-            return Skip(node.name, node.op, SkipReason.UNSUPPORTED_ATTRIBUTE,
+            return pb.Skip(node.name, node.op, pb.SkipReason.UNSUPPORTED_ATTRIBUTE,
                         f"constant of shape {list(value.shape)} is not a scalar or per input "
                         f"channel of a group-1 Conv")
         plans.append((conv, w, vec))
@@ -279,7 +270,7 @@ def _fold_into_consumers(graph: Graph, node: Node, x: Node, value: np.ndarray
         conv.inputs[0] = x
     graph.retire([node])
     names = ", ".join(r.name for r in readers)
-    return Change(node.name, node.op, f"folded into Conv {names} (before it)",
+    return pb.Change(node.name, node.op, f"folded into Conv {names} (before it)",
                   params_before=int(value.size),
                   details={"into": [r.name for r in readers], "side": "before"})
 
@@ -289,7 +280,7 @@ def _affine(graph: Graph, node: Node) -> tuple[Node, np.ndarray, np.ndarray] | N
     if node.op not in ("Mul", "Add"):
         return None
     operands = _operands(graph, node)
-    if operands is None or isinstance(operands, Skip):
+    if operands is None or isinstance(operands, pb.Skip):
         return None
     x, value = operands
     shape = graph.shape(x)
@@ -320,7 +311,7 @@ def _through_activation(graph: Graph, node: Node | None) -> Node | None:
     return node
 
 
-def _chains_to_batchnorm(graph: Graph, candidates: set[str]) -> list[Change]:
+def _chains_to_batchnorm(graph: Graph, candidates: set[str]) -> list[pb.Change]:
     """Replace each maximal chain of unfolded affine nodes next to a Conv by one BatchNorm."""
     by_name = {n.name: n for n in graph.nodes if n.name in candidates}
     changes = []
@@ -362,7 +353,7 @@ def _chains_to_batchnorm(graph: Graph, candidates: set[str]) -> list[Change]:
         graph.add_node("BatchNormalization", [x, *params], [y], pass_name="fold_affine",
                        origin=chain[0].name, attrs={"epsilon": eps})
         names = [n.name for n in chain]
-        changes.append(Change(
+        changes.append(pb.Change(
             chain[0].name, chain[0].op,
             f"{' -> '.join(n.op for n in chain)} as one BatchNormalization (stays in the conv "
             f"layout)", params_before=int(scale.size * len(chain)),

@@ -31,20 +31,10 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 import onnx
 
+from onnxcomp import passbase as pb
 from onnxcomp.graph import Graph, Node
 from onnxcomp.model import copy_model
 from onnxcomp.ops import FLOAT_TYPES
-from onnxcomp.passbase import (
-    NOTHING_TO_DO,
-    Change,
-    PassBase,
-    PassConfig,
-    PassResult,
-    Report,
-    RunContext,
-    Skip,
-    SkipReason,
-)
 
 PRODUCERS = ("Conv", "ConvTranspose", "Gemm")
 
@@ -53,24 +43,24 @@ if TYPE_CHECKING:
 
 
 @dataclasses.dataclass(frozen=True)
-class FoldBNConfig(PassConfig):
+class FoldBNConfig(pb.PassConfig):
     """fold_bn has no options."""
 
 
-class FoldBN(PassBase):
+class FoldBN(pb.PassBase):
     """Fold inference-mode BatchNormalization into its producer."""
 
     name: ClassVar[str] = "fold_bn"
     lossless: ClassVar[bool] = True
-    config_cls: ClassVar[type[PassConfig]] = FoldBNConfig
+    config_cls: ClassVar[type[pb.PassConfig]] = FoldBNConfig
 
     def call(
-        self, model: onnx.ModelProto, config: PassConfig, calib: Calibration | None,
-        ctx: RunContext,
-    ) -> PassResult:
+        self, model: onnx.ModelProto, config: pb.PassConfig, calib: Calibration | None,
+        ctx: pb.RunContext,
+    ) -> pb.PassResult:
         """Return a new model with every foldable BatchNormalization folded."""
         graph = Graph(model)
-        report = Report(self.name)
+        report = pb.Report(self.name)
         for bn in graph.nodes_of("BatchNormalization"):
             skip = self.check(graph, bn)
             if skip is not None:
@@ -78,49 +68,51 @@ class FoldBN(PassBase):
                 continue
             report.apply(self.rewrite(graph, bn))
         if not report.applied:
-            report.note(NOTHING_TO_DO, "no BatchNormalization folded")
-            return PassResult(copy_model(model), report)
-        return PassResult(graph.export(), report)
+            report.note(pb.NOTHING_TO_DO, "no BatchNormalization folded")
+            return pb.PassResult(copy_model(model), report)
+        return pb.PassResult(graph.export(), report)
 
-    def check(self, graph: Graph, bn: Node) -> Skip | None:
+    def check(self, graph: Graph, bn: Node) -> pb.Skip | None:
         """A Skip with the reason this BN cannot be folded, or None."""
         x = bn.inputs[0]
         prod = graph.producer(x)
         if prod is None or prod.op not in PRODUCERS:
             found = "a graph input" if prod is None else prod.op
-            return Skip(bn.name, bn.op, SkipReason.UNSUPPORTED_PRODUCER,
+            return pb.Skip(bn.name, bn.op, pb.SkipReason.UNSUPPORTED_PRODUCER,
                         f"input comes from {found}")
         if int(bn.attrs.get("training_mode", 0)) != 0:
-            return Skip(bn.name, bn.op, SkipReason.UNSUPPORTED_ATTRIBUTE, "training_mode=1")
+            return pb.Skip(bn.name, bn.op, pb.SkipReason.UNSUPPORTED_ATTRIBUTE, "training_mode=1")
         if any(t.outputs or graph.is_graph_output(t) for t in bn.outputs[1:]):
-            return Skip(bn.name, bn.op, SkipReason.UNSUPPORTED_ATTRIBUTE,
+            return pb.Skip(bn.name, bn.op, pb.SkipReason.UNSUPPORTED_ATTRIBUTE,
                         "running-stat outputs used")
         if len(prod.outputs) != 1 or len(x.outputs) != 1:
-            return Skip(bn.name, bn.op, SkipReason.MULTIPLE_CONSUMERS,
+            return pb.Skip(bn.name, bn.op, pb.SkipReason.MULTIPLE_CONSUMERS,
                         f"{prod.name} output is read by {len(x.outputs)} nodes")
         if graph.is_graph_output(x):
-            return Skip(bn.name, bn.op, SkipReason.GRAPH_OUTPUT, f"{x.name} is a graph output")
+            return pb.Skip(bn.name, bn.op, pb.SkipReason.GRAPH_OUTPUT,
+                           f"{x.name} is a graph output")
         stats = [graph.const_value(t) for t in bn.inputs[1:5]]
         if any(s is None for s in stats):
-            return Skip(bn.name, bn.op, SkipReason.NOT_CONSTANT, "BN parameters are not constant")
+            return pb.Skip(bn.name, bn.op, pb.SkipReason.NOT_CONSTANT,
+                           "BN parameters are not constant")
         if prod.op == "Gemm" and len(x.shape or ()) != 2:
-            return Skip(bn.name, bn.op, SkipReason.UNKNOWN_SHAPE, "Gemm output rank unknown")
+            return pb.Skip(bn.name, bn.op, pb.SkipReason.UNKNOWN_SHAPE, "Gemm output rank unknown")
         weights = [graph.input(prod, i) for i in range(1, 3)]
         for w in weights:
             if w is None:
                 continue
             value = graph.const_value(w)
             if value is None:
-                return Skip(bn.name, bn.op, SkipReason.NOT_CONSTANT,
+                return pb.Skip(bn.name, bn.op, pb.SkipReason.NOT_CONSTANT,
                             f"{prod.name} input {w.name} is not constant")
             if value.dtype.type not in FLOAT_TYPES:
-                return Skip(bn.name, bn.op, SkipReason.UNSUPPORTED_DTYPE, str(value.dtype))
+                return pb.Skip(bn.name, bn.op, pb.SkipReason.UNSUPPORTED_DTYPE, str(value.dtype))
             if graph.is_shared(w, [prod]):
-                return Skip(bn.name, bn.op, SkipReason.SHARED_WEIGHT,
+                return pb.Skip(bn.name, bn.op, pb.SkipReason.SHARED_WEIGHT,
                             f"{w.name} is also read by another node")
         return None
 
-    def rewrite(self, graph: Graph, bn: Node) -> Change:
+    def rewrite(self, graph: Graph, bn: Node) -> pb.Change:
         """Fold ``bn`` into its producer; return the change record."""
         prod = graph.producer(bn.inputs[0])
         assert prod is not None  # guaranteed by check()
@@ -167,7 +159,7 @@ class FoldBN(PassBase):
         # The producer now writes the BN's output tensor; BN is retired.
         prod.outputs[0] = bn.outputs[0]
         graph.retire([bn])
-        return Change(
+        return pb.Change(
             node=bn.name,
             op_type=bn.op,
             what=f"folded into {prod.op} {prod.name}",

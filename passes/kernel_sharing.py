@@ -30,18 +30,18 @@ from typing import ClassVar
 
 import numpy as np
 
+from onnxcomp import passbase as pb
 from onnxcomp import sharing
 from onnxcomp.chain import conv_hw, full_attrs
 from onnxcomp.decompose import DecompositionPass, LowRankConfig
 from onnxcomp.linear import Layer, Plan, Stage, rank_ladder, round_up, skip_pointwise
-from onnxcomp.passbase import PassConfig, Skip, option
 
 
 @dataclasses.dataclass(frozen=True)
 class KernelSharingConfig(LowRankConfig):
     """Low-rank options, with ``rank`` = the number of groups; ``weighted``: WKSC."""
 
-    weighted: bool = option(
+    weighted: bool = pb.option(
         True,
         'kernel_sharing: one weight per input channel (weighted KSC) or plain KSC.')
 
@@ -52,7 +52,7 @@ class KernelSharingMethod:
     name = "kernel_sharing"
     ops = ("Conv",)
 
-    def check(self, layer: Layer) -> Skip | None:
+    def check(self, layer: Layer) -> pb.Skip | None:
         """Skip 1x1 kernels: sharing there is a (worse) low-rank factorization."""
         return skip_pointwise(layer)
 
@@ -110,7 +110,7 @@ class KernelSharing(DecompositionPass):
 
     name: ClassVar[str] = "kernel_sharing"
     lossless: ClassVar[bool] = False
-    config_cls: ClassVar[type[PassConfig]] = KernelSharingConfig
+    config_cls: ClassVar[type[pb.PassConfig]] = KernelSharingConfig
     method_cls = KernelSharingMethod
 
 

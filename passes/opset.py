@@ -22,30 +22,20 @@ from typing import ClassVar
 import onnx
 from onnx import version_converter
 
+from onnxcomp import passbase as pb
 from onnxcomp.calibration import Calibration
 from onnxcomp.errors import ConfigError
 from onnxcomp.model import check_model, copy_model, default_opset
-from onnxcomp.passbase import (
-    Change,
-    PassBase,
-    PassConfig,
-    PassResult,
-    Report,
-    RunContext,
-    Skip,
-    SkipReason,
-    option,
-)
 
 # The oldest and newest opsets this pass converts to (the converter's own range is wider).
 MIN_TARGET, MAX_TARGET = 11, 21
 
 
 @dataclasses.dataclass(frozen=True)
-class OpsetConfig(PassConfig):
+class OpsetConfig(pb.PassConfig):
     """Options of ``opset``."""
 
-    target_opset: int = option(13, 'opset: the default-domain opset to convert to.')
+    target_opset: int = pb.option(13, 'opset: the default-domain opset to convert to.')
 
     def __post_init__(self) -> None:
         if not MIN_TARGET <= self.target_opset <= MAX_TARGET:
@@ -63,34 +53,34 @@ def convert(model: onnx.ModelProto, target: int) -> onnx.ModelProto | str:
     return out
 
 
-class Opset(PassBase):
+class Opset(pb.PassBase):
     """The ``opset`` pass."""
 
     name: ClassVar[str] = "opset"
     lossless: ClassVar[bool] = True
-    config_cls: ClassVar[type[PassConfig]] = OpsetConfig
+    config_cls: ClassVar[type[pb.PassConfig]] = OpsetConfig
     tags_new_nodes: ClassVar[bool] = False  # the converter rewrites ops
 
-    def call(self, model: onnx.ModelProto, config: PassConfig,
-             calib: Calibration | None, ctx: RunContext) -> PassResult:
+    def call(self, model: onnx.ModelProto, config: pb.PassConfig,
+             calib: Calibration | None, ctx: pb.RunContext) -> pb.PassResult:
         """A copy of ``model`` at ``config.target_opset``."""
         assert isinstance(config, OpsetConfig)
-        report = Report(self.name)
+        report = pb.Report(self.name)
         now = default_opset(model) or 0
         target = config.target_opset
         if now >= target:
-            report.add_skip(Skip("<model>", "opset", SkipReason.NOT_NEEDED,
+            report.add_skip(pb.Skip("<model>", "opset", pb.SkipReason.NOT_NEEDED,
                                  f"opset {now} >= {target}"))
-            return PassResult(copy_model(model), report)
+            return pb.PassResult(copy_model(model), report)
         out = convert(model, target)
         if isinstance(out, str):
-            report.add_skip(Skip("<model>", "opset", SkipReason.UNSUPPORTED_ATTRIBUTE,
+            report.add_skip(pb.Skip("<model>", "opset", pb.SkipReason.UNSUPPORTED_ATTRIBUTE,
                                  f"the onnx version converter could not go from {now} to "
                                  f"{target}: {out}"))
-            return PassResult(copy_model(model), report)
-        report.apply(Change(node="<model>", op_type="opset", what=f"opset {now} -> {target}",
+            return pb.PassResult(copy_model(model), report)
+        report.apply(pb.Change(node="<model>", op_type="opset", what=f"opset {now} -> {target}",
                             error=0.0, details={"from": now, "to": target}))
-        return PassResult(out, report)
+        return pb.PassResult(out, report)
 
 
 PASS = Opset()

@@ -38,6 +38,7 @@ import numpy as np
 import onnx
 
 from onnxcomp import bench, cost, depgraph, runtime, search
+from onnxcomp import passbase as pb
 from onnxcomp.calibration import Calibration
 from onnxcomp.chain import write_linear
 from onnxcomp.depgraph import DepGraph, Group
@@ -46,24 +47,6 @@ from onnxcomp.importance import CRITERIA, SCORERS, Scoring
 from onnxcomp.linear import Layer, batch1_shapes, make_layer, static_shapes
 from onnxcomp.model import copy_model
 from onnxcomp.moments import Moments, collect_compressed, collect_original
-from onnxcomp.passbase import (
-    NOTHING_TO_DO,
-    Change,
-    ConfigError,
-    PassBase,
-    PassConfig,
-    PassResult,
-    Report,
-    RunContext,
-    Skip,
-    SkipReason,
-    exclude_option,
-    option,
-    refit_mode_option,
-    refit_option,
-    seed_option,
-    target_speedup_option,
-)
 from onnxcomp.refit import REFIT_ROWS_PER_UNKNOWN, shrunk_solve
 from onnxcomp.stream import LayerStream
 from onnxcomp.timing import Timer
@@ -79,44 +62,44 @@ SPEED_STEPS = 7
 
 
 @dataclasses.dataclass(frozen=True)
-class PruneConfig(PassConfig):
+class PruneConfig(pb.PassConfig):
     """Options of ``prune_channels``."""
 
-    ratio: float | None = option(
+    ratio: float | None = pb.option(
         None,
         "prune_channels: share of every group's channels to remove (default 0.3 without "
         '--target-speedup).')
-    criterion: str = option(
+    criterion: str = pb.option(
         'reconstruction',
         'prune_channels: channel importance.',
         choices=('reconstruction', 'l1', 'l2', 'bn_scale', 'activation'))
-    round_to: int = option(0, "prune_channels: keep channel counts a multiple of this (0: the "
+    round_to: int = pb.option(0, "prune_channels: keep channel counts a multiple of this (0: the "
                               "provider's channel block, 16 on AVX-512 CPUs, else 8).")
-    target_speedup: float | None = target_speedup_option()
-    refit: bool = refit_option()
-    refit_mode: str = refit_mode_option()
-    exclude: tuple[str, ...] = exclude_option()
+    target_speedup: float | None = pb.target_speedup_option()
+    refit: bool = pb.refit_option()
+    refit_mode: str = pb.refit_mode_option()
+    exclude: tuple[str, ...] = pb.exclude_option()
     provider: str = "cpu"
     threads: int = 1
     bench_runs: int = 30
     max_rows: int = 16384
     ridge: float = 1e-3
-    seed: int = seed_option()
+    seed: int = pb.seed_option()
 
     def __post_init__(self) -> None:
         if self.ratio is not None and not 0 <= self.ratio < 1:
-            raise ConfigError(f"--ratio must be in [0, 1), got {self.ratio}")
+            raise pb.ConfigError(f"--ratio must be in [0, 1), got {self.ratio}")
         if self.ratio is not None and self.target_speedup is not None:
-            raise ConfigError("give --ratio or --target-speedup, not both")
+            raise pb.ConfigError("give --ratio or --target-speedup, not both")
         if self.target_speedup is not None and self.target_speedup <= 1:
-            raise ConfigError(f"--target-speedup must be > 1, got {self.target_speedup}")
+            raise pb.ConfigError(f"--target-speedup must be > 1, got {self.target_speedup}")
         if self.criterion not in CRITERIA:
-            raise ConfigError(f"--criterion must be one of {', '.join(CRITERIA)}, "
+            raise pb.ConfigError(f"--criterion must be one of {', '.join(CRITERIA)}, "
                               f"got '{self.criterion}'")
         if self.round_to < 0:
-            raise ConfigError("--round-to must be >= 0 (0: the provider's channel block)")
+            raise pb.ConfigError("--round-to must be >= 0 (0: the provider's channel block)")
         if self.refit_mode not in ("asymmetric", "symmetric"):
-            raise ConfigError(f"refit mode must be asymmetric or symmetric, got "
+            raise pb.ConfigError(f"refit mode must be asymmetric or symmetric, got "
                               f"'{self.refit_mode}'")
 
 
@@ -132,27 +115,27 @@ class _Prepared:
     targets: dict[str, list[np.ndarray]]  # sampled original output rows per consumer
 
 
-class PruneChannels(PassBase):
+class PruneChannels(pb.PassBase):
     """The ``prune_channels`` pass."""
 
     name: ClassVar[str] = "prune_channels"
     lossless: ClassVar[bool] = False
-    config_cls: ClassVar[type[PassConfig]] = PruneConfig
+    config_cls: ClassVar[type[pb.PassConfig]] = PruneConfig
     uses_calibration: ClassVar[bool] = True
 
-    def call(self, model: onnx.ModelProto, config: PassConfig, calib: Calibration | None,
-             ctx: RunContext) -> PassResult:
+    def call(self, model: onnx.ModelProto, config: pb.PassConfig, calib: Calibration | None,
+             ctx: pb.RunContext) -> pb.PassResult:
         """Prune a copy of ``model``; see the module docstring."""
         assert isinstance(config, PruneConfig)
         assert calib is not None  # PassBase gives synthetic inputs (and says so)
-        report = Report(self.name)
+        report = pb.Report(self.name)
         if not config.round_to:
             config = dataclasses.replace(config, round_to=runtime.channel_block(config.provider))
         report.metrics["round_to"] = config.round_to
         prep = _prepare(model, config, calib, report)
         if not prep.scores:
-            report.note(NOTHING_TO_DO, "no prunable channel group")
-            return PassResult(copy_model(model), report)
+            report.note(pb.NOTHING_TO_DO, "no prunable channel group")
+            return pb.PassResult(copy_model(model), report)
         if config.target_speedup is None:
             ratio = DEFAULT_RATIO if config.ratio is None else config.ratio
             keep = uniform_keep(prep.scores, ratio, config.round_to)
@@ -166,8 +149,8 @@ class PruneChannels(PassBase):
         if total:
             report.metrics["channels_removed"] = f"{total - kept} of {total}"
         if not changes:
-            return PassResult(copy_model(model), report)
-        return PassResult(pruned, report)
+            return pb.PassResult(copy_model(model), report)
+        return pb.PassResult(pruned, report)
 
 
 PASS = PruneChannels()
@@ -175,7 +158,7 @@ PASS = PruneChannels()
 
 # ====================================================================== preparation
 def _prepare(model: onnx.ModelProto, config: PruneConfig, calib: Calibration,
-             report: Report) -> _Prepared:
+             report: pb.Report) -> _Prepared:
     graph = Graph(model)
     dep = DepGraph(graph, ignore=config.exclude)
     scores: dict[int, np.ndarray] = {}
@@ -185,9 +168,9 @@ def _prepare(model: onnx.ModelProto, config: PruneConfig, calib: Calibration,
         node = group.producers[0]
         op = next(n.op for n in graph.nodes if n.name == node)
         if group.blocked:
-            report.add_skip(Skip(node, op, SkipReason.BLOCKED, "; ".join(group.blocked[:3])))
+            report.add_skip(pb.Skip(node, op, pb.SkipReason.BLOCKED, "; ".join(group.blocked[:3])))
         elif group.size <= config.round_to:
-            report.add_skip(Skip(node, op, SkipReason.TOO_SMALL,
+            report.add_skip(pb.Skip(node, op, pb.SkipReason.TOO_SMALL,
                                  f"{group.size} channels <= --round-to {config.round_to}"))
         else:
             scores[group.id] = np.zeros(group.size)
@@ -228,7 +211,7 @@ def _macs_per_channel(model: onnx.ModelProto, graph: Graph, dep: DepGraph,
 
 
 def _score(graph: Graph, dep: DepGraph, scores: dict[int, np.ndarray], config: PruneConfig,
-           calib: Calibration, report: Report, layers: dict[str, Layer],
+           calib: Calibration, report: pb.Report, layers: dict[str, Layer],
            moments: dict[str, Moments]) -> None:
     groups = [g for g in dep.groups if g.id in scores]
     sc = Scoring(graph, dep, calib, layers, moments, groups)
@@ -334,7 +317,7 @@ def global_keep(scores: dict[int, np.ndarray], macs_per_channel: dict[int, float
 
 
 def _build(model: onnx.ModelProto, prep: _Prepared, keep: dict[int, np.ndarray],
-           config: PruneConfig, calib: Calibration) -> tuple[onnx.ModelProto, list[Change]]:
+           config: PruneConfig, calib: Calibration) -> tuple[onnx.ModelProto, list[pb.Change]]:
     if not keep:
         return model, []
     graph = Graph(model)
@@ -359,7 +342,7 @@ def _build(model: onnx.ModelProto, prep: _Prepared, keep: dict[int, np.ndarray],
         first = group.producers[0]
         op = next(n.op for n in graph.nodes if n.name == first) if any(
             n.name == first for n in graph.nodes) else "Conv"
-        changes.append(Change(
+        changes.append(pb.Change(
             node=first, op_type=op,
             what=f"kept {len(k)} of {sizes[gid]} channels",
             params_before=sum(before[n].params for n in names if n in before),
@@ -500,7 +483,7 @@ def _refit_streamed(model: onnx.ModelProto, prep: _Prepared,
 
 # ====================================================================== speed target
 def _least_pruning_for_speed(model: onnx.ModelProto, prep: _Prepared, config: PruneConfig,
-                             calib: Calibration, report: Report, timer: Timer
+                             calib: Calibration, report: pb.Report, timer: Timer
                              ) -> dict[int, np.ndarray]:
     """The least pruning measured (whole model) to be ``target_speedup`` faster.
 

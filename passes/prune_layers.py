@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 
 from onnxcomp import bench, capture, cost, search, verify
+from onnxcomp import passbase as pb
 from onnxcomp.calibration import Calibration
 from onnxcomp.chain import write_linear
 from onnxcomp.graph import Graph, check_rewritten
@@ -37,22 +38,6 @@ from onnxcomp.linear import Layer, batch1_shapes, make_layer, static_shapes
 from onnxcomp.model import copy_model
 from onnxcomp.moments import collect_compressed, collect_original
 from onnxcomp.ops import FOLLOWERS
-from onnxcomp.passbase import (
-    NOTHING_TO_DO,
-    Change,
-    ConfigError,
-    PassBase,
-    PassConfig,
-    PassResult,
-    Report,
-    RunContext,
-    SkipReason,
-    exclude_option,
-    option,
-    refit_option,
-    seed_option,
-    target_speedup_option,
-)
 from onnxcomp.refit import REFIT_ROWS_PER_UNKNOWN, shrunk_solve
 from onnxcomp.stream import LayerStream
 from onnxcomp.timing import Timer
@@ -69,15 +54,15 @@ REFIT_LEVELS = 3
 
 
 @dataclasses.dataclass(frozen=True)
-class PruneLayersConfig(PassConfig):
+class PruneLayersConfig(pb.PassConfig):
     """Options of ``prune_layers``."""
 
-    layers: int | None = option(
+    layers: int | None = pb.option(
         None,
         'prune_layers: how many layers to remove (default 1 without --target-speedup).')
-    target_speedup: float | None = target_speedup_option()
-    refit: bool = refit_option()
-    exclude: tuple[str, ...] = exclude_option()
+    target_speedup: float | None = pb.target_speedup_option()
+    refit: bool = pb.refit_option()
+    exclude: tuple[str, ...] = pb.exclude_option()
     provider: str = "cpu"
     threads: int = 1
     bench_runs: int = 30
@@ -86,15 +71,15 @@ class PruneLayersConfig(PassConfig):
     # (50 176) gave -0.96 % test accuracy for one conv removed, 16 384 gave -1.06 %.
     max_rows: int = 65536
     ridge: float = 1e-9
-    seed: int = seed_option()
+    seed: int = pb.seed_option()
 
     def __post_init__(self) -> None:
         if self.layers is not None and self.layers < 1:
-            raise ConfigError(f"--layers must be >= 1, got {self.layers}")
+            raise pb.ConfigError(f"--layers must be >= 1, got {self.layers}")
         if self.layers is not None and self.target_speedup is not None:
-            raise ConfigError("give --layers or --target-speedup, not both")
+            raise pb.ConfigError("give --layers or --target-speedup, not both")
         if self.target_speedup is not None and self.target_speedup <= 1:
-            raise ConfigError(f"--target-speedup must be > 1, got {self.target_speedup}")
+            raise pb.ConfigError(f"--target-speedup must be > 1, got {self.target_speedup}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,24 +94,24 @@ class Unit:
     out: str
 
 
-class PruneLayers(PassBase):
+class PruneLayers(pb.PassBase):
     """The ``prune_layers`` pass."""
 
     name: ClassVar[str] = "prune_layers"
     lossless: ClassVar[bool] = False
-    config_cls: ClassVar[type[PassConfig]] = PruneLayersConfig
+    config_cls: ClassVar[type[pb.PassConfig]] = PruneLayersConfig
     uses_calibration: ClassVar[bool] = True
 
-    def call(self, model: onnx.ModelProto, config: PassConfig, calib: Calibration | None,
-             ctx: RunContext) -> PassResult:
+    def call(self, model: onnx.ModelProto, config: pb.PassConfig, calib: Calibration | None,
+             ctx: pb.RunContext) -> pb.PassResult:
         """Remove the least important units of a copy of ``model``."""
         assert isinstance(config, PruneLayersConfig)
         assert calib is not None  # PassBase gives synthetic inputs (and says so)
-        report = Report(self.name)
+        report = pb.Report(self.name)
         units = find_units(Graph(model), config.exclude, report)
         if not units:
-            report.note(NOTHING_TO_DO, "no removable layer")
-            return PassResult(copy_model(model), report)
+            report.note(pb.NOTHING_TO_DO, "no removable layer")
+            return pb.PassResult(copy_model(model), report)
         names, ref = verify_outputs(model, calib)
         importance = {}
         with_refit = config.refit and len(units) <= REFIT_SCORING_UNITS
@@ -150,7 +135,7 @@ class PruneLayers(PassBase):
                                                       ctx.timer)
         for unit in ranked:
             if unit in chosen:
-                report.apply(Change(
+                report.apply(pb.Change(
                     node=unit.head, op_type=unit.op, what=f"removed {unit.kind}",
                     params_before=sum(before[n].params for n in unit.nodes if n in before),
                     params_after=0, macs_before=saved(unit),
@@ -158,11 +143,11 @@ class PruneLayers(PassBase):
                     details={"nodes": list(unit.nodes), "importance": importance[unit.head],
                              "refit": "asymmetric" if config.refit else "none"}))
             else:
-                report.skip(unit.head, unit.op, SkipReason.NOT_SELECTED,
+                report.skip(unit.head, unit.op, pb.SkipReason.NOT_SELECTED,
                             f"{unit.kind}; output change if removed {importance[unit.head]:.4g}")
         if not chosen:
-            return PassResult(copy_model(model), report)
-        return PassResult(pruned, report)
+            return pb.PassResult(copy_model(model), report)
+        return pb.PassResult(pruned, report)
 
 
 PASS = PruneLayers()
@@ -175,12 +160,12 @@ def verify_outputs(model: onnx.ModelProto, calib: Calibration
 
 
 # ====================================================================== finding units
-def find_units(graph: Graph, exclude: Sequence[str], report: Report) -> list[Unit]:
+def find_units(graph: Graph, exclude: Sequence[str], report: pb.Report) -> list[Unit]:
     """Residual branches and identity-shaped convs of ``graph``."""
     units: list[Unit] = []
     for node in graph.nodes:
         if node.name in exclude:
-            report.skip(node.name, node.op, SkipReason.USER_EXCLUDED, "--exclude")
+            report.skip(node.name, node.op, pb.SkipReason.USER_EXCLUDED, "--exclude")
             continue
         unit = None
         if node.op == "Add":
@@ -234,7 +219,7 @@ def _branch(graph: Graph, src: Any, out: Any, add: Any) -> list[str] | None:
     return sorted(nodes, key=lambda n: order[n])
 
 
-def _identity_conv(graph: Graph, conv: Any, report: Report) -> Unit | None:
+def _identity_conv(graph: Graph, conv: Any, report: pb.Report) -> Unit | None:
     w = graph.const_value(graph.input(conv, 1))
     x, y = conv.inputs[0], conv.outputs[0]
     if w is None or w.ndim != 4 or w.shape[0] != w.shape[1]:
@@ -249,7 +234,8 @@ def _identity_conv(graph: Graph, conv: Any, report: Report) -> Unit | None:
         nodes.append(t.outputs[0].name)
         t = t.outputs[0].outputs[0]
     if graph.is_graph_output(t):
-        report.skip(conv.name, "Conv", SkipReason.GRAPH_OUTPUT, "its chain ends at a graph output")
+        report.skip(conv.name, "Conv", pb.SkipReason.GRAPH_OUTPUT,
+                    "its chain ends at a graph output")
         return None
     return Unit("identity-shaped conv", conv.name, "Conv", tuple(nodes), x.name, t.name)
 
@@ -370,7 +356,7 @@ def _next_linear(graph: Graph, tensor: Any) -> list[str]:
 
 
 def _fewest_layers_for_speed(model: onnx.ModelProto, ranked: list[Unit],
-                             config: PruneLayersConfig, calib: Calibration, report: Report,
+                             config: PruneLayersConfig, calib: Calibration, report: pb.Report,
                              timer: Timer) -> tuple[list[Unit], onnx.ModelProto]:
     """The fewest units (least important first) whose removal measures fast enough.
 

@@ -54,27 +54,12 @@ import numpy as np
 import onnx
 
 from onnxcomp import bench, fidelity, quant, runtime, search
+from onnxcomp import passbase as pb
 from onnxcomp.calibration import Calibration
 from onnxcomp.graph import Graph
 from onnxcomp.judge import Judge
 from onnxcomp.linear import own_float_weight
 from onnxcomp.model import check_model, copy_model, default_opset
-from onnxcomp.passbase import (
-    Change,
-    ConfigError,
-    InputError,
-    Note,
-    PassBase,
-    PassConfig,
-    PassResult,
-    Report,
-    RunContext,
-    Skip,
-    SkipReason,
-    exclude_option,
-    option,
-    seed_option,
-)
 from onnxcomp.passes import equalize, fold_bn, opset
 
 MODES = ("static", "weight", "kmeans", "binary")
@@ -91,66 +76,66 @@ SENSITIVITY_SAMPLES = 32
 
 
 @dataclasses.dataclass(frozen=True)
-class QuantizeConfig(PassConfig):
+class QuantizeConfig(pb.PassConfig):
     """Options of ``quantize``."""
 
-    mode: str = option(
+    mode: str = pb.option(
         'static',
         'quantize: static int8 QDQ with calibrated activations, int weights '
         '(DequantizeLinear), k-means sharing (codebook + Gather) or binary weights '
         '(experimental).',
         choices=('static', 'weight', 'kmeans', 'binary'))
-    bits: int = option(8, 'quantize: 8 or 4 (weight), 1..8 (kmeans).')
+    bits: int = pb.option(8, 'quantize: 8 or 4 (weight), 1..8 (kmeans).')
     min_params: int = 1024
     kmeans_iters: int = 20
-    calibrator: str = option(
+    calibrator: str = pb.option(
         'percentile',
         'quantize --mode static: activation ranges.',
         choices=('percentile', 'minmax', 'entropy'))
     percentile: float = 99.99
-    max_drop: float = option(
+    max_drop: float = pb.option(
         DEFAULT_MAX_DROP,
         'quantize --mode static: leave the most sensitive layers in float until the fidelity '
         'drop on the calibration data is at most this: the share of samples with an argmax '
         "decision changed, 1 - the F1 of a sigmoid output's above-threshold set, the relative "
         'error of outputs beside them, or the relative output error when the outputs decide '
         'nothing (inf: no bound).')
-    activations: str = option(
+    activations: str = pb.option(
         'auto',
         'quantize --mode static: activation type; auto = uint8 on cpu, int8 (symmetric) on '
         'cuda / tensorrt.',
         choices=('auto', 'uint8', 'int8'))
-    reduce_range: bool | None = option(
+    reduce_range: bool | None = pb.option(
         None,
         'quantize --mode static: 7-bit weights (default on x86 CPUs without VNNI, where 8-bit'
         ' products saturate in ONNX Runtime).',
         flag='--reduce-range/--full-range')
     equalize: bool = True
     provider: str = "cpu"
-    exclude: tuple[str, ...] = exclude_option()
-    seed: int = seed_option()
+    exclude: tuple[str, ...] = pb.exclude_option()
+    seed: int = pb.seed_option()
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got '{self.mode}'")
+            raise pb.ConfigError(f"--mode must be one of {', '.join(MODES)}, got '{self.mode}'")
         if self.calibrator not in CALIBRATORS:
-            raise ConfigError(f"--calibrator must be one of {', '.join(CALIBRATORS)}, got "
+            raise pb.ConfigError(f"--calibrator must be one of {', '.join(CALIBRATORS)}, got "
                               f"'{self.calibrator}'")
         if self.activations not in ("auto", "uint8", "int8"):
-            raise ConfigError(f"--activations must be auto, uint8 or int8, got "
+            raise pb.ConfigError(f"--activations must be auto, uint8 or int8, got "
                               f"'{self.activations}'")
         if self.max_drop != DEFAULT_MAX_DROP and self.mode != "static":
-            raise ConfigError("--max-drop applies to --mode static")
+            raise pb.ConfigError("--max-drop applies to --mode static")
         if not self.max_drop >= 0:  # also refuses NaN
-            raise ConfigError(f"--max-drop must be >= 0 (inf: no bound), got {self.max_drop}")
+            raise pb.ConfigError(f"--max-drop must be >= 0 (inf: no bound), got {self.max_drop}")
         if self.mode == "static" and self.bits != 8:
-            raise ConfigError(f"static quantization is 8-bit, got --bits {self.bits}")
+            raise pb.ConfigError(f"static quantization is 8-bit, got --bits {self.bits}")
         if not 50 < self.percentile <= 100:
-            raise ConfigError(f"--percentile must be in (50, 100], got {self.percentile}")
+            raise pb.ConfigError(f"--percentile must be in (50, 100], got {self.percentile}")
         if self.mode == "weight" and self.bits not in (4, 8):
-            raise ConfigError(f"--bits must be 4 or 8 for weight quantization, got {self.bits}")
+            raise pb.ConfigError(f"--bits must be 4 or 8 for weight quantization, got {self.bits}")
         if self.mode == "kmeans" and not 1 <= self.bits <= 8:
-            raise ConfigError(f"--bits must be in 1..8 for k-means, got {self.bits}")
+            raise pb.ConfigError(f"--bits must be in 1..8 for k-means, got {self.bits}")
 
 
 def signed_activations(config: QuantizeConfig) -> bool:
@@ -189,29 +174,29 @@ def _cpu_has_vnni() -> bool:
     return bool(runtime.cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
-class Quantize(PassBase):
+class Quantize(pb.PassBase):
     """The ``quantize`` pass."""
 
     name: ClassVar[str] = "quantize"
     lossless: ClassVar[bool] = False
-    config_cls: ClassVar[type[PassConfig]] = QuantizeConfig
+    config_cls: ClassVar[type[pb.PassConfig]] = QuantizeConfig
 
-    def call(self, model: onnx.ModelProto, config: PassConfig,
-             calib: Calibration | None, ctx: RunContext) -> PassResult:
+    def call(self, model: onnx.ModelProto, config: pb.PassConfig,
+             calib: Calibration | None, ctx: pb.RunContext) -> pb.PassResult:
         """Quantize the constant weights (and, static, the activations) of a copy of ``model``."""
         if not isinstance(config, QuantizeConfig):
-            raise ConfigError("quantize needs a QuantizeConfig")
+            raise pb.ConfigError("quantize needs a QuantizeConfig")
         if config.mode == "static":
             return _static(model, config, calib, ctx)
         return _weights_only(model, config)
 
 
-    def needs_calibration(self, config: PassConfig) -> bool:
+    def needs_calibration(self, config: pb.PassConfig) -> bool:
         """Static int8 reads calibration data; the weight-only modes do not."""
         return isinstance(config, QuantizeConfig) and config.mode == "static"
 
-    def prerequisites(self, model: onnx.ModelProto, config: PassConfig
-                      ) -> tuple[list[tuple[str, PassConfig]], PassConfig]:
+    def prerequisites(self, model: onnx.ModelProto, config: pb.PassConfig
+                      ) -> tuple[list[tuple[str, pb.PassConfig]], pb.PassConfig]:
         """Lossless passes the pipeline runs (and verifies) first, and the config after them.
 
         Static int8 wants BatchNormalization folded (see _fold_batchnorms), opset 13 (per-channel
@@ -222,7 +207,7 @@ class Quantize(PassBase):
         assert isinstance(config, QuantizeConfig)
         if config.mode != "static":
             return [], config
-        steps: list[tuple[str, PassConfig]] = [("fold_bn", fold_bn.FoldBNConfig())]
+        steps: list[tuple[str, pb.PassConfig]] = [("fold_bn", fold_bn.FoldBNConfig())]
         if (default_opset(model) or 0) < 13:
             steps.append(("opset", opset.OpsetConfig(target_opset=13)))
         if config.equalize:
@@ -234,9 +219,9 @@ class Quantize(PassBase):
 PASS = Quantize()
 
 
-def _weights_only(model: onnx.ModelProto, config: QuantizeConfig) -> PassResult:
+def _weights_only(model: onnx.ModelProto, config: QuantizeConfig) -> pb.PassResult:
     """``--mode weight | kmeans | binary``: only the constant weights change."""
-    report = Report(PASS.name)
+    report = pb.Report(PASS.name)
     graph = Graph(model)
     opset = default_opset(model) or 0
     storage4 = config.mode == "weight" and config.bits == 4 and opset >= quant.INT4_OPSET
@@ -287,55 +272,55 @@ def _weights_only(model: onnx.ModelProto, config: QuantizeConfig) -> PassResult:
             details = {"bits": config.bits, "centroids": int(codebook.size),
                        "huffman_bytes": (hb + 7) // 8}
         bits = 1 if config.mode == "binary" else config.bits
-        report.apply(Change(
+        report.apply(pb.Change(
             node=node.name, op_type=node.op, what=f"{config.mode} {bits}-bit",
             params_before=int(w.size), params_after=int(w.size), macs_before=0,
             macs_after=0, error=round(err, 6),
             details={**details, "bytes_before": int(w.nbytes), "bytes_after": int(after),
                      "weight_rel_error": round(err, 6)}))
     if not report.applied:
-        return PassResult(copy_model(model), report)
+        return pb.PassResult(copy_model(model), report)
     if config.mode == "kmeans":
         report.metrics["huffman_index_bytes"] = (huffman_bits + 7) // 8
     if not int4_names:
-        return PassResult(graph.export(), report)
+        return pb.PassResult(graph.export(), report)
     out = quant.to_int4(graph.export(check=False), int4_names)
     check_model(out, full=True)
-    return PassResult(out, report)
+    return pb.PassResult(out, report)
 
 
 # ====================================================================== static int8
 def _static(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibration | None,
-            ctx: RunContext) -> PassResult:
+            ctx: pb.RunContext) -> pb.PassResult:
     """``--mode static``: int8 weights and uint8 activations in QDQ form.
 
     Activation ranges are measured once on the float model for every layer that could be
     quantized; each candidate model (all layers, or all but the most sensitive ones for
     ``--max-drop``) is then built from those ranges.
     """
-    notes: list[Note] = []
+    notes: list[pb.Note] = []
     original = model  # what a pass that applies nothing hands back
     opset = default_opset(model) or 0
     if opset < 13:
         upgraded = _to_opset13(model)
         if upgraded is None:
-            notes.append(Note("per_tensor_weights",
+            notes.append(pb.Note("per_tensor_weights",
                               f"opset {opset}: static quantization uses per-tensor weight scales "
                               f"(per-channel needs opset 13 to stay fusable, and the onnx version "
                               f"converter could not upgrade this model)"))
         else:
-            notes.append(Note("opset_upgraded", f"opset {opset} -> 13 (onnx version "
+            notes.append(pb.Note("opset_upgraded", f"opset {opset} -> 13 (onnx version "
                                                 f"converter), for per-channel int8 weights"))
             model = upgraded
     assert calib is not None  # PassBase gives synthetic inputs to static runs (and says so)
     if config.calibrator in ("percentile", "entropy") and (
             calib.num_samples < MIN_PERCENTILE_SAMPLES):
-        raise InputError(f"the {config.calibrator} calibrator needs at least "
+        raise pb.InputError(f"the {config.calibrator} calibrator needs at least "
                          f"{MIN_PERCENTILE_SAMPLES} calibration samples, got "
                          f"{calib.num_samples} (use --calibrator minmax)")
     model, bn_folded = _fold_batchnorms(model)
     if bn_folded:
-        notes.append(Note("bn_folded", f"{bn_folded} BatchNormalization folded into their "
+        notes.append(pb.Note("bn_folded", f"{bn_folded} BatchNormalization folded into their "
                                        f"convs first (int8 between a conv and its BN loses what "
                                        f"the BN scales up)"))
     equalized = 0
@@ -355,7 +340,7 @@ def _static(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibration |
         quantized, report = _float_layers_for_drop(model, config, calib, ranges, quantized, report,
                                                    notes, ctx.judge)
     if not report.applied:  # not even the equalization or the opset upgrade is kept
-        return PassResult(copy_model(original), report)
+        return pb.PassResult(copy_model(original), report)
     report.metrics["tensors_equalized"] = equalized
     report.metrics["batchnorms_folded"] = bn_folded
     feeds = {k: v[:1] for k, v in calib.batches[0].items()}
@@ -369,7 +354,7 @@ def _static(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibration |
             "slower_than_float",
             f"static int8 measured {speedup:.2f}x (slower than float) on {config.provider}: "
             f"ONNX Runtime could not fuse enough of the QDQ pattern here")
-    return PassResult(quantized, report)
+    return pb.PassResult(quantized, report)
 
 
 def _fold_batchnorms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
@@ -411,7 +396,7 @@ def _static_tensors(graph: Graph, node: Any) -> list[str]:
 def _build_static(model: onnx.ModelProto, config: QuantizeConfig,
                   all_ranges: dict[str, tuple[float, float]], excluded: set[str],
                   sensitivity: dict[str, float] | None = None
-                  ) -> tuple[onnx.ModelProto, Report]:
+                  ) -> tuple[onnx.ModelProto, pb.Report]:
     """The QDQ model with every candidate layer quantized except ``excluded``.
 
     ``sensitivity`` (layer -> output error with it alone quantized) goes into the report.
@@ -419,7 +404,7 @@ def _build_static(model: onnx.ModelProto, config: QuantizeConfig,
     sensitivity = sensitivity or {}
     signed = signed_activations(config)
     wbits = 7 if reduced_range(config) else 8
-    report = Report(PASS.name)
+    report = pb.Report(PASS.name)
     graph = Graph(model)
     opset = default_opset(model) or 0
     per_tensor = opset < 13  # the only weight form ONNX Runtime fuses before opset 13
@@ -432,7 +417,7 @@ def _build_static(model: onnx.ModelProto, config: QuantizeConfig,
             continue
         skip = _check(graph, node, config)
         if skip is None and node.name in excluded:
-            skip = Skip(node.name, node.op, SkipReason.ERROR_TOO_HIGH,
+            skip = pb.Skip(node.name, node.op, pb.SkipReason.ERROR_TOO_HIGH,
                         f"left in float for --max-drop {config.max_drop}: output error "
                         f"{sensitivity.get(node.name, float('nan')):.3g} with this layer "
                         f"alone quantized")
@@ -453,7 +438,7 @@ def _build_static(model: onnx.ModelProto, config: QuantizeConfig,
             scale = np.full(w.shape[axis], float(scale), dtype=np.float32)
         quant.insert_dq(graph, node, q, scale, axis, w.dtype, int4=False, int4_names=set(),
                    dq_axis=opset >= 13, per_tensor=per_tensor)
-        report.apply(Change(
+        report.apply(pb.Change(
             node=node.name, op_type=node.op, what="static 8-bit",
             params_before=int(w.size), params_after=int(w.size), macs_before=0,
             macs_after=0, error=round(err, 6),
@@ -487,8 +472,8 @@ def _build_static(model: onnx.ModelProto, config: QuantizeConfig,
 
 def _float_layers_for_drop(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibration,
                            ranges: dict[str, tuple[float, float]], quantized: onnx.ModelProto,
-                           report: Report, notes: list[Note], judge: Judge
-                           ) -> tuple[onnx.ModelProto, Report]:
+                           report: pb.Report, notes: list[pb.Note], judge: Judge
+                           ) -> tuple[onnx.ModelProto, pb.Report]:
     """Leave the most sensitive layers in float until the drop is within ``--max-drop``.
 
     Sensitivity of a layer: the output error with that layer alone quantized (on at most
@@ -511,7 +496,7 @@ def _float_layers_for_drop(model: onnx.ModelProto, config: QuantizeConfig, calib
         alone, _ = _build_static(model, config, ranges, {n for n in layers if n != name})
         sensitivity[name] = probe.compare(alone).rel_l2
     ranked = sorted(layers, key=lambda n: -sensitivity[n])
-    tried: dict[int, tuple[onnx.ModelProto, Report, float]] = {}
+    tried: dict[int, tuple[onnx.ModelProto, pb.Report, float]] = {}
 
     def attempt(k: int) -> float:
         if k not in tried:
@@ -564,17 +549,17 @@ _DROP_METRICS = {
 }
 
 
-def _check(graph: Graph, node: Any, config: QuantizeConfig) -> Skip | None:
-    def skip(reason: SkipReason, detail: str) -> Skip:
-        return Skip(node.name, node.op, reason, detail)
+def _check(graph: Graph, node: Any, config: QuantizeConfig) -> pb.Skip | None:
+    def skip(reason: pb.SkipReason, detail: str) -> pb.Skip:
+        return pb.Skip(node.name, node.op, reason, detail)
 
     w = own_float_weight(graph, node, config.exclude)
-    if isinstance(w, Skip):
+    if isinstance(w, pb.Skip):
         return w
     if w.size < config.min_params and config.mode != "static":  # static: speed, not size
-        return skip(SkipReason.TOO_SMALL, f"{w.size} weights < --min-params {config.min_params}")
+        return skip(pb.SkipReason.TOO_SMALL, f"{w.size} weights < --min-params {config.min_params}")
     if node.op in ("Gemm", "MatMul") and w.ndim != 2:
-        return skip(SkipReason.UNSUPPORTED_ATTRIBUTE, f"{w.ndim}-D weight")
+        return skip(pb.SkipReason.UNSUPPORTED_ATTRIBUTE, f"{w.ndim}-D weight")
     return None
 
 

@@ -34,11 +34,11 @@ from typing import ClassVar
 import numpy as np
 
 from onnxcomp import lowrank
+from onnxcomp import passbase as pb
 from onnxcomp.chain import conv_hw, full_attrs, horizontal_attrs, vertical_attrs
 from onnxcomp.decompose import DecompositionPass, LowRankConfig
 from onnxcomp.linear import Layer, Plan, Stage, rank_ladder, round_up
 from onnxcomp.moments import OutputBases, data_basis_generalizes
-from onnxcomp.passbase import PassConfig, Skip
 
 
 class SVDMethod:
@@ -61,7 +61,7 @@ class SVDMethod:
         return lowrank.truncate_svd(u, sv, vt, min(rank, len(sv)))
 
 
-    def check(self, layer: Layer) -> Skip | None:
+    def check(self, layer: Layer) -> pb.Skip | None:
         """Every layer find_layers accepts is supported."""
         return None
 
@@ -171,7 +171,7 @@ class SVD(DecompositionPass):
 
     name: ClassVar[str] = "svd"
     lossless: ClassVar[bool] = False
-    config_cls: ClassVar[type[PassConfig]] = LowRankConfig
+    config_cls: ClassVar[type[pb.PassConfig]] = LowRankConfig
     method_cls = SVDMethod
 
 

@@ -33,11 +33,11 @@ from typing import ClassVar
 import numpy as np
 
 from onnxcomp import lowrank
+from onnxcomp import passbase as pb
 from onnxcomp.chain import conv_hw, full_attrs
 from onnxcomp.decompose import DecompositionPass, LowRankConfig
 from onnxcomp.linear import Layer, Plan, Stage, round_up, skip_pointwise
 from onnxcomp.moments import OutputBases, data_basis_generalizes
-from onnxcomp.passbase import PassConfig, Skip
 
 FRACTIONS = (0.125, 0.1875, 0.25, 0.3125, 0.375, 0.5, 0.625, 0.75)
 
@@ -53,7 +53,7 @@ class TuckerMethod:
         self._basis = OutputBases()
 
 
-    def check(self, layer: Layer) -> Skip | None:
+    def check(self, layer: Layer) -> pb.Skip | None:
         """Skip 1x1 kernels."""
         return skip_pointwise(layer)
 
@@ -125,7 +125,7 @@ class Tucker(DecompositionPass):
 
     name: ClassVar[str] = "tucker"
     lossless: ClassVar[bool] = False
-    config_cls: ClassVar[type[PassConfig]] = LowRankConfig
+    config_cls: ClassVar[type[pb.PassConfig]] = LowRankConfig
     method_cls = TuckerMethod
 
 
