@@ -22,7 +22,8 @@ Every plan's output is then judged the same way: its fidelity against the origin
 deployed) on calibration samples held back from compiling (every 4th, when there are at
 least 16: refits and sensitivities fit the samples they see), and its speed, all plans timed
 interleaved in one measurement. A plan counts only when it is faster than the clean-up alone
-beyond noise (3 %) and within the budget. The winner meets the target with the least loss
+beyond noise (3 %) and within the budget. The winner is then compiled again on every
+calibration sample. The winner meets the target with the least loss
 (equal losses: the outputs closest to the original); else one whose p10-p90 reaches the
 target (said: within noise); else the fastest; when no plan counts, the clean-up alone. The
 result says which bound decided and keeps every plan's figures.
@@ -192,6 +193,7 @@ def run_auto(model: onnx.ModelProto, calib: Calibration, config: AutoConfig,
         registry = dict(REGISTRY)
     ctx = context or RunContext()
     fit, check, fit_judge, check_judge = split_check(calib, ctx.judge)
+    full, outer = calib, ctx
     ctx = dataclasses.replace(ctx, judge=fit_judge)  # the same timer, the fit samples' labels
     reference = fidelity.Reference.of(model, check if check is not None else fit, check_judge)
     calib = fit
@@ -274,7 +276,12 @@ def run_auto(model: onnx.ModelProto, calib: Calibration, config: AutoConfig,
     chosen.fit_samples = fit.num_samples
     if check is not None:
         chosen.why += (f" (losses on {check.num_samples} calibration samples held back from "
-                       f"compiling; {fit.num_samples} compiled on)")
+                       f"compiling on {fit.num_samples})")
+        # Chosen on held-back samples; compiled again on all of them for the final model.
+        if on_step is not None:
+            on_step(f"auto: {chosen.chosen} on every calibration sample")
+        chosen.result = run_pipeline(model, chosen.steps, full, registry, context=outer)
+        chosen.fit_samples = full.num_samples
     return chosen
 
 

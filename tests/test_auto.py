@@ -130,4 +130,5 @@ def test_plans_are_judged_on_samples_held_back_from_compiling():
     assert split_check(small, Judge())[1] is None
     chosen = run_auto(model, calib, AutoConfig(max_drop=0.1, plans=("int8",)),
                       context=_modelled_context())
-    assert (chosen.fit_samples, chosen.checked_on) == (24, 8)
+    assert chosen.checked_on == 8
+    assert chosen.fit_samples == 32  # the winner compiled again on every sample
