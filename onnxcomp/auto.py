@@ -23,10 +23,11 @@ deployed) on calibration samples held back from compiling (every 4th, when there
 least 16: refits and sensitivities fit the samples they see), and its speed, all plans timed
 interleaved in one measurement. A plan counts only when it is faster than the clean-up alone
 beyond noise (3 %) and within the budget. The winner is then compiled again on every
-calibration sample, and that model is kept when its loss on them stays within the budget. The winner meets the target with the least loss
-(equal losses: the outputs closest to the original); else one whose p10-p90 reaches the
-target (said: within noise); else the fastest; when no plan counts, the clean-up alone. The
-result says which bound decided and keeps every plan's figures.
+calibration sample, and that model is kept when its loss on them stays within the budget.
+The winner meets the target with the least loss (equal losses: the outputs closest to the
+original); else one whose p10-p90 reaches the target (said: within noise); else the fastest;
+when no plan counts, the clean-up alone. The result says which bound decided and keeps every
+plan's figures.
 """
 
 from __future__ import annotations
