@@ -236,6 +236,14 @@ def run_auto(model: onnx.ModelProto, calib: Calibration, config: AutoConfig,
         judge_plan(plan, plan.result.model)
         return plan
 
+    fit_refs: list[fidelity.Reference] = []
+
+    def fit_reference() -> fidelity.Reference:
+        """The original's outputs on the compile samples, run once for every combined plan."""
+        if not fit_refs:
+            fit_refs.append(fidelity.Reference.of(model, calib, ctx.judge))
+        return fit_refs[0]
+
     def judge_plan(plan: Plan, out: onnx.ModelProto) -> None:
         """The plan's loss on the held-back samples (the fit samples when too few)."""
         fid = reference.compare(out)
@@ -258,7 +266,7 @@ def run_auto(model: onnx.ModelProto, calib: Calibration, config: AutoConfig,
             # the methods whose chains stay dense convs: int8 speeds those up, not depthwise
             plans.append(_combined(name, lambda share, aim: Step("factorize", structural(
                 share, aim, INT8_FRIENDLY)), model, calib, config, ctx, int8, budget, target,
-                cleanup, make, compile_plan, judge_plan, registry))
+                cleanup, make, compile_plan, judge_plan, fit_reference, registry))
         elif target is not None and name == "prune":  # toward a target only (no bound)
             plans.append(compile_plan(name, [*cleanup, Step("prune_channels", make(
                 "prune_channels", target_speedup=target))]))
@@ -266,7 +274,7 @@ def run_auto(model: onnx.ModelProto, calib: Calibration, config: AutoConfig,
             plans.append(_combined(name, lambda share, aim: Step("prune_channels", make(
                 "prune_channels", target_speedup=aim, **({} if aim else {"ratio": 0.2}))),
                 model, calib, config, ctx, int8, budget, target, cleanup, make, compile_plan,
-                judge_plan, registry))
+                judge_plan, fit_reference, registry))
     # Clean-up alone: the floor every plan must beat.
     floor = compile_plan("cleanup", cleanup)
     assert floor.result is not None
@@ -299,6 +307,7 @@ def _combined(name: str, first_step: Callable[[float, float | None], Step],
               cleanup: list[Step], make: Callable[..., PassConfig],
               compile_plan: Callable[[str, list[Step]], Plan],
               judge_plan: Callable[[Plan, onnx.ModelProto], None],
+              fit_reference: Callable[[], fidelity.Reference],
               registry: dict[str, Any]) -> Plan:
     """A structural step, then int8 within what it left of the budget.
 
@@ -325,7 +334,7 @@ def _combined(name: str, first_step: Callable[[float, float | None], Step],
             first.result = None
             return first
         # one result: both runs' steps, fidelity of the end against the original
-        whole = fidelity.Reference.of(model, calib, ctx.judge).compare(second.model)
+        whole = fit_reference().compare(second.model)
         first.result = dataclasses.replace(
             second, steps=(*first.result.steps, *second.steps), fidelity=whole)
         first.steps = [*first.steps, step]
