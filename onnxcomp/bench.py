@@ -25,7 +25,7 @@ import onnx
 import onnx.helper
 import onnxruntime as ort
 
-from onnxcomp import runtime
+from onnxcomp import runtime, serial
 from onnxcomp.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class BenchConfig:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class ModelTiming:
+class ModelTiming(serial.Record):
     """Latencies of one model, one per measured round, in milliseconds."""
 
     label: str
@@ -98,19 +98,9 @@ class ModelTiming:
         median, p10, p90 = _stats(latencies_ms)
         return cls(label, latencies_ms, median, p10, p90)
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serializable form."""
-        return {
-            "label": self.label,
-            "median_ms": self.median_ms,
-            "p10_ms": self.p10_ms,
-            "p90_ms": self.p90_ms,
-            "latencies_ms": [float(x) for x in self.latencies_ms],
-        }
-
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Speedup:
+class Speedup(serial.Record):
     """Per-round speedup ``latency[0] / latency[index]`` of model ``index`` over model 0."""
 
     label: str
@@ -120,35 +110,15 @@ class Speedup:
     p10: float
     p90: float
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serializable form."""
-        return {
-            "label": self.label,
-            "index": self.index,
-            "median": self.median,
-            "p10": self.p10,
-            "p90": self.p90,
-            "ratios": [float(x) for x in self.ratios],
-        }
-
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class BenchResult:
+class BenchResult(serial.Record):
     """Latencies of every model and speedups of models 1.. over model 0."""
 
     config: BenchConfig
     models: tuple[ModelTiming, ...]
     speedups: tuple[Speedup, ...]
     rounds: int
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serializable form."""
-        return {
-            "config": self.config.to_dict(),
-            "rounds": self.rounds,
-            "models": [m.to_dict() for m in self.models],
-            "speedups": [s.to_dict() for s in self.speedups],
-        }
 
 
 def benchmark(
@@ -213,14 +183,9 @@ def speedup(result: BenchResult, i: int) -> float:
     return 1.0 if i == 0 else result.speedups[i - 1].median
 
 
-def time_model(
-    model: onnx.ModelProto,
-    inputs: Mapping[str, np.ndarray] | None = None,
-    provider: str = "cpu",
-    threads: int = 1,
-    runs: int = 30,
-    warmup: int = 5,
-) -> float:
+def time_model(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray] | None = None,
+               provider: str = "cpu", threads: int = 1, runs: int = 30, warmup: int = 5
+               ) -> float:
     """Median latency of ``model`` in milliseconds.
 
     Synthesized inputs use the model's fixed batch, or 1 when its batch is symbolic.
@@ -229,15 +194,9 @@ def time_model(
     return benchmark([model], config, inputs).models[0].median_ms
 
 
-def compare_models(
-    a: onnx.ModelProto,
-    b: onnx.ModelProto,
-    inputs: Mapping[str, np.ndarray] | None = None,
-    provider: str = "cpu",
-    threads: int = 1,
-    runs: int = 30,
-    warmup: int = 5,
-) -> float:
+def compare_models(a: onnx.ModelProto, b: onnx.ModelProto,
+                   inputs: Mapping[str, np.ndarray] | None = None, provider: str = "cpu",
+                   threads: int = 1, runs: int = 30, warmup: int = 5) -> float:
     """Median per-round ``latency(a) / latency(b)``, measured interleaved: > 1 when b is faster."""
     config = _micro_config(a, provider, threads, runs, warmup)
     return speedup(benchmark([a, b], config, inputs, labels=["a", "b"]), 1)

@@ -43,7 +43,6 @@ import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import onnx
 import onnx.external_data_helper
@@ -51,6 +50,7 @@ import onnx.helper
 from google.protobuf.message import DecodeError
 
 from onnxcomp import model as model_io
+from onnxcomp import serial
 from onnxcomp.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ WEIGHT_POSITIONS: Mapping[str, tuple[int, ...]] = {
 
 
 @dataclasses.dataclass(frozen=True)
-class NodeCost:
+class NodeCost(serial.Record):
     """The cost of one node.
 
     ``output_shape`` is the shape of the node's first output: ints for known dims, the symbol
@@ -119,20 +119,9 @@ class NodeCost:
     weight_bytes: int
     output_shape: Shape | None
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serializable form."""
-        return {
-            "name": self.name,
-            "op_type": self.op_type,
-            "params": self.params,
-            "macs": self.macs,
-            "weight_bytes": self.weight_bytes,
-            "output_shape": None if self.output_shape is None else list(self.output_shape),
-        }
-
 
 @dataclasses.dataclass(frozen=True)
-class ModelCost:
+class ModelCost(serial.Record):
     """The cost of a model: per-node costs and totals (see the module docstring for the rules)."""
 
     nodes: tuple[NodeCost, ...]
@@ -143,15 +132,6 @@ class ModelCost:
     def by_name(self) -> dict[str, NodeCost]:
         """Node costs keyed by node name."""
         return {n.name: n for n in self.nodes}
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serializable form."""
-        return {
-            "params": self.params,
-            "macs": self.macs,
-            "weight_bytes": self.weight_bytes,
-            "nodes": [n.to_dict() for n in self.nodes],
-        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -471,24 +451,17 @@ def _attr_int(node: onnx.NodeProto, name: str, default: int) -> int:
     return default
 
 
-def _conv_macs(
+def _kernel_macs(
     node: onnx.NodeProto, data: Shape | None, weight: Shape | None, out: Shape | None
 ) -> int | None:
-    """``out_elements * (C_in / groups) * prod(kernel)``."""
-    out_k, weight_k = _known(out), _known(weight)
-    if out_k is None or weight_k is None or len(weight_k) < 2:
-        return None
-    return math.prod(out_k) * math.prod(weight_k[1:])
+    """MACs of a Conv (per output element) or ConvTranspose (per input element).
 
-
-def _conv_transpose_macs(
-    node: onnx.NodeProto, data: Shape | None, weight: Shape | None, out: Shape | None
-) -> int | None:
-    """``in_elements * (C_out / groups) * prod(kernel)``."""
-    data_k, weight_k = _known(data), _known(weight)
-    if data_k is None or weight_k is None or len(weight_k) < 2:
+    Each element costs one MAC per weight of a filter: ``C / groups * prod(kernel)``.
+    """
+    each, weight_k = _known(data if node.op_type == "ConvTranspose" else out), _known(weight)
+    if each is None or weight_k is None or len(weight_k) < 2:
         return None
-    return math.prod(data_k) * math.prod(weight_k[1:])
+    return math.prod(each) * math.prod(weight_k[1:])
 
 
 def _gemm_macs(
@@ -530,10 +503,10 @@ _MacFormula = Callable[[onnx.NodeProto, Shape | None, Shape | None, Shape | None
 
 # op type -> (formula, input position of the data / first operand, of the weight / second one)
 _MAC_RULES: Mapping[str, tuple[_MacFormula, int, int]] = {
-    "Conv": (_conv_macs, 0, 1),
-    "ConvInteger": (_conv_macs, 0, 1),
-    "QLinearConv": (_conv_macs, 0, 3),
-    "ConvTranspose": (_conv_transpose_macs, 0, 1),
+    "Conv": (_kernel_macs, 0, 1),
+    "ConvInteger": (_kernel_macs, 0, 1),
+    "QLinearConv": (_kernel_macs, 0, 3),
+    "ConvTranspose": (_kernel_macs, 0, 1),
     "Gemm": (_gemm_macs, 0, 1),
     "MatMul": (_matmul_macs, 0, 1),
     "MatMulInteger": (_matmul_macs, 0, 1),

@@ -426,80 +426,54 @@ def svd_matrix_data(W: ArrayLike, cov: ArrayLike, rank: int, basis: ArrayLike | 
 # ---------------------------------------------------------------------------- costs
 
 
-def _area(hw: tuple[int, int]) -> int:
-    """``H * W`` of a spatial size, checked."""
-    height, width = hw
-    if height < 1 or width < 1:
-        raise ValueError(f"spatial size must be positive, got {hw}")
-    return height * width
+Size = tuple[int, int]
 
 
-def cp_macs(
-    c_out: int,
-    c_in: int,
-    kh: int,
-    kw: int,
-    rank: int,
-    in_hw: tuple[int, int],
-    out_hw: tuple[int, int],
-    merged: bool = False,
-) -> int:
-    """MACs of the CP chain for one image, each stage at the resolution it runs at.
+def _sizes(in_hw: Size, out_hw: Size) -> tuple[int, int, int, int]:
+    """``H_in, W_in, H_out, W_out``, checked positive."""
+    for hw in (in_hw, out_hw):
+        if hw[0] < 1 or hw[1] < 1:
+            raise ValueError(f"spatial size must be positive, got {hw}")
+    return (*in_hw, *out_hw)
+
+
+def cp_macs(weight: tuple[int, ...], rank: int, in_hw: Size, out_hw: Size,
+            merged: bool = False) -> int:
+    """MACs of the CP chain of a ``(O, C, kh, kw)`` conv for one image, each stage at its size.
 
     1x1 ``C -> R`` at ``H_in x W_in``; ``kh x 1`` depthwise (vertical stride) to
     ``H_out x W_in``; ``1 x kw`` depthwise (horizontal stride) to ``H_out x W_out``; 1x1
     ``R -> O`` at ``H_out x W_out``. ``merged``: one ``kh x kw`` depthwise stage instead.
     """
-    _area(in_hw)
-    _area(out_hw)
-    (h_in, w_in), (h_out, w_out) = in_hw, out_hw
+    c_out, c_in, kh, kw = weight
+    h_in, w_in, h_out, w_out = _sizes(in_hw, out_hw)
     if merged:
         return rank * c_in * h_in * w_in + (rank * kh * kw + c_out * rank) * h_out * w_out
-    return (
-        rank * c_in * h_in * w_in
-        + rank * kh * h_out * w_in
-        + rank * kw * h_out * w_out
-        + c_out * rank * h_out * w_out
-    )
+    return (rank * c_in * h_in * w_in + rank * kh * h_out * w_in + rank * kw * h_out * w_out
+            + c_out * rank * h_out * w_out)
 
 
-def tucker2_macs(
-    c_out: int,
-    c_in: int,
-    kh: int,
-    kw: int,
-    rank_in: int,
-    rank_out: int,
-    in_hw: tuple[int, int],
-    out_hw: tuple[int, int],
-) -> int:
-    """MACs of the Tucker-2 chain for one image.
+def tucker2_macs(weight: tuple[int, ...], rank_in: int, rank_out: int, in_hw: Size,
+                 out_hw: Size) -> int:
+    """MACs of the Tucker-2 chain of a ``(O, C, kh, kw)`` conv for one image.
 
     1x1 ``C -> R1`` at ``H_in x W_in``; ``kh x kw`` core ``R1 -> R2`` and 1x1 ``R2 -> O`` at
     ``H_out x W_out``.
     """
-    return c_in * rank_in * _area(in_hw) + (
-        rank_out * rank_in * kh * kw + c_out * rank_out
-    ) * _area(out_hw)
+    c_out, c_in, kh, kw = weight
+    h_in, w_in, h_out, w_out = _sizes(in_hw, out_hw)
+    return (c_in * rank_in * h_in * w_in
+            + (rank_out * rank_in * kh * kw + c_out * rank_out) * h_out * w_out)
 
 
-def spatial_svd_macs(
-    c_out: int,
-    c_in: int,
-    kh: int,
-    kw: int,
-    rank: int,
-    in_hw: tuple[int, int],
-    out_hw: tuple[int, int],
-) -> int:
-    """MACs of the spatial SVD pair for one image.
+def spatial_svd_macs(weight: tuple[int, ...], rank: int, in_hw: Size, out_hw: Size) -> int:
+    """MACs of the spatial SVD pair of a ``(O, C, kh, kw)`` conv for one image.
 
     ``kh x 1`` conv ``C -> R`` (vertical stride) to ``H_out x W_in``; ``1 x kw`` conv
     ``R -> O`` (horizontal stride) to ``H_out x W_out``.
     """
-    _area(in_hw)
-    _area(out_hw)
-    (_, w_in), (h_out, w_out) = in_hw, out_hw
+    c_out, c_in, kh, kw = weight
+    _, w_in, h_out, w_out = _sizes(in_hw, out_hw)
     return rank * c_in * kh * h_out * w_in + c_out * rank * kw * h_out * w_out
 
 

@@ -282,6 +282,16 @@ class PassBase(Generic[CC]):
     # A pass that rewrites ops through a converter it does not control (opset) cannot tag.
     tags_new_nodes: ClassVar[bool] = True
 
+    def __init_subclass__(cls, *, name: str | None = None, lossless: bool | None = None,
+                          config: type[PassConfig] | None = None,
+                          calibration: bool | None = None, **kwargs: Any) -> None:
+        """A pass states its contract in its class line: ``class P(PassBase, name=...)``."""
+        super().__init_subclass__(**kwargs)
+        for attr, value in (("name", name), ("lossless", lossless), ("config_cls", config),
+                            ("uses_calibration", calibration)):
+            if value is not None:
+                setattr(cls, attr, value)
+
     def __call__(self, model: onnx.ModelProto, config: CC, calib: Calibration | None = None,
                  context: RunContext | None = None) -> PassResult:
         """Rewrite a copy of ``model``; never mutate ``model``."""
@@ -380,3 +390,15 @@ def target_speedup_option() -> Any:
     """``--target-speedup``."""
     return option(None, "--rank auto and prune_*: measured ORT speedup of the output model "
                         "over IN.onnx (what earlier passes of the run bring counts).")
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetConfig(PassConfig):
+    """The options of a pass that refits and reaches a measured ``--target-speedup``."""
+
+    target_speedup: float | None = target_speedup_option()
+    refit: bool = refit_option()
+    exclude: tuple[str, ...] = exclude_option()
+    provider: str = "cpu"
+    threads: int = 1
+    bench_runs: int = 30

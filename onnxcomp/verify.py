@@ -11,6 +11,7 @@ import onnx
 
 from onnxcomp import model as model_io
 from onnxcomp import outputs as kinds
+from onnxcomp import serial
 from onnxcomp.errors import PassError
 from onnxcomp.ops import DECISION_PASS_THROUGH
 
@@ -24,7 +25,7 @@ NOISE_FACTOR = 4.0
 
 
 @dataclasses.dataclass(frozen=True)
-class OutputFidelity:
+class OutputFidelity(serial.Record):
     """How far one output of a model is from the reference model's output."""
 
     name: str
@@ -32,10 +33,6 @@ class OutputFidelity:
     max_abs: float
     ref_max_abs: float
     top1_agreement: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serializable form."""
-        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,17 +87,7 @@ class Fidelity:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serializable form."""
-        return {
-            "rel_l2": self.rel_l2,
-            "top1_agreement": self.top1_agreement,
-            "decision_agreement": self.decision_agreement,
-            "score_agreement": self.score_agreement,
-            "regression_rel_l2": self.regression_rel_l2,
-            "metric_score": self.metric_score,
-            "label_accuracy": list(self.label_accuracy) if self.label_accuracy else None,
-            "num_samples": self.num_samples,
-            "outputs": [o.to_dict() for o in self.outputs],
-        }
+        return serial.as_dict(self, "rel_l2", "top1_agreement")
 
 
 @dataclasses.dataclass(frozen=True)

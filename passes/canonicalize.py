@@ -38,14 +38,14 @@ pads batch or channel axes / has negative pads / has non-constant pads, a Conv w
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 
 from onnxcomp import passbase as pb
 from onnxcomp.graph import Graph, Node, Tensor
-from onnxcomp.model import copy_model
+from onnxcomp.graphpass import GraphPass
 from onnxcomp.ops import FLOAT_TYPES, NOOP_CANDIDATES
 
 if TYPE_CHECKING:
@@ -60,21 +60,15 @@ class CanonicalizeConfig(pb.PassConfig):
     fold_pad: bool = pb.option(True, 'canonicalize: fold zero Pad nodes into the Conv after them.')
 
 
-class Canonicalize(pb.PassBase):
+class Canonicalize(GraphPass, name="canonicalize", lossless=True, config=CanonicalizeConfig):
     """Constants to initializers, no-op removal, Pad folded into Conv."""
 
-    name: ClassVar[str] = "canonicalize"
-    lossless: ClassVar[bool] = True
-    config_cls: ClassVar[type[pb.PassConfig]] = CanonicalizeConfig
+    nothing = "nothing to canonicalize"
 
-    def call(
-        self, model: onnx.ModelProto, config: pb.PassConfig, calib: Calibration | None,
-        ctx: pb.RunContext,
-    ) -> pb.PassResult:
-        """Return a canonicalized copy of ``model``."""
+    def rewrite(self, graph: Graph, config: pb.PassConfig, calib: Calibration | None,
+                report: pb.Report) -> None:
+        """Canonicalize ``graph``."""
         assert isinstance(config, CanonicalizeConfig)
-        graph = Graph(model)
-        report = pb.Report(self.name)
         for node in graph.nodes_of("Constant"):
             self._constant(graph, node, report)
         for node in graph.nodes_of(*sorted(NOOP_CANDIDATES)):
@@ -102,10 +96,6 @@ class Canonicalize(pb.PassBase):
             match = _hardswish(graph, clip)
             if match is not None:
                 report.apply(_fuse_hardswish(graph, *match))
-        if not report.applied:
-            report.note(pb.NOTHING_TO_DO, "nothing to canonicalize")
-            return pb.PassResult(copy_model(model), report)
-        return pb.PassResult(graph.export(), report)
 
     @staticmethod
     def _constant(graph: Graph, node: Node, report: pb.Report) -> None:

@@ -34,7 +34,6 @@ weights, tiny layers, degenerate CP fits (component norms blowing up), no MAC or
 from __future__ import annotations
 
 import hashlib
-from typing import ClassVar
 
 import numpy as np
 
@@ -83,7 +82,7 @@ class CPMethod:
         """The largest rank whose chain costs fewer MACs than the layer."""
         o, c, kh, kw = layer.weight.shape
         in_hw, out_hw = conv_hw(layer)
-        per_rank = lowrank.cp_macs(o, c, kh, kw, 1, in_hw, out_hw)
+        per_rank = lowrank.cp_macs((o, c, kh, kw), 1, in_hw, out_hw)
         return max(1, (layer.macs - 1) // per_rank)
 
     def rank_options(self, layer: Layer, config: LowRankConfig) -> list[tuple[int, ...]]:
@@ -150,7 +149,7 @@ class CPMethod:
             stages.append(Stage("conv", kw_f.T.reshape(rank, 1, 1, kw), attrs, "dw_h"))
         prefix = np.einsum("cr,ar,br->rcab", res.B, res.Kh, res.Kw).reshape(rank, -1)
         in_hw, out_hw = conv_hw(layer)
-        macs = lowrank.cp_macs(o, c, kh, kw, rank, in_hw, out_hw, merged=merged)
+        macs = lowrank.cp_macs((o, c, kh, kw), rank, in_hw, out_hw, merged=merged)
         params = rank * (c + (kh * kw if merged else kh + kw) + o) + o
         return Plan(
             method=self.name, ranks=(rank,), stages=stages, last_attrs={},
@@ -162,12 +161,9 @@ class CPMethod:
         )
 
 
-class CP(DecompositionPass):
+class CP(DecompositionPass, name="cp", lossless=False, config=LowRankConfig):
     """The ``cp`` pass."""
 
-    name: ClassVar[str] = "cp"
-    lossless: ClassVar[bool] = False
-    config_cls: ClassVar[type[pb.PassConfig]] = LowRankConfig
     method_cls = CPMethod
 
 

@@ -30,7 +30,6 @@ Supported: 2-D Conv, group 1, kh*kw > 1, constant float weights. Skipped, with a
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
 
 import numpy as np
 
@@ -145,12 +144,10 @@ class SeparableMethod:
         )
 
 
-class DepthwiseSeparable(DecompositionPass):
+class DepthwiseSeparable(DecompositionPass, name="depthwise_separable", lossless=False,
+                         config=SeparableConfig):
     """The ``depthwise_separable`` pass."""
 
-    name: ClassVar[str] = "depthwise_separable"
-    lossless: ClassVar[bool] = False
-    config_cls: ClassVar[type[pb.PassConfig]] = SeparableConfig
     method_cls = SeparableMethod
 
     def method_for(self, config: LowRankConfig) -> SeparableMethod:

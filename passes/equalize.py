@@ -27,7 +27,7 @@ already within a factor 2 of each other, or that never fire on the calibration d
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import onnx
@@ -36,8 +36,8 @@ from onnxcomp import capture
 from onnxcomp import passbase as pb
 from onnxcomp.calibration import Calibration
 from onnxcomp.graph import Graph
+from onnxcomp.graphpass import GraphPass
 from onnxcomp.linear import own_float_weight
-from onnxcomp.model import copy_model
 
 # Pairs whose smallest live channel range is above this share of the largest are left alone.
 EVEN_ENOUGH = 0.5
@@ -51,26 +51,22 @@ class EqualizeConfig(pb.PassConfig):
     exclude: tuple[str, ...] = pb.exclude_option()
 
 
-class Equalize(pb.PassBase):
+class Equalize(GraphPass, name="equalize", lossless=True, config=EqualizeConfig,
+               calibration=True):
     """The ``equalize`` pass."""
 
-    name: ClassVar[str] = "equalize"
-    lossless: ClassVar[bool] = True
-    config_cls: ClassVar[type[pb.PassConfig]] = EqualizeConfig
-    uses_calibration: ClassVar[bool] = True
+    nothing = ""  # pairs already even are skips, not nothing to do
 
-    def call(self, model: onnx.ModelProto, config: pb.PassConfig,
-             calib: Calibration | None, ctx: pb.RunContext) -> pb.PassResult:
-        """Equalize every linear conv pair of a copy of ``model``."""
+    def rewrite(self, graph: Graph, config: pb.PassConfig, calib: Calibration | None,
+                report: pb.Report) -> None:
+        """Equalize every linear conv pair of ``graph``."""
         assert isinstance(config, EqualizeConfig)
-        report = pb.Report(self.name)
-        graph = Graph(model)
         pairs = linear_pairs(graph, config.exclude)
         if not pairs:
             report.note(pb.NOTHING_TO_DO, "no Conv -> Conv pair with nothing between")
-            return pb.PassResult(copy_model(model), report)
+            return
         assert calib is not None  # PassBase gives synthetic inputs without --calib
-        amax = _channel_ranges(model, [a.outputs[0].name for a, _, _ in pairs], calib)
+        amax = _channel_ranges(graph.source, [a.outputs[0].name for a, _, _ in pairs], calib)
         for a, b, depthwise in pairs:
             r = amax[a.outputs[0].name]
             live = r > 0
@@ -91,9 +87,6 @@ class Equalize(pb.PassBase):
                 details={"partner": b.name, "depthwise_partner": depthwise,
                          "range_spread_before": round(float(r.max() / r[live].min()), 3),
                          "largest_scale": round(float(scale.max()), 3)}))
-        if not report.applied:
-            return pb.PassResult(copy_model(model), report)
-        return pb.PassResult(graph.export(), report)
 
 
 PASS = Equalize()

@@ -19,7 +19,7 @@ layer's options are fit and timed for every method).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any
 
 from onnxcomp import passbase as pb
 from onnxcomp.decompose import DecompositionPass, LowRankConfig
@@ -97,12 +97,8 @@ class MixedMethod:
         return self.methods[ranks[0]].plan(layer, tuple(ranks[1:]), config)
 
 
-class Factorize(DecompositionPass):
+class Factorize(DecompositionPass, name="factorize", lossless=False, config=FactorizeConfig):
     """The ``factorize`` pass."""
-
-    name: ClassVar[str] = "factorize"
-    lossless: ClassVar[bool] = False
-    config_cls: ClassVar[type[pb.PassConfig]] = FactorizeConfig
 
     def method_for(self, config: LowRankConfig) -> MixedMethod:
         """The mixed method over ``config.methods``."""

@@ -40,14 +40,13 @@ graph output, shared or non-constant weights, an Add before a padded Conv, integ
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 
 from onnxcomp import passbase as pb
 from onnxcomp.graph import Graph, Node, attr_ints
-from onnxcomp.model import copy_model
+from onnxcomp.graphpass import GraphPass, foldable_weights
 from onnxcomp.ops import ACTIVATIONS, FLOAT_TYPES, NCHWC_OPS
 
 if TYPE_CHECKING:
@@ -65,20 +64,14 @@ class FoldAffineConfig(pb.PassConfig):
         'BatchNormalization.')  # unfoldable affine chains next to a Conv -> one BatchNormalization
 
 
-class FoldAffine(pb.PassBase):
+class FoldAffine(GraphPass, name="fold_affine", lossless=True, config=FoldAffineConfig):
     """Fold constant Mul/Add nodes into the Conv before or after them."""
 
-    name: ClassVar[str] = "fold_affine"
-    lossless: ClassVar[bool] = True
-    config_cls: ClassVar[type[pb.PassConfig]] = FoldAffineConfig
+    nothing = "no constant Mul/Add folded"
 
-    def call(
-        self, model: onnx.ModelProto, config: pb.PassConfig, calib: Calibration | None,
-        ctx: pb.RunContext,
-    ) -> pb.PassResult:
-        """Return a new model with every foldable constant Mul/Add folded."""
-        graph = Graph(model)
-        report = pb.Report(self.name)
+    def rewrite(self, graph: Graph, config: pb.PassConfig, calib: Calibration | None,
+                report: pb.Report) -> None:
+        """Fold every foldable constant Mul/Add of ``graph``."""
         reasons: dict[str, pb.Skip] = {}
         changed = True
         while changed:  # a fold can make the next node of a chain foldable
@@ -100,10 +93,6 @@ class FoldAffine(pb.PassBase):
                     reasons.pop(name, None)
         for skip in reasons.values():
             report.add_skip(skip)
-        if not report.applied:
-            report.note(pb.NOTHING_TO_DO, "no constant Mul/Add folded")
-            return pb.PassResult(copy_model(model), report)
-        return pb.PassResult(graph.export(), report)
 
 
 def _operands(graph: Graph, node: Node) -> tuple[Node, np.ndarray] | pb.Skip | None:
@@ -131,24 +120,6 @@ def _channel_vector(value: np.ndarray, rank: int | None, channels: int) -> np.nd
     if shape[1] != channels or any(d != 1 for i, d in enumerate(shape) if i != 1):
         return None
     return np.asarray(value, dtype=np.float64).reshape(channels)
-
-
-def _weights(graph: Graph, conv: Node, readers: list[Node]) -> pb.Skip | None:
-    """Skip unless the conv's weight and bias are constant floats read only by ``readers``."""
-    for i in (1, 2):
-        t = graph.input(conv, i)
-        if t is None:
-            continue
-        value = graph.const_value(t)
-        if value is None:
-            return pb.Skip(conv.name, conv.op, pb.SkipReason.NOT_CONSTANT,
-                           f"{t.name} is not constant")
-        if value.dtype.type not in FLOAT_TYPES:
-            return pb.Skip(conv.name, conv.op, pb.SkipReason.UNSUPPORTED_DTYPE, str(value.dtype))
-        if graph.is_shared(t, readers):
-            return pb.Skip(conv.name, conv.op, pb.SkipReason.SHARED_WEIGHT,
-                        f"{t.name} is also read by another node")
-    return None
 
 
 def _bias(graph: Graph, conv: Node) -> np.ndarray:
@@ -195,7 +166,7 @@ def _fold_into_producer(graph: Graph, node: Node, x: Node, value: np.ndarray
     if len(x.outputs) != 1 or graph.is_graph_output(x):
         return pb.Skip(node.name, node.op, pb.SkipReason.MULTIPLE_CONSUMERS,
                     f"{conv.name} output is read by other nodes or is a graph output")
-    skip = _weights(graph, conv, [conv])
+    skip = foldable_weights(graph, conv, [conv], conv)
     if skip is not None:
         return pb.Skip(node.name, node.op, skip.reason, skip.detail)
     w = graph.const_value(conv.inputs[1])
@@ -241,7 +212,7 @@ def _fold_into_consumers(graph: Graph, node: Node, x: Node, value: np.ndarray
                     "Add before a padded Conv (the border would change)")
     plans = []
     for conv in readers:
-        skip = _weights(graph, conv, readers)
+        skip = foldable_weights(graph, conv, readers, conv)
         if skip is not None:
             return pb.Skip(node.name, node.op, skip.reason, skip.detail)
         w = graph.const_value(conv.inputs[1])

@@ -26,15 +26,13 @@ BN statistics that are not constant, BN in training mode or with its extra outpu
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 
 from onnxcomp import passbase as pb
 from onnxcomp.graph import Graph, Node
-from onnxcomp.model import copy_model
-from onnxcomp.ops import FLOAT_TYPES
+from onnxcomp.graphpass import GraphPass, foldable_weights
 
 PRODUCERS = ("Conv", "ConvTranspose", "Gemm")
 
@@ -47,30 +45,20 @@ class FoldBNConfig(pb.PassConfig):
     """fold_bn has no options."""
 
 
-class FoldBN(pb.PassBase):
+class FoldBN(GraphPass, name="fold_bn", lossless=True, config=FoldBNConfig):
     """Fold inference-mode BatchNormalization into its producer."""
 
-    name: ClassVar[str] = "fold_bn"
-    lossless: ClassVar[bool] = True
-    config_cls: ClassVar[type[pb.PassConfig]] = FoldBNConfig
+    nothing = "no BatchNormalization folded"
 
-    def call(
-        self, model: onnx.ModelProto, config: pb.PassConfig, calib: Calibration | None,
-        ctx: pb.RunContext,
-    ) -> pb.PassResult:
-        """Return a new model with every foldable BatchNormalization folded."""
-        graph = Graph(model)
-        report = pb.Report(self.name)
+    def rewrite(self, graph: Graph, config: pb.PassConfig, calib: Calibration | None,
+                report: pb.Report) -> None:
+        """Fold every foldable BatchNormalization of ``graph``."""
         for bn in graph.nodes_of("BatchNormalization"):
             skip = self.check(graph, bn)
             if skip is not None:
                 report.add_skip(skip)
                 continue
-            report.apply(self.rewrite(graph, bn))
-        if not report.applied:
-            report.note(pb.NOTHING_TO_DO, "no BatchNormalization folded")
-            return pb.PassResult(copy_model(model), report)
-        return pb.PassResult(graph.export(), report)
+            report.apply(self.fold(graph, bn))
 
     def check(self, graph: Graph, bn: Node) -> pb.Skip | None:
         """A Skip with the reason this BN cannot be folded, or None."""
@@ -97,22 +85,9 @@ class FoldBN(pb.PassBase):
                            "BN parameters are not constant")
         if prod.op == "Gemm" and len(x.shape or ()) != 2:
             return pb.Skip(bn.name, bn.op, pb.SkipReason.UNKNOWN_SHAPE, "Gemm output rank unknown")
-        weights = [graph.input(prod, i) for i in range(1, 3)]
-        for w in weights:
-            if w is None:
-                continue
-            value = graph.const_value(w)
-            if value is None:
-                return pb.Skip(bn.name, bn.op, pb.SkipReason.NOT_CONSTANT,
-                            f"{prod.name} input {w.name} is not constant")
-            if value.dtype.type not in FLOAT_TYPES:
-                return pb.Skip(bn.name, bn.op, pb.SkipReason.UNSUPPORTED_DTYPE, str(value.dtype))
-            if graph.is_shared(w, [prod]):
-                return pb.Skip(bn.name, bn.op, pb.SkipReason.SHARED_WEIGHT,
-                            f"{w.name} is also read by another node")
-        return None
+        return foldable_weights(graph, prod, [prod], bn)
 
-    def rewrite(self, graph: Graph, bn: Node) -> pb.Change:
+    def fold(self, graph: Graph, bn: Node) -> pb.Change:
         """Fold ``bn`` into its producer; return the change record."""
         prod = graph.producer(bn.inputs[0])
         assert prod is not None  # guaranteed by check()

@@ -26,7 +26,6 @@ latency win.
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
 
 import numpy as np
 
@@ -105,12 +104,10 @@ class KernelSharingMethod:
         )
 
 
-class KernelSharing(DecompositionPass):
+class KernelSharing(DecompositionPass, name="kernel_sharing", lossless=False,
+                    config=KernelSharingConfig):
     """The ``kernel_sharing`` pass."""
 
-    name: ClassVar[str] = "kernel_sharing"
-    lossless: ClassVar[bool] = False
-    config_cls: ClassVar[type[pb.PassConfig]] = KernelSharingConfig
     method_cls = KernelSharingMethod
 
 

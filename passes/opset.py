@@ -53,12 +53,9 @@ def convert(model: onnx.ModelProto, target: int) -> onnx.ModelProto | str:
     return out
 
 
-class Opset(pb.PassBase):
+class Opset(pb.PassBase, name="opset", lossless=True, config=OpsetConfig):
     """The ``opset`` pass."""
 
-    name: ClassVar[str] = "opset"
-    lossless: ClassVar[bool] = True
-    config_cls: ClassVar[type[pb.PassConfig]] = OpsetConfig
     tags_new_nodes: ClassVar[bool] = False  # the converter rewrites ops
 
     def call(self, model: onnx.ModelProto, config: pb.PassConfig,

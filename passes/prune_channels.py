@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import onnx
@@ -62,7 +62,7 @@ SPEED_STEPS = 7
 
 
 @dataclasses.dataclass(frozen=True)
-class PruneConfig(pb.PassConfig):
+class PruneConfig(pb.TargetConfig):
     """Options of ``prune_channels``."""
 
     ratio: float | None = pb.option(
@@ -75,13 +75,7 @@ class PruneConfig(pb.PassConfig):
         choices=('reconstruction', 'l1', 'l2', 'bn_scale', 'activation'))
     round_to: int = pb.option(0, "prune_channels: keep channel counts a multiple of this (0: the "
                               "provider's channel block, 16 on AVX-512 CPUs, else 8).")
-    target_speedup: float | None = pb.target_speedup_option()
-    refit: bool = pb.refit_option()
     refit_mode: str = pb.refit_mode_option()
-    exclude: tuple[str, ...] = pb.exclude_option()
-    provider: str = "cpu"
-    threads: int = 1
-    bench_runs: int = 30
     max_rows: int = 16384
     ridge: float = 1e-3
     seed: int = pb.seed_option()
@@ -115,13 +109,9 @@ class _Prepared:
     targets: dict[str, list[np.ndarray]]  # sampled original output rows per consumer
 
 
-class PruneChannels(pb.PassBase):
+class PruneChannels(pb.PassBase, name="prune_channels", lossless=False, config=PruneConfig,
+                    calibration=True):
     """The ``prune_channels`` pass."""
-
-    name: ClassVar[str] = "prune_channels"
-    lossless: ClassVar[bool] = False
-    config_cls: ClassVar[type[pb.PassConfig]] = PruneConfig
-    uses_calibration: ClassVar[bool] = True
 
     def call(self, model: onnx.ModelProto, config: pb.PassConfig, calib: Calibration | None,
              ctx: pb.RunContext) -> pb.PassResult:

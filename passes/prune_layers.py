@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import onnx
@@ -54,18 +54,11 @@ REFIT_LEVELS = 3
 
 
 @dataclasses.dataclass(frozen=True)
-class PruneLayersConfig(pb.PassConfig):
+class PruneLayersConfig(pb.TargetConfig):
     """Options of ``prune_layers``."""
 
-    layers: int | None = pb.option(
-        None,
-        'prune_layers: how many layers to remove (default 1 without --target-speedup).')
-    target_speedup: float | None = pb.target_speedup_option()
-    refit: bool = pb.refit_option()
-    exclude: tuple[str, ...] = pb.exclude_option()
-    provider: str = "cpu"
-    threads: int = 1
-    bench_runs: int = 30
+    layers: int | None = pb.option(None, 'prune_layers: how many layers to remove '
+                                         '(default 1 without --target-speedup).')
     # Sampled output positions per refit layer. Refits here stand in for a whole missing
     # layer, so they use many rows: on the Fashion-MNIST VGG every position of 256 images
     # (50 176) gave -0.96 % test accuracy for one conv removed, 16 384 gave -1.06 %.
@@ -94,13 +87,9 @@ class Unit:
     out: str
 
 
-class PruneLayers(pb.PassBase):
+class PruneLayers(pb.PassBase, name="prune_layers", lossless=False, config=PruneLayersConfig,
+                  calibration=True):
     """The ``prune_layers`` pass."""
-
-    name: ClassVar[str] = "prune_layers"
-    lossless: ClassVar[bool] = False
-    config_cls: ClassVar[type[pb.PassConfig]] = PruneLayersConfig
-    uses_calibration: ClassVar[bool] = True
 
     def call(self, model: onnx.ModelProto, config: pb.PassConfig, calib: Calibration | None,
              ctx: pb.RunContext) -> pb.PassResult:

@@ -48,7 +48,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import platform
-from typing import Any, ClassVar
+from collections.abc import Collection, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import onnx
@@ -174,12 +175,8 @@ def _cpu_has_vnni() -> bool:
     return bool(runtime.cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
-class Quantize(pb.PassBase):
+class Quantize(pb.PassBase, name="quantize", lossless=False, config=QuantizeConfig):
     """The ``quantize`` pass."""
-
-    name: ClassVar[str] = "quantize"
-    lossless: ClassVar[bool] = False
-    config_cls: ClassVar[type[pb.PassConfig]] = QuantizeConfig
 
     def call(self, model: onnx.ModelProto, config: pb.PassConfig,
              calib: Calibration | None, ctx: pb.RunContext) -> pb.PassResult:
@@ -239,16 +236,7 @@ def _weights_only(model: onnx.ModelProto, config: QuantizeConfig) -> pb.PassResu
                     "1-bit type (packed_bytes: the 1-bit figure)")
     huffman_bits = 0
     int4_names: set[str] = set()
-    for node in graph.nodes:
-        if node.op not in quant.OPS:
-            continue
-        skip = _check(graph, node, config)
-        if skip is not None:
-            report.add_skip(skip)
-            continue
-        w = graph.const_value(graph.input(node, 1))
-        assert w is not None
-        axis = quant.out_axis(node)
+    for node, w, axis in _layers(graph, config, report):
         details: dict[str, Any]
         if config.mode in ("weight", "binary"):
             if config.mode == "binary":
@@ -412,21 +400,7 @@ def _build_static(model: onnx.ModelProto, config: QuantizeConfig,
     gemm_bias: list[tuple[Any, str]] = []  # (Gemm, its input) for int32 biases
     # activation output -> (layer output, the Relu/Clip node, its upper bound)
     folded: dict[str, tuple[str, Any, float]] = {}
-    for node in graph.nodes:
-        if node.op not in quant.OPS:
-            continue
-        skip = _check(graph, node, config)
-        if skip is None and node.name in excluded:
-            skip = pb.Skip(node.name, node.op, pb.SkipReason.ERROR_TOO_HIGH,
-                        f"left in float for --max-drop {config.max_drop}: output error "
-                        f"{sensitivity.get(node.name, float('nan')):.3g} with this layer "
-                        f"alone quantized")
-        if skip is not None:
-            report.add_skip(skip)
-            continue
-        w = graph.const_value(graph.input(node, 1))
-        assert w is not None
-        axis = quant.out_axis(node)
+    for node, w, axis in _layers(graph, config, report, excluded, sensitivity):
         activations.extend(_static_tensors(graph, node))
         if node.op == "Gemm" and graph.input(node, 2) is not None:
             gemm_bias.append((node, node.inputs[0].name))
@@ -547,6 +521,30 @@ _DROP_METRICS = {
     "top1": "1 - top-1 agreement",
     "rel_l2": "the relative output error",
 }
+
+
+def _layers(graph: Graph, config: QuantizeConfig, report: pb.Report,
+            excluded: Collection[str] = (), sensitivity: Mapping[str, float] | None = None
+            ) -> Iterator[tuple[Any, np.ndarray, int]]:
+    """Every layer to quantize, with its weight and output-channel axis; the others are skips.
+
+    ``excluded`` layers stay in float for ``--max-drop`` (``sensitivity``: their error alone).
+    """
+    for node in graph.nodes:
+        if node.op not in quant.OPS:
+            continue
+        skip = _check(graph, node, config)
+        if skip is None and node.name in excluded:
+            skip = pb.Skip(node.name, node.op, pb.SkipReason.ERROR_TOO_HIGH,
+                           f"left in float for --max-drop {config.max_drop}: output error "
+                           f"{(sensitivity or {}).get(node.name, float('nan')):.3g} with this "
+                           "layer alone quantized")
+        if skip is not None:
+            report.add_skip(skip)
+            continue
+        w = graph.const_value(graph.input(node, 1))
+        assert w is not None
+        yield node, w, quant.out_axis(node)
 
 
 def _check(graph: Graph, node: Any, config: QuantizeConfig) -> pb.Skip | None:

@@ -29,8 +29,6 @@ layers, no MAC or latency win.
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import numpy as np
 
 from onnxcomp import lowrank
@@ -82,7 +80,7 @@ class SVDMethod:
         in_hw, out_hw = conv_hw(layer)
         if kind == "pointwise":
             return (c * rank + rank * o) * out_hw[0] * out_hw[1]
-        return lowrank.spatial_svd_macs(o, c, kh, kw, rank, in_hw, out_hw)
+        return lowrank.spatial_svd_macs((o, c, kh, kw), rank, in_hw, out_hw)
 
     def max_rank(self, layer: Layer) -> int:
         """The largest rank cheaper than the layer in MACs (and within the matrix rank)."""
@@ -166,12 +164,9 @@ class SVDMethod:
         )
 
 
-class SVD(DecompositionPass):
+class SVD(DecompositionPass, name="svd", lossless=False, config=LowRankConfig):
     """The ``svd`` pass."""
 
-    name: ClassVar[str] = "svd"
-    lossless: ClassVar[bool] = False
-    config_cls: ClassVar[type[pb.PassConfig]] = LowRankConfig
     method_cls = SVDMethod
 
 

@@ -28,8 +28,6 @@ latency win.
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import numpy as np
 
 from onnxcomp import lowrank
@@ -64,7 +62,7 @@ class TuckerMethod:
     def _macs(self, layer: Layer, r_in: int, r_out: int) -> int:
         o, c, kh, kw = layer.weight.shape
         in_hw, out_hw = conv_hw(layer)
-        return lowrank.tucker2_macs(o, c, kh, kw, r_in, r_out, in_hw, out_hw)
+        return lowrank.tucker2_macs((o, c, kh, kw), r_in, r_out, in_hw, out_hw)
 
     def rank_options(self, layer: Layer, config: LowRankConfig) -> list[tuple[int, ...]]:
         """(R1, R2) pairs at fixed fractions of (C, O) that cost fewer MACs than the layer."""
@@ -120,12 +118,9 @@ class TuckerMethod:
         )
 
 
-class Tucker(DecompositionPass):
+class Tucker(DecompositionPass, name="tucker", lossless=False, config=LowRankConfig):
     """The ``tucker`` pass."""
 
-    name: ClassVar[str] = "tucker"
-    lossless: ClassVar[bool] = False
-    config_cls: ClassVar[type[pb.PassConfig]] = LowRankConfig
     method_cls = TuckerMethod
 
 

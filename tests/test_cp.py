@@ -61,7 +61,7 @@ def test_merged_depthwise_form_is_exact(mode, kernel, convs):
     assert op_count(result.model, "Conv") == convs
     change = result.report.applied[0]
     in_hw, out_hw = (12, 12), (6, 12)
-    assert change.macs_after == cp_macs(16, 8, kernel, kernel, 4, in_hw, out_hw,
+    assert change.macs_after == cp_macs((16, 8, kernel, kernel), 4, in_hw, out_hw,
                                         merged=convs == 3)
     assert_equivalent(model, result.model, rtol=1e-4, atol=1e-4)
 

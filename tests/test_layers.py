@@ -20,9 +20,10 @@ LAYERS: dict[str, int] = {
     **dict.fromkeys(["decompose", "sharing"], 2),
     **dict.fromkeys(["allocate", "sensitivity", "search", "measure", "stream", "moments",
                      "refit", "chain", "linear", "cp_als", "lowrank", "depgraph", "verify", "quant",
-                     "fidelity", "ops", "importance", "outputs"], 1),
+                     "fidelity", "ops", "importance", "outputs", "graphpass"], 1),
     **dict.fromkeys(["graph", "model", "runtime", "calibration", "capture", "synthetic",
-                     "cost", "bench", "latency_cache", "errors", "passbase", "timing", "judge"], 0),
+                     "cost", "bench", "latency_cache", "errors", "passbase", "timing", "judge",
+                     "serial"], 0),
 }
 
 

@@ -121,7 +121,7 @@ def test_cp_chain_equals_conv_with_stride() -> None:
     counted = sum(
         macs_of(y, w) for y, w in [(y1, first), (y2, vertical), (y3, horizontal), (y4, last)]
     )
-    assert cp_macs(6, 5, 3, 2, 3, in_hw, out_hw) == counted
+    assert cp_macs((6, 5, 3, 2), 3, in_hw, out_hw) == counted
 
 
 def test_cp_error_decreases_with_rank() -> None:
@@ -257,7 +257,7 @@ def test_tucker2_chain_equals_conv() -> None:
     expected = conv2d(x, kernel, stride=(2, 2))
     np.testing.assert_allclose(y3, expected, atol=1e-9 * np.abs(expected).max())
     counted = sum(macs_of(y, w) for y, w in [(y1, first), (y2, core), (y3, last)])
-    assert tucker2_macs(7, 5, 3, 3, 3, 4, x.shape[2:], expected.shape[2:]) == counted
+    assert tucker2_macs((7, 5, 3, 3), 3, 4, x.shape[2:], expected.shape[2:]) == counted
 
 
 def test_tucker2_rejects_bad_ranks() -> None:
@@ -304,7 +304,7 @@ def test_spatial_svd_chain_equals_conv() -> None:
     expected = conv2d(x, kernel, stride=(2, 2))
     np.testing.assert_allclose(y2, expected, atol=1e-9 * np.abs(expected).max())
     counted = macs_of(y1, result.V) + macs_of(y2, result.H)
-    assert spatial_svd_macs(5, 4, 3, 2, 10, x.shape[2:], expected.shape[2:]) == counted
+    assert spatial_svd_macs((5, 4, 3, 2), 10, x.shape[2:], expected.shape[2:]) == counted
 
 
 # ---------------------------------------------------------------------------- matrix SVD
@@ -334,17 +334,17 @@ def test_svd_matrix_exact_optimal_and_balanced() -> None:
 def test_costs_match_hand_counts() -> None:
     # O=64, C=32, 3x3: CP R=16, Tucker R1=8 R2=16, spatial SVD R=16, stride 2 from 32x32 to 16x16.
     # 16*32*32*32 + 16*3*16*32 + 16*3*16*16 + 64*16*16*16
-    assert cp_macs(64, 32, 3, 3, 16, (32, 32), (16, 16)) == 524288 + 24576 + 12288 + 262144
+    assert cp_macs((64, 32, 3, 3), 16, (32, 32), (16, 16)) == 524288 + 24576 + 12288 + 262144
     # 32*8*32*32 + (16*8*9 + 64*16)*16*16
-    assert tucker2_macs(64, 32, 3, 3, 8, 16, (32, 32), (16, 16)) == 262144 + 557056
+    assert tucker2_macs((64, 32, 3, 3), 8, 16, (32, 32), (16, 16)) == 262144 + 557056
     # 16*32*3*16*32 + 64*16*3*16*16
-    assert spatial_svd_macs(64, 32, 3, 3, 16, (32, 32), (16, 16)) == 786432 + 786432
+    assert spatial_svd_macs((64, 32, 3, 3), 16, (32, 32), (16, 16)) == 786432 + 786432
     # Without stride every stage runs at one resolution: per-pixel costs times pixels.
-    assert cp_macs(64, 32, 3, 3, 16, (8, 8), (8, 8)) == 1632 * 64
-    assert tucker2_macs(64, 32, 3, 3, 8, 16, (8, 8), (8, 8)) == 2432 * 64
-    assert spatial_svd_macs(64, 32, 3, 3, 16, (8, 8), (8, 8)) == 4608 * 64
+    assert cp_macs((64, 32, 3, 3), 16, (8, 8), (8, 8)) == 1632 * 64
+    assert tucker2_macs((64, 32, 3, 3), 8, 16, (8, 8), (8, 8)) == 2432 * 64
+    assert spatial_svd_macs((64, 32, 3, 3), 16, (8, 8), (8, 8)) == 4608 * 64
     with pytest.raises(ValueError, match="positive"):
-        cp_macs(64, 32, 3, 3, 16, (0, 8), (8, 8))
+        cp_macs((64, 32, 3, 3), 16, (0, 8), (8, 8))
 
 
 # ---------------------------------------------------------------------------- least squares
