@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import typing
 from collections import Counter
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
@@ -285,8 +286,17 @@ class PassBase(Generic[CC]):
     def __init_subclass__(cls, *, name: str | None = None, lossless: bool | None = None,
                           config: type[PassConfig] | None = None,
                           calibration: bool | None = None, **kwargs: Any) -> None:
-        """A pass states its contract in its class line: ``class P(PassBase, name=...)``."""
+        """A pass states its contract in its class line.
+
+        ``class P(PassBase[PConfig], name="p", lossless=False)``: ``config`` defaults to the
+        type argument.
+        """
         super().__init_subclass__(**kwargs)
+        if config is None:  # class P(PassBase[PConfig], ...): the config type is the argument
+            for base in getattr(cls, "__orig_bases__", ()):
+                args = typing.get_args(base)
+                if typing.get_origin(base) is PassBase and args and isinstance(args[0], type):
+                    config = args[0]
         for attr, value in (("name", name), ("lossless", lossless), ("config_cls", config),
                             ("uses_calibration", calibration)):
             if value is not None:

@@ -109,14 +109,13 @@ class _Prepared:
     targets: dict[str, list[np.ndarray]]  # sampled original output rows per consumer
 
 
-class PruneChannels(pb.PassBase, name="prune_channels", lossless=False, config=PruneConfig,
+class PruneChannels(pb.PassBase[PruneConfig], name="prune_channels", lossless=False,
                     calibration=True):
     """The ``prune_channels`` pass."""
 
-    def call(self, model: onnx.ModelProto, config: pb.PassConfig, calib: Calibration | None,
+    def call(self, model: onnx.ModelProto, config: PruneConfig, calib: Calibration | None,
              ctx: pb.RunContext) -> pb.PassResult:
         """Prune a copy of ``model``; see the module docstring."""
-        assert isinstance(config, PruneConfig)
         assert calib is not None  # PassBase gives synthetic inputs (and says so)
         report = pb.Report(self.name)
         if not config.round_to:

@@ -87,14 +87,18 @@ class Unit:
     out: str
 
 
-class PruneLayers(pb.PassBase, name="prune_layers", lossless=False, config=PruneLayersConfig,
+class PruneLayers(pb.PassBase[PruneLayersConfig], name="prune_layers", lossless=False,
                   calibration=True):
     """The ``prune_layers`` pass."""
 
-    def call(self, model: onnx.ModelProto, config: pb.PassConfig, calib: Calibration | None,
+    def call(self, model: onnx.ModelProto, config: PruneLayersConfig, calib: Calibration | None,
              ctx: pb.RunContext) -> pb.PassResult:
-        """Remove the least important units of a copy of ``model``."""
-        assert isinstance(config, PruneLayersConfig)
+        """Remove the least important units of a copy of ``model``.
+
+        Units (a residual branch, an identity-shaped conv chain) are ranked by how much
+        removing each alone changes the outputs on the calibration data, then removed in that
+        order up to ``--layers`` or ``--target-speedup``.
+        """
         assert calib is not None  # PassBase gives synthetic inputs (and says so)
         report = pb.Report(self.name)
         units = find_units(Graph(model), config.exclude, report)

@@ -72,8 +72,7 @@ MIN_PERCENTILE_SAMPLES = 8
 # model anyone ships; the most sensitive layers stay in float until it holds, loudly.
 DEFAULT_MAX_DROP = 0.2
 # --max-drop: samples each candidate model is judged on, and samples per layer sensitivity.
-DROP_SAMPLES = 256
-SENSITIVITY_SAMPLES = 32
+DROP_SAMPLES, SENSITIVITY_SAMPLES = 256, 32
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,7 @@ import pytest
 from builders import conv_model
 from onnx import helper
 
+from onnxcomp import passbase as pb
 from onnxcomp.errors import ConfigError, PassError
 from onnxcomp.graph import Graph
 from onnxcomp.model import copy_model
@@ -107,3 +108,19 @@ def test_notes_carry_codes_through_json_and_pickle():
                             {"code": "later", "text": "second"}]
     again = pickle.loads(pickle.dumps(report.notes[0]))
     assert isinstance(again, Note) and again.code == "sooner" and again == "first"
+
+
+def test_config_type_comes_from_the_class_line():
+    """``class P(PassBase[PConfig], name=...)`` sets ``config_cls``, name and flags."""
+
+    @dataclasses.dataclass(frozen=True)
+    class PConfig(pb.PassConfig):
+        pass
+
+    class P(pb.PassBase[PConfig], name="p_test", lossless=True, calibration=True):
+        pass
+
+    assert P.config_cls is PConfig and P.name == "p_test" and P.lossless
+    assert P.uses_calibration
+    with pytest.raises(pb.ConfigError, match="needs a PConfig"):
+        P()(onnx.ModelProto(), pb.PassConfig())
