@@ -45,6 +45,7 @@ from onnxcomp import bench, fidelity, verify
 from onnxcomp import outputs as kinds
 from onnxcomp.calibration import Calibration
 from onnxcomp.errors import ConfigError, OnnxcompError
+from onnxcomp.executor import Serial
 from onnxcomp.judge import Judge
 from onnxcomp.passbase import PassConfig, RunContext
 from onnxcomp.pipeline import PipelineResult, Step, run_pipeline
@@ -175,112 +176,55 @@ def _finite(x: float) -> float | None:
     return round(x, 5) if math.isfinite(x) else None
 
 
-def _configs(registry: dict[str, Any], config: AutoConfig) -> Callable[..., PassConfig]:
-    common = {"provider": config.provider, "threads": config.threads,
-              "latency_cache": config.latency_cache}
-
-    def make(name: str, **options: Any) -> PassConfig:
-        return registry[name].config_cls.from_options({**common, **options})
-    return make
-
-
 def run_auto(model: onnx.ModelProto, calib: Calibration, config: AutoConfig,
              registry: dict[str, Any] | None = None, context: RunContext | None = None,
              on_step: Callable[[str], None] | None = None) -> AutoResult:
-    """Compile the plans (see the module docstring) and return the winner."""
+    """Compile the plans (see the module docstring) and return the winner.
+
+    The plans compile through ``context.executor``: the single plans (and the clean-up) at
+    once, then the combined ones, which start from what int8 measured.
+    """
     if registry is None:
         from onnxcomp.passes import REGISTRY
 
         registry = dict(REGISTRY)
-    ctx = context or RunContext()
-    fit, check, fit_judge, check_judge = split_check(calib, ctx.judge)
-    full, outer = calib, ctx
-    ctx = dataclasses.replace(ctx, judge=fit_judge)  # the same timer, the fit samples' labels
+    outer = context or RunContext()
+    outer = dataclasses.replace(outer, timer=outer.timer.with_cache_file(
+        config.latency_cache, config.provider, config.threads))
+    fit, check, fit_judge, check_judge = split_check(calib, outer.judge)
+    # the plans' context: the same timer, the fit samples' labels, compiled here or in a worker
+    ctx = dataclasses.replace(outer, judge=fit_judge, executor=Serial())
     reference = fidelity.Reference.of(model, check if check is not None else fit, check_judge)
-    calib = fit
-    make = _configs(registry, config)
-    cleanup = [Step(n, make(n)) for n in CLEANUP]
-    decisions = verify.calibrated_decisions(model, calib)
-    scores = verify.calibrated_scores(model, calib)
+    decisions = verify.calibrated_decisions(model, fit)
+    scores = verify.calibrated_scores(model, fit)
     judged = bool(decisions or scores)
     # boxes / landmarks beside the decisions: their error is part of the loss, so bound it
     beside = bool(judged and kinds.regression_outputs(len(model.graph.output), decisions,
                                                       scores))
-    budget, target = config.max_drop, config.target_speedup
-
-    def structural(share: float, aim: float | None,
-                   methods: tuple[str, ...] | None = None) -> PassConfig:
-        # Outputs that decide something are bound by what they decide (and by the error of
-        # the outputs beside them, if any); the others by their relative error. Without a
-        # target the allocation's own default error bound is off: the budget is the bound.
-        if judged:
-            bound = {"min_agreement": max(0.0, 1.0 - share),
-                     "max_error": max(share, 1e-6) if beside else
-                     (None if aim is not None else OFF)}
-        else:
-            bound = {"min_agreement": 0.0, "max_error": max(share, 1e-6)}
-        extra = {"methods": methods} if methods else {}
-        return make("factorize", rank="auto", target_speedup=aim, **bound, **extra)
-
-    def compile_plan(name: str, steps: list[Step]) -> Plan:
-        plan = Plan(name, steps)
-        if on_step is not None:
-            on_step(f"auto: plan {name}")
-        try:
-            plan.result = run_pipeline(model, steps, calib, registry, context=ctx)
-        except OnnxcompError as exc:  # one plan failing leaves the others
-            plan.error = str(exc)
-            log.warning("auto: plan %s failed: %s", name, exc)
-            return plan
-        plan.fit_drop = fidelity.bound(plan.result.fidelity)[0]
-        judge_plan(plan, plan.result.model)
-        return plan
-
-    fit_refs: list[fidelity.Reference] = []
-
-    def fit_reference() -> fidelity.Reference:
-        """The original's outputs on the compile samples, run once for every combined plan."""
-        if not fit_refs:
-            fit_refs.append(fidelity.Reference.of(model, calib, ctx.judge))
-        return fit_refs[0]
-
-    def judge_plan(plan: Plan, out: onnx.ModelProto) -> None:
-        """The plan's loss on the held-back samples (the fit samples when too few)."""
-        fid = reference.compare(out)
-        plan.drop, plan.metric = fidelity.bound(fid)
-        plan.rel_l2 = fid.rel_l2
-
-    plans: list[Plan] = []
-    int8: Plan | None = None
-    for name in config.plans:
-        if name == "int8":
-            int8 = compile_plan(name, [*cleanup, Step("quantize", make(
-                "quantize", mode="static", max_drop=budget))])
-            plans.append(int8)
-            if int8.result is not None:
-                _measure(model, [int8], calib, config, ctx)
-        elif name == "factorize":
-            plans.append(compile_plan(name, [*cleanup, Step("factorize",
-                                                            structural(budget, target))]))
-        elif name == "factorize+int8":
-            # the methods whose chains stay dense convs: int8 speeds those up, not depthwise
-            plans.append(_combined(name, lambda share, aim: Step("factorize", structural(
-                share, aim, INT8_FRIENDLY)), model, calib, config, ctx, int8, budget, target,
-                cleanup, make, compile_plan, judge_plan, fit_reference, registry))
-        elif target is not None and name == "prune":  # toward a target only (no bound)
-            plans.append(compile_plan(name, [*cleanup, Step("prune_channels", make(
-                "prune_channels", target_speedup=target))]))
-        elif target is not None:  # prune+int8: what int8 leaves of the target, by pruning
-            plans.append(_combined(name, lambda share, aim: Step("prune_channels", make(
-                "prune_channels", target_speedup=aim, **({} if aim else {"ratio": 0.2}))),
-                model, calib, config, ctx, int8, budget, target, cleanup, make, compile_plan,
-                judge_plan, fit_reference, registry))
+    auto = _Auto(model, fit, config, registry, ctx, reference, judged, beside)
+    executor = outer.executor
+    single = [n for n in config.plans if n in ("int8", "factorize")
+              or (n == "prune" and config.target_speedup is not None)]
+    if on_step is not None:
+        on_step(f"auto: plans {', '.join(single)} ({_where(executor)})")
+    first = dict(zip([*single, "cleanup"], executor.map(
+        _plan_task, [(auto, n, None) for n in [*single, "cleanup"]]), strict=True))
+    int8 = first.get("int8")
+    if int8 is not None and int8.result is not None:
+        auto.measure([int8])
+    combined = [n for n in config.plans if n == "factorize+int8"
+                or (n == "prune+int8" and config.target_speedup is not None)]
+    if combined and on_step is not None:
+        on_step(f"auto: plans {', '.join(combined)} ({_where(executor)})")
+    second = dict(zip(combined, executor.map(
+        _plan_task, [(auto, n, int8) for n in combined]), strict=True))
+    plans = [first.get(n) or second[n] for n in config.plans if n in first or n in second]
     # Clean-up alone: the floor every plan must beat.
-    floor = compile_plan("cleanup", cleanup)
+    floor = first["cleanup"]
     assert floor.result is not None
     done = [p for p in plans if p.result is not None]
-    _measure(model, [floor, *done], calib, config, ctx)
-    chosen = _choose(floor, plans, budget, target)
+    auto.measure([floor, *done])
+    chosen = _choose(floor, plans, config.max_drop, config.target_speedup)
     chosen.checked_on = reference.calib.num_samples
     chosen.fit_samples = fit.num_samples
     if check is not None:
@@ -291,68 +235,172 @@ def run_auto(model: onnx.ModelProto, calib: Calibration, config: AutoConfig,
         # own searches see other samples now and may land elsewhere).
         if on_step is not None:
             on_step(f"auto: {chosen.chosen} on every calibration sample")
-        again = run_pipeline(model, chosen.steps, full, registry, context=outer)
-        if fidelity.bound(again.fidelity)[0] <= budget:
+        again = run_pipeline(model, chosen.steps, calib, registry,
+                             context=dataclasses.replace(outer, executor=Serial()))
+        if fidelity.bound(again.fidelity)[0] <= config.max_drop:
             chosen.result = again
-            chosen.fit_samples = full.num_samples
+            chosen.fit_samples = calib.num_samples
         else:
             chosen.why += ("; compiled again on every sample it lost more than the budget, so "
                            "the model compiled on the 3 in 4 is kept")
+    outer.timer.save()
     return chosen
 
 
-def _combined(name: str, first_step: Callable[[float, float | None], Step],
-              model: onnx.ModelProto, calib: Calibration, config: AutoConfig,
-              ctx: RunContext, int8: Plan | None, budget: float, target: float | None,
-              cleanup: list[Step], make: Callable[..., PassConfig],
-              compile_plan: Callable[[str, list[Step]], Plan],
-              judge_plan: Callable[[Plan, onnx.ModelProto], None],
-              fit_reference: Callable[[], fidelity.Reference],
-              registry: dict[str, Any]) -> Plan:
-    """A structural step, then int8 within what it left of the budget.
+def _where(executor: Any) -> str:
+    return "here" if executor.jobs == 1 else f"{executor.jobs} {executor.kind} workers"
 
-    The structural step (``first_step(share, aim)``) aims at the target divided by what int8
-    measured and may spend the budget int8 alone did not need (at least half of it). Int8
-    then gets what the first step left, measured against the original. When the result
-    misses the target, one more first step aims higher by the shortfall.
-    """
-    s8 = int8.speedup if int8 is not None and int8.within(budget) else 1.0
-    int8_cost = int8.drop if int8 is not None and int8.within(budget) else budget / 2
-    share = max(budget / 2, budget - 1.5 * int8_cost)
-    aim = None if target is None else max(target / max(s8, 1.0), MIN_AIM)
 
-    def attempt(aim_now: float | None) -> Plan:
-        first = compile_plan(name, [*cleanup, first_step(share, aim_now)])
-        if first.result is None or not first.within(budget):
-            return first
-        step = Step("quantize", make("quantize", mode="static",
-                                     max_drop=max(budget - first.drop, 0.0)))
+def _plan_task(task: tuple[_Auto, str, Plan | None]) -> Plan:
+    """Compile one plan (module level: it runs in a worker under --jobs)."""
+    auto, name, int8 = task
+    plan = auto.plan(name, int8)
+    auto.ctx.timer.save()  # a worker's new measurements reach the cache file
+    return plan
+
+
+@dataclasses.dataclass
+class _Auto:
+    """One --auto run's shared state; picklable, so a worker can compile any plan."""
+
+    model: onnx.ModelProto
+    calib: Calibration  # the compile samples
+    config: AutoConfig
+    registry: dict[str, Any]
+    ctx: RunContext
+    reference: fidelity.Reference  # the original on the held-back samples
+    judged: bool  # outputs decide something (decisions, scores)
+    beside: bool  # regression outputs beside them
+    _fit_reference: fidelity.Reference | None = None
+
+    def make(self, name: str, **options: Any) -> PassConfig:
+        """``name``'s config for this run's provider, threads and latency cache."""
+        common = {"provider": self.config.provider, "threads": self.config.threads,
+                  "latency_cache": self.config.latency_cache}
+        return self.registry[name].config_cls.from_options({**common, **options})
+
+    @property
+    def cleanup(self) -> list[Step]:
+        """The lossless clean-up every plan starts with."""
+        return [Step(n, self.make(n)) for n in CLEANUP]
+
+    def plan(self, name: str, int8: Plan | None) -> Plan:
+        """Compile the plan ``name`` (combined plans start from ``int8``'s figures)."""
+        budget, target = self.config.max_drop, self.config.target_speedup
+        if name == "cleanup":
+            return self.compile(name, self.cleanup)
+        if name == "int8":
+            return self.compile(name, [*self.cleanup, Step("quantize", self.make(
+                "quantize", mode="static", max_drop=budget))])
+        if name == "factorize":
+            return self.compile(name, [*self.cleanup, Step("factorize",
+                                                           self.structural(budget, target))])
+        if name == "prune":  # toward a target only (no bound)
+            return self.compile(name, [*self.cleanup, Step("prune_channels", self.make(
+                "prune_channels", target_speedup=target))])
+        return self.combined(name, int8)
+
+    def structural(self, share: float, aim: float | None,
+                   methods: tuple[str, ...] | None = None) -> PassConfig:
+        """The factorize config for a loss ``share`` and a speed ``aim``."""
+        # Outputs that decide something are bound by what they decide (and by the error of
+        # the outputs beside them, if any); the others by their relative error. Without a
+        # target the allocation's own default error bound is off: the budget is the bound.
+        if self.judged:
+            bound = {"min_agreement": max(0.0, 1.0 - share),
+                     "max_error": max(share, 1e-6) if self.beside else
+                     (None if aim is not None else OFF)}
+        else:
+            bound = {"min_agreement": 0.0, "max_error": max(share, 1e-6)}
+        extra = {"methods": methods} if methods else {}
+        return self.make("factorize", rank="auto", target_speedup=aim, **bound, **extra)
+
+    def first_step(self, name: str, share: float, aim: float | None) -> Step:
+        """The structural step of a combined plan."""
+        if name == "factorize+int8":
+            # the methods whose chains stay dense convs: int8 speeds those up, not depthwise
+            return Step("factorize", self.structural(share, aim, INT8_FRIENDLY))
+        # prune+int8: what int8 leaves of the target, by pruning
+        return Step("prune_channels", self.make("prune_channels", target_speedup=aim,
+                                                **({} if aim else {"ratio": 0.2})))
+
+    def compile(self, name: str, steps: list[Step]) -> Plan:
+        """Run the plan's pipeline and judge its output."""
+        plan = Plan(name, steps)
         try:
-            second = run_pipeline(first.result.model, [step], calib, registry, context=ctx)
-        except OnnxcompError as exc:
-            first.error = str(exc)
-            first.result = None
-            return first
-        # one result: both runs' steps, fidelity of the end against the original
-        whole = fit_reference().compare(second.model)
-        first.result = dataclasses.replace(
-            second, steps=(*first.result.steps, *second.steps), fidelity=whole)
-        first.steps = [*first.steps, step]
-        first.fit_drop = fidelity.bound(whole)[0]
-        judge_plan(first, second.model)
-        return first
+            plan.result = run_pipeline(self.model, steps, self.calib, self.registry,
+                                       context=self.ctx)
+        except OnnxcompError as exc:  # one plan failing leaves the others
+            plan.error = str(exc)
+            log.warning("auto: plan %s failed: %s", name, exc)
+            return plan
+        plan.fit_drop = fidelity.bound(plan.result.fidelity)[0]
+        self.judge(plan, plan.result.model)
+        return plan
 
-    plan = attempt(aim)
-    if target is None or aim is None or plan.result is None or not plan.within(budget):
-        return plan
-    _measure(model, [plan], calib, config, ctx)
-    if plan.speedup >= target:
-        return plan
-    again = attempt(aim * target / max(plan.speedup, 1e-6))
-    if again.result is None:
-        return plan
-    _measure(model, [again], calib, config, ctx)
-    return again if again.within(budget) and again.speedup > plan.speedup else plan
+    def fit_reference(self) -> fidelity.Reference:
+        """The original's outputs on the compile samples, run once for every combined plan."""
+        if self._fit_reference is None:
+            self._fit_reference = fidelity.Reference.of(self.model, self.calib, self.ctx.judge)
+        return self._fit_reference
+
+    def judge(self, plan: Plan, out: onnx.ModelProto) -> None:
+        """The plan's loss on the held-back samples (the fit samples when too few)."""
+        fid = self.reference.compare(out)
+        plan.drop, plan.metric = fidelity.bound(fid)
+        plan.rel_l2 = fid.rel_l2
+
+    def measure(self, plans: Sequence[Plan]) -> None:
+        """Every plan's speedup over the original, interleaved in one measurement."""
+        _measure(self.model, plans, self.calib, self.config, self.ctx)
+
+    def combined(self, name: str, int8: Plan | None) -> Plan:
+        """A structural step, then int8 within what it left of the budget.
+
+        The structural step aims at the target divided by what int8 measured and may spend
+        the budget int8 alone did not need (at least half of it). Int8 then gets what the
+        first step left, measured against the original. When the result misses the target,
+        one more first step aims higher by the shortfall.
+        """
+        budget, target = self.config.max_drop, self.config.target_speedup
+        s8 = int8.speedup if int8 is not None and int8.within(budget) else 1.0
+        int8_cost = int8.drop if int8 is not None and int8.within(budget) else budget / 2
+        share = max(budget / 2, budget - 1.5 * int8_cost)
+        aim = None if target is None else max(target / max(s8, 1.0), MIN_AIM)
+
+        def attempt(aim_now: float | None) -> Plan:
+            first = self.compile(name, [*self.cleanup, self.first_step(name, share, aim_now)])
+            if first.result is None or not first.within(budget):
+                return first
+            step = Step("quantize", self.make("quantize", mode="static",
+                                              max_drop=max(budget - first.drop, 0.0)))
+            try:
+                second = run_pipeline(first.result.model, [step], self.calib, self.registry,
+                                      context=self.ctx)
+            except OnnxcompError as exc:
+                first.error = str(exc)
+                first.result = None
+                return first
+            # one result: both runs' steps, fidelity of the end against the original
+            whole = self.fit_reference().compare(second.model)
+            first.result = dataclasses.replace(
+                second, steps=(*first.result.steps, *second.steps), fidelity=whole)
+            first.steps = [*first.steps, step]
+            first.fit_drop = fidelity.bound(whole)[0]
+            self.judge(first, second.model)
+            return first
+
+        plan = attempt(aim)
+        if target is None or aim is None or plan.result is None or not plan.within(budget):
+            return plan
+        self.measure([plan])
+        if plan.speedup >= target:
+            return plan
+        again = attempt(aim * target / max(plan.speedup, 1e-6))
+        if again.result is None:
+            return plan
+        self.measure([again])
+        return again if again.within(budget) and again.speedup > plan.speedup else plan
 
 
 def _measure(model: onnx.ModelProto, plans: Sequence[Plan], calib: Calibration,

@@ -16,9 +16,10 @@ import click
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from onnxcomp import api, calibration, cost, passbase, pipeline, report, synthetic
 from onnxcomp import auto as auto_mod
 from onnxcomp import bench as bench_mod
-from onnxcomp import calibration, cost, passbase, pipeline, report, synthetic
+from onnxcomp import executor as executor_mod
 from onnxcomp import judge as judge_mod
 from onnxcomp import model as model_io
 from onnxcomp import recipe as recipe_mod
@@ -164,9 +165,17 @@ def _load_calibration(model: Any, kw: dict[str, Any]) -> calibration.Calibration
             "refits and fidelity figures are then meaningless", highlight=False)
         return synthetic.synthetic_calibration(
             model, num_samples=kw["num_calib"] or 8, batch_size=kw["calib_batch"])
+    return calibration.load_calibration(path, model, _image_options(kw),
+                                        batch_size=kw["calib_batch"], limit=kw["num_calib"])
+
+
+def _image_options(kw: dict[str, Any]) -> calibration.ImageOptions | None:
+    """The image preprocessing of the calibration options (None: not an image folder)."""
     image_given = (kw["size"] is not None or kw["mean"] is not None or kw["std"] is not None
                    or kw["scale"] != 1 / 255 or kw["layout"] != "nchw" or kw["bgr"])
-    options: calibration.ImageOptions | None = calibration.ImageOptions(
+    if not image_given and not (kw["calib_path"] and Path(kw["calib_path"]).is_dir()):
+        return None
+    return calibration.ImageOptions(
         size=_size(kw["size"]),
         mean=_floats(kw["mean"]) or (0.0, 0.0, 0.0),
         std=_floats(kw["std"]) or (1.0, 1.0, 1.0),
@@ -174,10 +183,6 @@ def _load_calibration(model: Any, kw: dict[str, Any]) -> calibration.Calibration
         layout=kw["layout"],
         bgr=kw["bgr"],
     )
-    if not image_given and not Path(path).is_dir():
-        options = None
-    return calibration.load_calibration(path, model, options, batch_size=kw["calib_batch"],
-                                      limit=kw["num_calib"])
 
 
 def _run(func: Callable[[], None]) -> None:
@@ -244,6 +249,9 @@ def main(verbose: int) -> None:
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--runs", type=click.IntRange(min=3), default=50, show_default=True,
               help="Benchmark rounds.")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="--auto: compile the candidate plans in this many local worker processes "
+                   "(they never time a model at once; see --latency-cache).")
 @click.option("--latency-cache", "latency_cache", type=click.Path(path_type=Path),
               help="--rank auto: read latency measurements from this JSON file and record new "
                    "ones in it, so that a second compile replays the first one's choices "
@@ -254,7 +262,8 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], recipe_path:
              auto_mode: bool, heldout_path: Path | None, score_threshold: float,
              metric_spec: str | None, labels_path: Path | None,
              save_recipe: Path | None, report_path: Path | None, bench: bool, provider: str,
-             threads: int, runs: int, latency_cache: Path | None, groups: str | None,
+             threads: int, runs: int, jobs: int, latency_cache: Path | None,
+             groups: str | None,
              depth_multiplier: str | None, **kw: Any) -> None:
     """Rewrite IN.onnx with the given passes, verify, benchmark and write -o OUT.onnx."""
     from onnxcomp.passes import REGISTRY
@@ -311,7 +320,7 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], recipe_path:
         judge = judge_mod.Judge(
             score_threshold, metric, metric_name,
             judge_mod.load_labels(labels_path) if labels_path is not None else None)
-        run_ctx = passbase.RunContext(judge=judge)
+        run_ctx = passbase.RunContext(judge=judge, executor=executor_mod.make("local", jobs))
         chosen = None
         with _progress() as progress:
             task = progress.add_task("optimizing", total=None)
@@ -367,6 +376,8 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], recipe_path:
             doc = {
                 "input": str(model_path),
                 "output": str(output),
+                "measured_on": executor_mod.where(),
+                "jobs": jobs,
                 "calibration": {"source": calib.source, "synthetic": calib.synthetic,
                                 "samples": calib.num_samples},
                 "cost_before": cost_before.to_dict(),
@@ -379,6 +390,101 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], recipe_path:
                 **({"heldout": held} if held is not None else {}),
             }
             _write_json(report_path, doc)
+
+    _run(body)
+
+
+@main.command("optimize-many")
+@click.argument("model_paths", metavar="IN.onnx...", nargs=-1, required=True,
+                type=click.Path(path_type=Path))
+@click.option("-o", "--out-dir", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder for the outputs: NAME.onnx and NAME.report.json per model.")
+@click.option("--pass", "passes", multiple=True, metavar="NAME",
+              help="Pass to run on every model, with its default options (repeatable).")
+@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path),
+              help="Run this recipe on every model.")
+@click.option("--auto", "auto_mode", is_flag=True,
+              help="Choose the passes for every model (see optimize --auto).")
+@click.option("--target-speedup", "target_speedup", type=float,
+              help="--auto: the speed target.")
+@click.option("--max-drop", "max_drop", type=float,
+              help=f"--auto: the fidelity budget [default: {auto_mod.DEFAULT_MAX_DROP}].")
+@click.option("--executor", "executor_kind", type=click.Choice(executor_mod.KINDS),
+              default="local", show_default=True,
+              help="local: --jobs worker processes here; ray: tasks of a Ray cluster "
+                   "(--ray-address, or a local Ray runtime; pip install 'onnxcomp[ray]').")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Models compiled at once (local workers, or the CPUs of a local Ray).")
+@click.option("--ray-address", "ray_address", help="--executor ray: the cluster to join.")
+@click.option("--bench/--no-bench", default=True, show_default=True,
+              help="Measure each model's latency, original vs optimized.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu",
+              show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--runs", type=click.IntRange(min=3), default=50, show_default=True,
+              help="Benchmark rounds.")
+@calib_options
+def optimize_many(model_paths: Sequence[Path], out_dir: Path, passes: Sequence[str],
+                  recipe_path: Path | None, auto_mode: bool, target_speedup: float | None,
+                  max_drop: float | None, executor_kind: str, jobs: int,
+                  ray_address: str | None, bench: bool, provider: str, threads: int,
+                  runs: int, **kw: Any) -> None:
+    """Compile several models in one command, each with the same passes, recipe or --auto.
+
+    Every model is one task of the executor; a model that fails is listed with its error and
+    the others still compile (exit 1 when any failed). Latencies are measured where a task
+    runs, which each report records (measured_on).
+    """
+    from onnxcomp.passes import REGISTRY
+
+    if sum([recipe_path is not None, bool(passes), auto_mode]) != 1:
+        _fail("give one of --pass, --recipe and --auto", code=2)
+    unknown = [p for p in passes if p not in REGISTRY]
+    if unknown:
+        _fail(f"unknown pass '{unknown[0]}' (available: {', '.join(REGISTRY)})", code=2)
+    stems = [p.stem for p in model_paths]
+    if len(set(stems)) != len(stems):
+        _fail("two models share a file name; their outputs would collide", code=2)
+
+    def body() -> None:
+        base = {"provider": provider, "threads": threads}
+        steps: tuple[pipeline.Step, ...] = ()
+        auto_config = None
+        if recipe_path is not None:
+            steps = tuple(recipe_mod.load(recipe_path).steps(REGISTRY, base))
+        elif passes:
+            steps = tuple(pipeline.Step(n, REGISTRY[n].config_cls.from_options(base))
+                          for n in passes)
+        else:
+            auto_config = auto_mod.AutoConfig(
+                target_speedup=target_speedup,
+                max_drop=auto_mod.DEFAULT_MAX_DROP if max_drop is None else max_drop,
+                provider=provider, threads=threads)
+        for path in model_paths:
+            if not path.is_file():
+                raise InputError(f"{path}: no such model file")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        jobs_ = [api.Job(model=p, output=out_dir / f"{p.stem}.onnx", steps=steps,
+                         auto=auto_config, calib=kw["calib_path"], image=_image_options(kw),
+                         calib_batch=kw["calib_batch"], num_calib=kw["num_calib"],
+                         bench=bench, provider=provider, threads=threads, runs=runs,
+                         report=out_dir / f"{p.stem}.report.json") for p in model_paths]
+        runner = executor_mod.make(executor_kind, jobs, ray_address)
+        with _progress() as progress:
+            progress.add_task(f"compiling {len(jobs_)} models ({runner.kind}, "
+                              f"{runner.jobs} at once)", total=None)
+            try:
+                summaries = api.many(jobs_, runner)
+            finally:
+                if hasattr(runner, "close"):
+                    runner.close()
+        console.print(report.many_table(summaries))
+        failed = [s for s in summaries if s["error"]]
+        for s in failed:
+            err_console.print(f"[bold red]error:[/] {s['model']}: {s['error']}",
+                              highlight=False)
+        if failed:
+            _fail(f"{len(failed)} of {len(summaries)} models failed (listed above)")
 
     _run(body)
 

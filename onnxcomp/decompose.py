@@ -33,7 +33,6 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
@@ -45,7 +44,6 @@ from onnxcomp.calibration import Calibration
 from onnxcomp.chain import build_chain
 from onnxcomp.graph import Graph, check_rewritten
 from onnxcomp.judge import Judge
-from onnxcomp.latency_cache import LatencyCache
 from onnxcomp.linear import (
     Layer,
     Plan,
@@ -328,9 +326,8 @@ def run_decomposition(
     if not kept:
         report.note(NOTHING_TO_DO, f"no layer to decompose with {method.name}")
         return PassResult(copy_model(model), report)
-    timer = (timer or Timer()).with_cache(
-        LatencyCache(Path(config.latency_cache), config.provider, config.threads)
-        if config.latency_cache else None)
+    timer = (timer or Timer()).with_cache_file(config.latency_cache, config.provider,
+                                               config.threads)
     data_basis = (getattr(method, "data_basis", False) and config.basis == "data"
                   and not calib.synthetic)
     moments, targets = collect_original(model, kept, calib, config.max_rows, config.seed,

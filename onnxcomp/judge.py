@@ -43,6 +43,22 @@ class Judge:
         if not 0.0 < self.score_threshold < 1.0:
             raise InputError(f"--score-threshold must be in (0, 1), got {self.score_threshold}")
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A metric loaded from a file is not importable by name in another process: a worker
+        # (--jobs, Ray) loads it again from its spec.
+        state = dict(self.__dict__)
+        if state.get("metric") is not None and state.get("metric_name"):
+            state["metric"] = None
+            state["_reload"] = True
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        reload = state.pop("_reload", False)
+        for key, value in state.items():
+            object.__setattr__(self, key, value)
+        if reload:
+            object.__setattr__(self, "metric", load_metric(self.metric_name)[0])
+
     def first(self, samples: int) -> Judge:
         """The same terms for the first ``samples`` calibration samples."""
         if self.labels is None:

@@ -7,14 +7,20 @@ looked up in the file first and recorded there otherwise: the second compile of 
 with the same options reads the first one's measurements and writes the same bytes. Entries
 are kept per machine (CPU model, core count, ONNX Runtime version, provider and threads); a
 file measured elsewhere is ignored, never trusted.
+
+Several compiles may share one file at once (``--jobs``, two pipelines): ``save`` takes an
+exclusive lock on ``FILE.lock``, reads the file again, adds this run's new entries to what is
+there and replaces the file atomically, so no entry is lost and a reader never sees half a file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import platform
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +75,7 @@ class LatencyCache:
         self.measured = 0
         self._doc = self._read()
         self._entries: dict[str, Any] = self._doc["machines"].setdefault(self.machine, {})
+        self._new: dict[str, Any] = {}  # put since the last save
 
     def _read(self) -> dict[str, Any]:
         if not self.path.exists():
@@ -96,16 +103,39 @@ class LatencyCache:
         """Record a measurement."""
         self.measured += 1
         self._entries[key] = value
+        self._new[key] = value
 
     def save(self) -> None:
-        """Write the file atomically (nothing to do when nothing was measured)."""
-        if not self.measured:
+        """Merge this run's new entries into the file, atomically and under its lock."""
+        if not self._new:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps(self._doc, indent=1, sort_keys=True))
-        tmp.replace(self.path)
+        with _locked(self.path.with_name(f"{self.path.name}.lock")):
+            doc = self._read()  # what other runs wrote since this one read the file
+            entries = doc["machines"].setdefault(self.machine, {})
+            entries.update(self._new)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(doc, indent=1, sort_keys=True))
+            tmp.replace(self.path)
+        self._doc, self._entries = doc, entries
+        self._new = {}
 
     def stats(self) -> dict[str, Any]:
         """Hits and new measurements, for the report."""
         return {"file": str(self.path), "hits": self.hits, "measured": self.measured}
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (POSIX ``flock``; elsewhere none)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

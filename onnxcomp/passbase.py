@@ -21,6 +21,7 @@ from onnxcomp.errors import (  # noqa: F401 - the pass contract names its errors
     PassError,
     PreconditionError,
 )
+from onnxcomp.executor import Executor, Serial
 from onnxcomp.judge import Judge
 from onnxcomp.timing import Timer
 
@@ -245,6 +246,8 @@ class RunContext:
     timer: Timer = dataclasses.field(default_factory=Timer)
     # How fidelity is judged beyond what the outputs' producers say (threshold, metric, labels).
     judge: Judge = dataclasses.field(default_factory=Judge)
+    # Where independent expensive work runs (onnxcomp/executor.py): here, or --jobs workers.
+    executor: Executor = dataclasses.field(default_factory=Serial)
 
 
 class Pass(Protocol[C]):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
@@ -145,6 +146,27 @@ def auto_table(chosen: AutoResult) -> Table:
                       f"{plan.speedup:.2f}x ({plan.p10:.2f}-{plan.p90:.2f})",
                       f"{plan.drop:.4g} ({plan.metric})",
                       "chosen" if plan.name == chosen.chosen else "")
+    return table
+
+
+def many_table(summaries: list[dict[str, Any]]) -> Table:
+    """One row per model of ``optimize-many``: passes, params, speedup, loss, time, where."""
+    table = Table(title="optimize-many", title_justify="left")
+    for header in ("model", "passes", "params", "speedup", "loss (metric)", "seconds",
+                   "measured on", ""):
+        table.add_column(header)
+    for s in summaries:
+        if s["error"]:
+            table.add_row(Path(s["model"]).name, "-", "-", "-", "-", f"{s['seconds']:.1f}",
+                          s["measured_on"], "failed")
+            continue
+        before, after = s["params"]
+        speed = "-" if s["speedup"] is None else f"{s['speedup']:.2f}x"
+        table.add_row(Path(s["model"]).name, " > ".join(s["passes"]),
+                      f"{human(before)} -> {human(after)}", speed,
+                      f"{s['loss']:.4g} ({s['loss_metric']})", f"{s['seconds']:.1f}",
+                      s["measured_on"],
+                      "synthetic inputs" if s["synthetic_calibration"] else "")
     return table
 
 

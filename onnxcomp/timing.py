@@ -10,16 +10,18 @@ of latency (:class:`Modelled`) instead of patching module functions.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import onnx
 
 from onnxcomp import bench
-from onnxcomp.latency_cache import LatencyCache
+from onnxcomp.latency_cache import LatencyCache, machine_key, structure_hash
 
 # A speedup whose p10-p90 spans more than this share of its median is measured again.
 WIDE_SPREAD = 0.12
@@ -70,6 +72,7 @@ class Timer:
         self.wide_spread = wide_spread
         self.max_repeats = max_repeats
         self.spent = Spent()
+        self._remembering = 0
 
     def with_cache(self, cache: LatencyCache | None) -> Timer:
         """The same timer (benchmark, memo, counts) reading and writing ``cache``."""
@@ -78,6 +81,19 @@ class Timer:
         other = Timer(self.benchmark, cache, self.memo, self.wide_spread, self.max_repeats)
         other.spent = self.spent
         return other
+
+    def with_cache_file(self, path: str | None, provider: str, threads: int) -> Timer:
+        """The same timer reading and writing the latency cache at ``path`` (None: as is).
+
+        A timer already attached to that file (a run's shared timer) keeps its cache object,
+        so one run records each measurement once.
+        """
+        if not path:
+            return self
+        if self.cache is not None and self.cache.path == Path(path) and (
+                self.cache.machine == machine_key(provider, threads)):
+            return self
+        return self.with_cache(LatencyCache(Path(path), provider, threads))
 
     def compare(self, models: Sequence[onnx.ModelProto], config: bench.BenchConfig,
                 inputs: Mapping[str, np.ndarray] | None = None,
@@ -90,15 +106,25 @@ class Timer:
         measurement whose p10-p90 contains it is repeated (more rounds would not change a
         decision that is clear either way).
         """
+        key = None
+        # Whole models: replayed from the file, never the memo; a comparison made for
+        # remember() is recorded under remember's key alone.
+        if self.cache is not None and not self._remembering:
+            key = _compare_key(models, config, inputs)
+            if (hit := self.cache.get(key)) is not None:
+                return _replayed(hit, config)
         start = time.perf_counter()
-        result = self.benchmark(models, config, inputs)
-        self.spent.measurements += 1
-        for _ in range(self.max_repeats):
-            if not self._wide(result, around):
-                break
-            result = pool(result, self.benchmark(models, config, inputs))
-            self.spent.repeats += 1
+        with measuring():
+            result = self.benchmark(models, config, inputs)
+            self.spent.measurements += 1
+            for _ in range(self.max_repeats):
+                if not self._wide(result, around):
+                    break
+                result = pool(result, self.benchmark(models, config, inputs))
+                self.spent.repeats += 1
         self.spent.seconds += time.perf_counter() - start
+        if self.cache is not None and key is not None:
+            self.cache.put(key, _recorded(result))
         return result
 
     def _wide(self, result: bench.BenchResult, around: float | None = None) -> bool:
@@ -110,7 +136,8 @@ class Timer:
                    inputs: Mapping[str, np.ndarray] | None = None) -> float:
         """Median latency of one model (ms)."""
         start = time.perf_counter()
-        result = self.benchmark([model], config, inputs)
+        with measuring():
+            result = self.benchmark([model], config, inputs)
         self.spent.measurements += 1
         self.spent.seconds += time.perf_counter() - start
         return result.models[0].median_ms
@@ -132,7 +159,12 @@ class Timer:
                 self.memo[key] = list(value)
             return value
         else:
-            value = [float(v) for v in measure()]
+            self._remembering += 1
+            try:
+                with measuring():
+                    value = [float(v) for v in measure()]
+            finally:
+                self._remembering -= 1
         if in_process:
             self.memo[key] = list(value)
         if self.cache is not None:
@@ -145,6 +177,57 @@ class Timer:
             return None
         self.cache.save()
         return self.cache.stats()
+
+
+@contextlib.contextmanager
+def measuring() -> Iterator[None]:
+    """Hold the measurement lock (when workers share one: no two processes time at once)."""
+    lock = _MEASURE_LOCK[0]
+    if lock is None:
+        yield
+        return
+    with lock:
+        yield
+
+
+def share_measurements(lock: Any) -> None:
+    """Make ``lock`` (a multiprocessing lock) the one every measurement of this process holds.
+
+    A process pool's workers and their parent share one, so a latency is never measured while
+    another process of the same run measures one (they still compute beside it).
+    """
+    _MEASURE_LOCK[0] = lock
+
+
+def shared_lock() -> Any:
+    """The lock :func:`share_measurements` installed (None: this process times alone)."""
+    return _MEASURE_LOCK[0]
+
+
+_MEASURE_LOCK: list[Any] = [None]
+
+
+def _compare_key(models: Sequence[onnx.ModelProto], config: bench.BenchConfig,
+                 inputs: Mapping[str, np.ndarray] | None) -> str:
+    shapes = sorted((k, tuple(v.shape)) for k, v in (inputs or {}).items())
+    return (f"compare {[structure_hash(m) for m in models]} {config.provider} x{config.threads} "
+            f"batch {config.batch} runs {config.runs} {shapes}")
+
+
+def _recorded(result: bench.BenchResult) -> list[float]:
+    """What the file keeps of a comparison: each model's median, each speedup's quantiles."""
+    return [*(m.median_ms for m in result.models),
+            *(v for s in result.speedups for v in (s.median, s.p10, s.p90))]
+
+
+def _replayed(values: Any, config: bench.BenchConfig) -> bench.BenchResult:
+    values = [float(v) for v in values]
+    n = (len(values) + 3) // 4  # n medians, then 3 quantiles for each of n - 1 speedups
+    models = tuple(bench.ModelTiming(f"model{i}", np.array([values[i]]), values[i], values[i],
+                                     values[i]) for i in range(n))
+    speedups = tuple(bench.Speedup(f"model{i}", i, np.array([values[n + 3 * (i - 1)]]),
+                                   *values[n + 3 * (i - 1): n + 3 * i]) for i in range(1, n))
+    return bench.BenchResult(config, models, speedups, 0)
 
 
 def pool(a: bench.BenchResult, b: bench.BenchResult) -> bench.BenchResult:

@@ -132,3 +132,45 @@ def test_plans_are_judged_on_samples_held_back_from_compiling():
                       context=_modelled_context())
     assert chosen.checked_on == 8
     assert chosen.fit_samples == 32  # the winner compiled again on every sample
+
+
+def _latency_macs(m):
+    """Modelled latency (module level: a --jobs worker unpickles it): MACs, int8 halved."""
+    quantized = any(n.op_type == "QuantizeLinear" for n in m.graph.node)
+    return cost.model_cost(m).macs * 1e-6 * (0.5 if quantized else 1.0)
+
+
+def _never_time(*args, **kwargs):
+    raise AssertionError("timed although the latency cache has the measurement")
+
+
+def test_jobs_2_compiles_the_plans_in_workers_and_chooses_the_same(tmp_path):
+    from onnxcomp.executor import Processes
+
+    model = _classifier()
+    calib = calibration(model, n=8, batch=4)
+    config = AutoConfig(target_speedup=1.5, max_drop=0.1)
+    one = run_auto(model, calib, config, context=RunContext(timer=Timer(Modelled(_latency_macs))))
+    two = run_auto(model, calib, config, context=RunContext(
+        timer=Timer(Modelled(_latency_macs)), executor=Processes(2)))
+    assert (one.chosen, one.code) == (two.chosen, two.code)
+    assert [(p.name, p.drop, p.speedup) for p in one.plans] == [
+        (p.name, p.drop, p.speedup) for p in two.plans]
+    assert one.result.model.SerializeToString() == two.result.model.SerializeToString()
+
+
+def test_a_latency_cache_makes_jobs_2_replay_the_serial_choice(tmp_path):
+    """Real timing, serial, recorded; then 2 workers that may not time: the same choice."""
+    from onnxcomp.executor import Processes
+
+    model = _classifier()
+    calib = calibration(model, n=8, batch=4)
+    config = AutoConfig(target_speedup=1.3, max_drop=0.1,
+                        latency_cache=str(tmp_path / "lat.json"))
+    serial = run_auto(model, calib, config, context=RunContext(timer=Timer()))
+    replay = run_auto(model, calib, config, context=RunContext(
+        timer=Timer(_never_time), executor=Processes(2)))
+    assert (serial.chosen, serial.code) == (replay.chosen, replay.code)
+    assert [(p.name, p.speedup) for p in serial.plans] == [
+        (p.name, p.speedup) for p in replay.plans]
+    assert serial.result.model.SerializeToString() == replay.result.model.SerializeToString()

@@ -23,7 +23,7 @@ LAYERS: dict[str, int] = {
                      "fidelity", "ops", "importance", "outputs", "graphpass"], 1),
     **dict.fromkeys(["graph", "model", "runtime", "calibration", "capture", "synthetic",
                      "cost", "bench", "latency_cache", "errors", "passbase", "timing", "judge",
-                     "serial"], 0),
+                     "serial", "executor"], 0),
 }
 
 

@@ -97,7 +97,8 @@ def test_every_pass_flag_is_known_to_the_recipe_check():
     run_level = {"model_path", "output", "passes", "recipe_path", "save_recipe", "report_path",
                  "bench", "provider", "threads", "runs", "latency_cache", "calib_path",
                  "num_calib", "calib_batch", "size", "mean", "std", "scale", "layout", "bgr",
-                 "auto_mode", "heldout_path", "score_threshold", "metric_spec", "labels_path"}
+                 "auto_mode", "heldout_path", "score_threshold", "metric_spec", "labels_path",
+                 "jobs"}
     names = {p.name for p in optimize.params}
     assert names - run_level == PASS_FLAGS
 
