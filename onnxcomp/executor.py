@@ -33,6 +33,9 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 KINDS = ("local", "ray")
+# What a spawned worker reads for its thread count: onnxcomp's compile sessions and BLAS.
+THREAD_ENV = ("ONNXCOMP_COMPUTE_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+              "MKL_NUM_THREADS")
 
 
 class Executor(Protocol):
@@ -75,13 +78,25 @@ class Processes:
         lock = context.RLock()
         previous = timing.shared_lock()
         timing.share_measurements(lock)  # the parent times under the workers' lock too
+        workers = min(self.jobs, len(tasks))
+        # Each worker gets its share of the cores for compile work (ORT sessions, BLAS):
+        # the engine already uses every core in one process, and workers that each did
+        # would oversubscribe them (BLAS threads spin while they wait).
+        share = str(max(1, (os.cpu_count() or 1) // workers))
+        saved = {k: os.environ.get(k) for k in THREAD_ENV}
+        os.environ.update(dict.fromkeys(THREAD_ENV, share))
         try:
             with concurrent.futures.ProcessPoolExecutor(
-                    max_workers=min(self.jobs, len(tasks)), mp_context=context,
+                    max_workers=workers, mp_context=context,
                     initializer=timing.share_measurements, initargs=(lock,)) as pool:
                 return list(pool.map(fn, tasks))
         finally:
             timing.share_measurements(previous)
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 class RayExecutor:

@@ -15,13 +15,12 @@ instead: that is verification of equivalence, not a fidelity measure.)
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import numpy as np
 import onnx
 
-from onnxcomp import capture, verify
+from onnxcomp import capture, runtime, verify
 from onnxcomp import outputs as kinds
 from onnxcomp.calibration import Calibration
 from onnxcomp.errors import InputError
@@ -30,7 +29,7 @@ from onnxcomp.judge import Judge
 
 def run(model: onnx.ModelProto, calib: Calibration) -> list[np.ndarray]:
     """``model``'s outputs on every calibration batch, as deployed (concatenated)."""
-    return capture.run_model(model, calib, threads=os.cpu_count() or 1, optimize=True)
+    return capture.run_model(model, calib, threads=runtime.compute_threads(), optimize=True)
 
 
 def bound(fid: verify.Fidelity) -> tuple[float, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -18,6 +19,17 @@ PROVIDERS = {
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
+
+
+# Threads for compile-time work (captures, probes, fidelity runs): every core unless a
+# process of a worker pool was given its share (onnxcomp/executor.py).
+COMPUTE_THREADS_ENV = "ONNXCOMP_COMPUTE_THREADS"
+
+
+def compute_threads() -> int:
+    """Threads a session doing compile-time work (not a latency measurement) may use."""
+    share = os.environ.get(COMPUTE_THREADS_ENV, "")
+    return int(share) if share.isdigit() and int(share) > 0 else (os.cpu_count() or 1)
 
 
 def cpu_flags() -> set[str]:

@@ -6,7 +6,6 @@ Used by ``--rank auto`` to weight each layer's isolated error (:func:`layer_gain
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -76,8 +75,8 @@ def layer_gains(probes: Probes, usable: list[LayerChoice]) -> dict[int, float]:
         return {}
     blended = graph.export(check=False)
     # Compile-time work, not a latency measurement: every core, graph optimizations on.
-    session = runtime.make_session(blended, config.provider, max(config.threads, os.cpu_count()
-                                                                 or 1), optimize=True)
+    session = runtime.make_session(blended, config.provider,
+                                   max(config.threads, runtime.compute_threads()), optimize=True)
     names = runtime.output_names(session)
     sizes = probes.calib.batch_sizes()
     pairs = list(zip(probes.calib.batches, sizes, strict=True))

@@ -27,7 +27,6 @@ and outputs for one batch.
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -132,7 +131,7 @@ class LayerStream:
     def __init__(self, calib: Calibration, budget_bytes: int = DEFAULT_BUDGET_BYTES,
                  threads: int | None = None, provider: str = "cpu") -> None:
         self.calib = calib
-        self.threads = threads or os.cpu_count() or 1
+        self.threads = threads or runtime.compute_threads()
         self.provider = provider
         self._store = _Store(budget_bytes)
         self._ran: set[str] = set()  # outputs of nodes that have run

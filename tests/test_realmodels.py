@@ -104,3 +104,41 @@ def test_decision_outputs_of_real_models(name, decisions):
     case = _cases()[name]
     _require(case.path)
     assert verify.decision_outputs(load(case.path)) == decisions
+
+
+def test_the_pnet_face_map_binds_the_rank_search():
+    """Real MTCNN PNet: its 2-class softmax face map is a score output, and --min-agreement
+    binds on the F1 of its above-threshold cells: the search stops above the floor."""
+    from common import calibration
+
+    from onnxcomp import fidelity
+    from onnxcomp.decompose import LowRankConfig
+    from onnxcomp.passbase import RunContext
+    from onnxcomp.passes import REGISTRY
+    from onnxcomp.timing import Modelled, Timer
+
+    case = _cases()["mtcnn_pnet"]
+    _require(case.path)
+    model = load(case.path)
+    calib = calibration(case.inputs("calib"), 32)
+    shapes = {k: (1, *v.shape[1:]) for k, v in calib.batches[0].items()}
+
+    def macs(m):  # latency modelled as MACs: deterministic, and rank cuts pay
+        names = {i.name for i in m.graph.input}
+        return cost.model_cost(m, {k: v for k, v in shapes.items() if k in names}).macs * 1e-6
+
+    def compile_(floor):
+        config = LowRankConfig(target_speedup=2.5, min_macs=0, min_agreement=floor)
+        return REGISTRY["cp"](model, config, calib,
+                              context=RunContext(timer=Timer(Modelled(macs))))
+
+    reference = fidelity.Reference.of(model, calib)
+    assert [s.index for s in reference.scores] == [1]  # the face map; boxes are regression
+    free = compile_(0.0)
+    assert free.report.applied
+    loose = reference.compare(free.model).score_agreement
+    assert loose < 0.97  # reaching 2.5x by ranks alone loses confident face cells
+    floor = (loose + 1) / 2
+    bound = compile_(floor)
+    assert "min_agreement_bound_active" in bound.report.codes
+    assert reference.compare(bound.model).score_agreement >= floor
