@@ -1,4 +1,12 @@
-"""Compile model files from Python: one model (:func:`optimize_file`) or many (:func:`many`).
+"""onnxcomp from Python: optimize a model, or compile model files one or many at once.
+
+:func:`optimize` does what ``onnxcomp optimize`` does; :func:`optimize_file` compiles one
+model file and :func:`many` several, over an executor.
+
+    import onnxcomp
+    model, report = onnxcomp.optimize("models/fashion_mnist_vgg.onnx",
+                                      passes=["fold_bn", "svd"],
+                                      calib="models/fashion_mnist_calib.npz")
 
 ``optimize-many`` is :func:`many` over an executor (onnxcomp/executor.py): each model's whole
 compile (load, calibrate, passes or ``--auto``, verify, save, benchmark) is one task, so a
@@ -16,12 +24,114 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import onnx
+
 from onnxcomp import auto as auto_mod
 from onnxcomp import bench as bench_mod
 from onnxcomp import calibration, cost, executor, fidelity, pipeline, synthetic
 from onnxcomp import model as model_io
 from onnxcomp.errors import ConfigError, OnnxcompError
 from onnxcomp.passbase import RunContext
+
+# optimize()'s own keywords that are also pass options: handed to every pass that has them.
+RUN_OPTIONS = ("target_speedup", "max_drop", "provider", "threads", "latency_cache")
+
+
+def optimize(model: str | Path | onnx.ModelProto, passes: Sequence[str | tuple[str, dict[
+             str, Any]]] = (), *, recipe: str | Path | None = None, auto: bool = False,
+             calib: Any = None, target_speedup: float | None = None,
+             max_drop: float | None = None, provider: str = "cpu", threads: int = 1,
+             latency_cache: str | Path | None = None, jobs: int = 1, output: str | Path | None
+             = None, **options: Any) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Rewrite ``model`` and return ``(optimized model, report)``; the input is not changed.
+
+    Args:
+        model: an ONNX file path or a ``ModelProto``.
+        passes: pass names (run in order), or ``(name, {option: value})`` pairs; ``options``
+            (``rank="auto"``, ``exclude=(...)``, ...) go to every pass that has them, and an
+            option no chosen pass has is an error.
+        recipe: a recipe file instead of ``passes``.
+        auto: choose the passes (``--auto``) for ``target_speedup`` within ``max_drop``.
+        target_speedup: ``--target-speedup`` (for ``auto`` and every pass that has it).
+        max_drop: ``--max-drop`` (the same).
+        provider: where latencies are measured (``cpu``, ``cuda``, ``tensorrt``).
+        threads: intra-op threads latencies are measured with.
+        latency_cache: ``--latency-cache`` file.
+        calib: an .npz / .npy / image folder path, a :class:`Calibration`, a dict of arrays
+            (input name -> samples), or None for synthetic inputs (the report says so).
+        jobs: ``--auto``'s plans compiled in this many worker processes.
+        output: also write the model there (atomically).
+        **options: pass options by their config field names.
+
+    The report is the JSON ``onnxcomp optimize --report`` writes (steps, fidelity, timing,
+    ``auto``), without the benchmark: time with :func:`onnxcomp.bench.benchmark`.
+
+    """
+    from onnxcomp import passbase
+    from onnxcomp import recipe as recipe_mod
+    from onnxcomp.passes import REGISTRY
+
+    if sum([recipe is not None, bool(passes), auto]) != 1:
+        raise ConfigError("give one of passes=, recipe= and auto=True")
+    original = model if isinstance(model, onnx.ModelProto) else model_io.load(model)
+    data = _calibration(original, calib)
+    cache = str(latency_cache) if latency_cache else None
+    run = {"target_speedup": target_speedup, "max_drop": max_drop, "provider": provider,
+           "threads": threads, "latency_cache": cache}
+    context = RunContext(executor=executor.make("local", jobs))
+    chosen = None
+    if auto:
+        if options:
+            raise ConfigError(f"unknown option '{next(iter(options))}' for auto=True")
+        chosen = auto_mod.run_auto(original, data, auto_mod.AutoConfig(
+            target_speedup=target_speedup,
+            max_drop=auto_mod.DEFAULT_MAX_DROP if max_drop is None else max_drop,
+            provider=provider, threads=threads, latency_cache=cache),
+            context=context)
+        result = chosen.result
+    else:
+        if recipe is not None:
+            steps = recipe_mod.load(Path(recipe)).steps(
+                REGISTRY, {k: v for k, v in run.items() if v is not None})
+        else:
+            steps = []
+            for item in passes:
+                name, own = (item, {}) if isinstance(item, str) else item
+                if name not in REGISTRY:
+                    raise ConfigError(passbase.unknown_option(name, REGISTRY, "passes")
+                                      .replace("option", "pass", 1))
+                cls = REGISTRY[name].config_cls
+                fields = {f.name for f in dataclasses.fields(cls)}
+                shared = {k: v for k, v in {**run, **options}.items() if k in fields}
+                steps.append(pipeline.Step(name, cls.from_options({**shared, **own},
+                                                                  strict=True)))
+            known = {f.name for s in steps for f in dataclasses.fields(type(s.config))}
+            stray = sorted(set(options) - known)
+            if stray:
+                raise ConfigError(passbase.unknown_option(
+                    stray[0], known, "the chosen passes"))
+        result = pipeline.run_pipeline(original, steps, data, context=context)
+    if output is not None:
+        model_io.save(result.model, output)
+    report = {**result.to_dict(), **({"auto": chosen.to_dict()} if chosen else {}),
+              "calibration": {"source": data.source, "synthetic": data.synthetic,
+                              "samples": data.num_samples}}
+    return result.model, report
+
+
+def _calibration(model: onnx.ModelProto, calib: Any) -> calibration.Calibration:
+    if calib is None:
+        return synthetic.synthetic_calibration(model, num_samples=8)
+    if isinstance(calib, calibration.Calibration):
+        return calib
+    if isinstance(calib, dict):
+        n = min(len(v) for v in calib.values())
+        return calibration.Calibration(
+            [{k: v[i:i + 8] for k, v in calib.items()} for i in range(0, n, 8)], False,
+            "arrays")
+    path = Path(calib)
+    options = calibration.ImageOptions() if path.is_dir() else None
+    return calibration.load_calibration(path, model, options)
 
 
 @dataclasses.dataclass(frozen=True)

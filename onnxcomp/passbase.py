@@ -8,10 +8,11 @@ input model; every candidate node it looks at ends up in ``report.applied`` or
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
 import typing
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 from onnxcomp.errors import (  # noqa: F401 - the pass contract names its errors
@@ -220,10 +221,24 @@ class PassConfig:
     """Base class of pass configurations (frozen, validated in ``__post_init__``)."""
 
     @classmethod
-    def from_options(cls, options: Mapping[str, Any]) -> PassConfig:
-        """Build a config from a mapping, keeping only the keys this config knows."""
+    def from_options(cls, options: Mapping[str, Any], strict: bool = False) -> PassConfig:
+        """Build a config from a mapping, keeping only the keys this config knows.
+
+        ``strict``: a key it does not know is an error (naming the closest option), not
+        dropped (the command line hands every pass the options of all of them).
+        """
         names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in options if k not in names)
+        if strict and unknown:
+            raise ConfigError(unknown_option(unknown[0], names, cls.__name__))
         return cls(**{k: v for k, v in options.items() if k in names and v is not None})
+
+
+def unknown_option(key: str, known: Collection[str], where: str) -> str:
+    """``unknown option 'x' for where (did you mean 'y'?)``."""
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"unknown option '{key}' for {where}{hint}"
 
 
 C = TypeVar("C", bound=PassConfig, contravariant=True)
