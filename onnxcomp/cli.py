@@ -79,6 +79,30 @@ def calib_options(func: F) -> F:
                      help="Use at most this many calibration samples."),
         click.option("--calib-batch", type=click.IntRange(min=1), default=8, show_default=True,
                      help="Batch size for running calibration data."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return image_options(func)
+
+
+def input_options(func: F) -> F:
+    """How ``inspect`` and ``bench`` learn input shapes: real inputs, or shapes."""
+    options = [
+        click.option("--inputs", "calib_path", type=click.Path(path_type=Path),
+                     help="Inputs to measure with / infer shapes from: .npz (keys = input "
+                          "names), .npy, or an image folder (see the image options)."),
+        click.option("--shape", "--input-shape", "input_shapes", multiple=True,
+                     metavar="NAME=1x3x640x640",
+                     help="A concrete shape for an input with symbolic dims (repeatable)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return image_options(func)
+
+
+def image_options(func: F) -> F:
+    """Preprocessing of an image folder given as data."""
+    options = [
         click.option("--size", help="Image folder: resize to H,W (default: model input)."),
         click.option("--mean", help="Image folder: per-channel mean, e.g. 0.485,0.456,0.406."),
         click.option("--std", help="Image folder: per-channel std, e.g. 0.229,0.224,0.225."),
@@ -521,23 +545,26 @@ def _progress() -> Progress:
 @main.command()
 @click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D0,D1,...",
-              help="Resolve symbolic input dims (default: batch 1).")
 @click.option("--all", "show_all", is_flag=True, help="Show every layer (default: top 40).")
+@input_options
 def inspect(model_path: Path, as_json: bool, input_shapes: Sequence[str],
-            show_all: bool) -> None:
+            show_all: bool, **kw: Any) -> None:
     """Per-layer params and MACs of MODEL, with totals."""
-    shapes: dict[str, list[int]] = {}
-    for spec in input_shapes:
-        name, _, dims = spec.partition("=")
-        try:
-            shapes[name] = [int(d) for d in dims.split(",")]
-        except ValueError:
-            _fail(f"bad --input-shape '{spec}' (expected NAME=D0,D1,...)", code=2)
+    shapes = _shapes(input_shapes)
 
     def body() -> None:
         model = model_io.load(model_path)
-        mc = cost.model_cost(model, shapes or None)
+        feeds = _inputs(model, kw, 1) or (synthetic.random_feeds(model, shapes) if shapes
+                                          else None)
+        given = {k: v.shape for k, v in feeds.items()} if feeds else None
+        mc = cost.model_cost(model, given)
+        if mc.unknown_shapes and feeds:  # shapes computed at run time: run it once
+            mc = cost.model_cost(model, given, cost.run_shapes(model, feeds))
+        if mc.unknown_shapes:
+            err_console.print(
+                f"[bold yellow]warning:[/] {len(mc.unknown_shapes)} layers have symbolic input "
+                "dims, their MACs are counted as 0: give --shape NAME=1x3xHxW or --inputs "
+                "data.npz", highlight=False)
         size = cost.file_size(model_path)
         if as_json:
             doc = {"model": str(model_path), "file_size": size, **mc.to_dict()}
@@ -562,18 +589,27 @@ def inspect(model_path: Path, as_json: bool, input_shapes: Sequence[str],
 @click.option("--runs", type=click.IntRange(min=3), default=100, show_default=True)
 @click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for pipelines.")
+@input_options
 def bench_cmd(models: Sequence[Path], provider: str, threads: int, batch: int, runs: int,
-              warmup: int, as_json: bool) -> None:
-    """Latency of one or more models on ONNX Runtime, runs interleaved (first = baseline)."""
+              warmup: int, as_json: bool, input_shapes: Sequence[str], **kw: Any) -> None:
+    """Latency of one or more models on ONNX Runtime, runs interleaved (first = baseline).
+
+    Models with symbolic input dims need --inputs (real data) or --shape (random inputs).
+    """
+    shapes = _shapes(input_shapes)
 
     def body() -> None:
         loaded = [model_io.load(p) for p in models]
+        feeds = _inputs(loaded[0], kw, batch) or (
+            synthetic.random_feeds(loaded[0], shapes) if shapes else None)
         config = bench_mod.BenchConfig(provider=provider, threads=threads, batch=batch,
                                        runs=runs, warmup=warmup)
         with _progress() as progress:
             progress.add_task(f"benchmarking {len(loaded)} model(s), {runs} rounds", total=None)
-            res = bench_mod.benchmark(loaded, config, labels=[p.name for p in models])
-        costs = [cost.model_cost(m, None) for m in loaded]
+            res = bench_mod.benchmark(loaded, config, feeds, labels=[p.name for p in models])
+        given = {k: v.shape for k, v in feeds.items()} if feeds else None
+        costs = [cost.model_cost(m, given, cost.run_shapes(m, feeds) if feeds else None)
+                 for m in loaded]
         doc = res.to_dict()
         for entry, mc, path in zip(doc["models"], costs, models, strict=True):
             entry.update(params=mc.params, macs=mc.macs, file_size=cost.file_size(path))
@@ -603,6 +639,29 @@ def bench_cmd(models: Sequence[Path], provider: str, threads: int, batch: int, r
         console.print(table)
 
     _run(body)
+
+
+def _shapes(specs: Sequence[str]) -> dict[str, list[int]]:
+    """``NAME=1x3x640x640`` (or ``NAME=1,3,640,640``) specs as a dict."""
+    shapes: dict[str, list[int]] = {}
+    for spec in specs:
+        name, _, dims = spec.partition("=")
+        try:
+            shapes[name] = [int(d) for d in dims.replace("x", ",").split(",")]
+        except ValueError:
+            _fail(f"bad --shape '{spec}' (expected NAME=1x3x640x640)", code=2)
+        if not name or any(d < 1 for d in shapes[name]):
+            _fail(f"bad --shape '{spec}' (expected NAME=1x3x640x640)", code=2)
+    return shapes
+
+
+def _inputs(model: Any, kw: dict[str, Any], batch: int) -> dict[str, Any] | None:
+    """The first ``batch`` samples of ``--inputs`` (None without it)."""
+    if kw.get("calib_path") is None:
+        return None
+    data = calibration.load_calibration(kw["calib_path"], model, _image_options(kw),
+                                        batch_size=batch, limit=batch)
+    return dict(data.batches[0])
 
 
 @main.command(name="passes")

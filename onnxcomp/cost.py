@@ -43,6 +43,7 @@ import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import onnx
 import onnx.external_data_helper
@@ -128,6 +129,8 @@ class ModelCost(serial.Record):
     params: int
     macs: int
     weight_bytes: int
+    # Layers whose MACs need a dim that is not known (counted as 0): give input shapes.
+    unknown_shapes: tuple[str, ...] = ()
 
     def by_name(self) -> dict[str, NodeCost]:
         """Node costs keyed by node name."""
@@ -151,7 +154,8 @@ class _ConstInfo:
 
 
 def model_cost(
-    model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None
+    model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None,
+    tensor_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> ModelCost:
     """Params, MACs and weight bytes of every node of ``model`` and of the model as a whole.
 
@@ -164,8 +168,12 @@ def model_cost(
     graph = inferred.graph
     consts = _constants(graph)
     shapes = _shapes(graph, consts)
+    for name, dims in (tensor_shapes or {}).items():  # measured where inference stops
+        if _known(shapes.get(name)) is None:
+            shapes[name] = tuple(int(d) for d in dims)
 
     nodes = []
+    unknown: list[str] = []  # layers whose MACs need a dim that is not known
     param_tensors: dict[str, int] = {}
     for name, node in zip(_node_names(graph), graph.node, strict=True):
         const_inputs = [i for i in node.input if i in consts]
@@ -173,22 +181,43 @@ def model_cost(
         for tensor in own_params:
             param_tensors[tensor] = consts[tensor].elements
         out_shape = shapes.get(node.output[0]) if node.output else None
+        macs = _node_macs(node, shapes)
+        if macs is None:
+            unknown.append(name)
         nodes.append(
             NodeCost(
                 name=name,
                 op_type=node.op_type,
                 params=sum(consts[t].elements for t in own_params),
-                macs=_node_macs(name, node, shapes),
+                macs=macs or 0,
                 weight_bytes=sum(consts[t].nbytes for t in dict.fromkeys(const_inputs)),
                 output_shape=out_shape,
             )
         )
+    if unknown:
+        log.debug("%d layers of unknown shape counted as 0 MACs: %s", len(unknown),
+                  ", ".join(unknown[:5]))
     return ModelCost(
         nodes=tuple(nodes),
         params=sum(param_tensors.values()),
         macs=sum(n.macs for n in nodes),
         weight_bytes=sum(c.nbytes for c in consts.values()),
+        unknown_shapes=tuple(unknown),
     )
+
+
+def run_shapes(model: onnx.ModelProto, feeds: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Every node output's shape, from one ONNX Runtime run on ``feeds``.
+
+    For what static shape inference cannot follow (shapes computed at run time: Reshape to a
+    Shape-derived size, Resize to runtime sizes): pass the result as ``tensor_shapes``.
+    """
+    from onnxcomp import capture, runtime
+
+    names = [o for node in model.graph.node for o in node.output if o]
+    session = runtime.make_session(capture.with_outputs(model, names), "cpu", 1, optimize=False)
+    outputs = session.run(names, dict(feeds))
+    return {n: tuple(int(d) for d in v.shape) for n, v in zip(names, outputs, strict=True)}
 
 
 def file_size(path: str | os.PathLike[str]) -> int:
@@ -414,8 +443,8 @@ def _node_names(graph: onnx.GraphProto) -> list[str]:
 # ------------------------------------------------------------------------------ MACs
 
 
-def _node_macs(name: str, node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> int:
-    """MACs of one node; 0 (with a warning) when a needed dim is unknown."""
+def _node_macs(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> int | None:
+    """MACs of one node; None when a dim they need is unknown."""
     if node.domain not in ("", "ai.onnx"):
         return 0
     rule = _MAC_RULES.get(node.op_type)
@@ -429,11 +458,7 @@ def _node_macs(name: str, node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> 
         return shapes.get(node.input[position])
 
     out = shapes.get(node.output[0]) if node.output else None
-    macs = formula(node, shape_of(data_pos), shape_of(weight_pos), out)
-    if macs is None:
-        log.warning("%s (%s): shape unknown, counting 0 MACs", name, node.op_type)
-        return 0
-    return macs
+    return formula(node, shape_of(data_pos), shape_of(weight_pos), out)
 
 
 def _known(shape: Shape | None) -> tuple[int, ...] | None:

@@ -102,3 +102,31 @@ def _synthetic_shape(spec: InputSpec, dims: Mapping[str, int]) -> tuple[int, ...
                              f"--calib data or a value for '{spec.name}:{axis}' in the "
                              "synthetic dims")
     return tuple(shape)
+
+
+def random_feeds(model: onnx.ModelProto, shapes: Mapping[str, list[int]] | Mapping[
+        str, tuple[int, ...]], seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded standard-normal inputs of the given full shapes (``--shape``), in input dtypes.
+
+    Every graph input needs a shape that fits its fixed dims (else an InputError naming it).
+    """
+    specs = {spec.name: spec for spec in model_inputs(model)}
+    unknown = sorted(set(shapes) - set(specs))
+    if unknown:
+        raise InputError(f"--shape {unknown[0]}: not an input of the model "
+                         f"(inputs: {', '.join(specs)})")
+    missing = [name for name in specs if name not in shapes]
+    if missing:
+        raise InputError(f"--shape: no shape for input '{missing[0]}'")
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for name, spec in specs.items():
+        shape = tuple(shapes[name])
+        fixed: list[int | str | None] = list(spec.dims or [])
+        if len(fixed) != len(shape) or any(isinstance(d, int) and d != s
+                                           for d, s in zip(fixed, shape, strict=False)):
+            raise InputError(f"--shape {name}={'x'.join(map(str, shape))} does not fit the "
+                             f"input's shape {[d if isinstance(d, int) else '?' for d in fixed]}")
+        feeds[name] = (rng.standard_normal(shape, dtype=np.float32).astype(spec.dtype)
+                       if spec.dtype.kind == "f" else np.zeros(shape, spec.dtype))
+    return feeds

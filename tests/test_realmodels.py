@@ -142,3 +142,36 @@ def test_the_pnet_face_map_binds_the_rank_search():
     bound = compile_(floor)
     assert "min_agreement_bound_active" in bound.report.codes
     assert reference.compare(bound.model).score_agreement >= floor
+
+
+@pytest.mark.parametrize("name, shape", [
+    ("ppocrv4_det", "x=1x3x96x160"), ("ppocrv4_rec", "x=1x3x48x320"),
+    ("mtcnn_pnet", "input_1=1x48x48x3"),
+])
+def test_bench_and_inspect_take_inputs_or_shapes_for_symbolic_dims(name, shape, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from onnxcomp.cli import main
+
+    case = _cases()[name]
+    _require(case.path)
+    input_name, dims = shape.split("=")
+    x = np.random.default_rng(0).random([2, *map(int, dims.split("x")[1:])]).astype("f4")
+    np.savez(tmp_path / "in.npz", **{input_name: x})
+    runner = CliRunner()
+    bare = runner.invoke(main, ["inspect", str(case.path)])
+    assert bare.exit_code == 0 and "--shape" in bare.output  # says how to get the MACs
+    macs = set()
+    for how in (["--shape", shape], ["--inputs", str(tmp_path / "in.npz")]):
+        inspected = runner.invoke(main, ["inspect", str(case.path), "--json", *how])
+        assert inspected.exit_code == 0, inspected.output
+        doc = json.loads(inspected.output)
+        assert doc["unknown_shapes"] == [] and doc["macs"] > 0
+        macs.add(doc["macs"])
+        timed = runner.invoke(main, ["bench", str(case.path), "--runs", "3", "--warmup", "1",
+                                     "--json", *how])
+        assert timed.exit_code == 0, timed.output
+        assert json.loads(timed.output)["models"][0]["median_ms"] > 0
+    assert len(macs) == 1  # the same shapes either way
