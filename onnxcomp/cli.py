@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
 import logging
 import sys
-import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any
 
 import click
-from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from onnxcomp import api, calibration, cost, passbase, pipeline, report, synthetic
 from onnxcomp import auto as auto_mod
@@ -23,207 +18,27 @@ from onnxcomp import executor as executor_mod
 from onnxcomp import judge as judge_mod
 from onnxcomp import model as model_io
 from onnxcomp import recipe as recipe_mod
-from onnxcomp.errors import ConfigError, InputError, OnnxcompError
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-# Wide tables when piped (CI logs, pipelines); the terminal's width otherwise.
-console = Console(stderr=False, width=None if sys.stdout.isatty() else 140)
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
-
-
-class CliError(click.ClickException):
-    """A one-line error with its exit code (1: bad input, 2: usage, 3: internal).
-
-    click's own UsageError prints the usage lines too; onnxcomp's rule is one line.
-    """
-
-    def __init__(self, message: str, code: int = 1) -> None:
-        super().__init__(message)
-        self.exit_code = code
-
-    def show(self, file: Any = None) -> None:
-        """Print ``error: message`` on stderr."""
-        err_console.print(f"[bold red]error:[/] {self.message}", highlight=False,
-                          soft_wrap=True)
-
-
-def _fail(message: str, code: int = 1) -> NoReturn:
-    raise CliError(message, code)
-
-
-def _floats(text: str | None) -> tuple[float, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(float(v) for v in text.replace(" ", "").split(",") if v)
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got '{text}'") from None
-
-
-def _size(text: str | None) -> tuple[int, int] | None:
-    if text is None:
-        return None
-    vals = _floats(text.replace("x", ","))
-    if not vals or len(vals) > 2 or any(v <= 0 or v != int(v) for v in vals):
-        raise click.BadParameter(f"expected H,W or S, got '{text}'")
-    return (int(vals[0]), int(vals[-1]))
-
-
-def calib_options(func: F) -> F:
-    """Options shared by commands that read calibration data."""
-    options = [
-        click.option("--calib", "calib_path", type=click.Path(path_type=Path),
-                     help="Calibration data: .npz (keys = input names), .npy, or image folder."),
-        click.option("--num-calib", type=click.IntRange(min=1), default=None,
-                     help="Use at most this many calibration samples."),
-        click.option("--calib-batch", type=click.IntRange(min=1), default=8, show_default=True,
-                     help="Batch size for running calibration data."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return image_options(func)
-
-
-def input_options(func: F) -> F:
-    """How ``inspect`` and ``bench`` learn input shapes: real inputs, or shapes."""
-    options = [
-        click.option("--inputs", "calib_path", type=click.Path(path_type=Path),
-                     help="Inputs to measure with / infer shapes from: .npz (keys = input "
-                          "names), .npy, or an image folder (see the image options)."),
-        click.option("--shape", "--input-shape", "input_shapes", multiple=True,
-                     metavar="NAME=1x3x640x640",
-                     help="A concrete shape for an input with symbolic dims (repeatable)."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return image_options(func)
-
-
-def image_options(func: F) -> F:
-    """Preprocessing of an image folder given as data."""
-    options = [
-        click.option("--size", help="Image folder: resize to H,W (default: model input)."),
-        click.option("--mean", help="Image folder: per-channel mean, e.g. 0.485,0.456,0.406."),
-        click.option("--std", help="Image folder: per-channel std, e.g. 0.229,0.224,0.225."),
-        click.option("--scale", type=float, default=1 / 255, show_default="1/255",
-                     help="Image folder: pixel scale applied before mean/std."),
-        click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default="nchw",
-                     show_default=True, help="Image folder: tensor layout."),
-        click.option("--bgr", is_flag=True, help="Image folder: BGR channel order."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-@functools.cache
-def _pass_fields() -> dict[str, tuple[dataclasses.Field[Any], Any, list[str]]]:
-    """Every pass config field made with :func:`onnxcomp.passbase.option`: (field, type, passes).
-
-    One source for an option: its config field (name, default, help in the metadata). A field
-    several passes share (``--exclude``, ``--target-speedup``) is one option.
-    """
-    from onnxcomp.passes import REGISTRY
-
-    fields: dict[str, tuple[dataclasses.Field[Any], Any, list[str]]] = {}
-    for name, pass_ in REGISTRY.items():
-        hints = typing.get_type_hints(pass_.config_cls)
-        for f in dataclasses.fields(pass_.config_cls):
-            if "help" not in f.metadata:
-                continue
-            if f.name in fields:
-                fields[f.name][2].append(name)
-            else:
-                fields[f.name] = (f, hints[f.name], [name])
-    return fields
-
-
-def _click_option(f: dataclasses.Field[Any], kind: Any) -> Callable[[F], F]:
-    """The click option of one config field; unset options leave the config's default."""
-    meta = f.metadata
-    decl = meta.get("flag") or f"--{f.name.replace('_', '-')}"
-    default = f.default
-    shown = "inf" if default == float("inf") else default
-    help_ = meta["help"] + ("" if default in (None, ()) else f" [default: {shown}]")
-    args = typing.get_args(kind)
-    base = next((a for a in args if a is not type(None)), kind) if args else kind
-    if base is bool or kind == (bool | None):
-        if meta.get("flag") is None:
-            decl = f"--{f.name.replace('_', '-')}/--no-{f.name.replace('_', '-')}"
-        return click.option(decl, f.name, default=None, help=help_)
-    if typing.get_origin(kind) is tuple:
-        if meta.get("choices"):
-            return click.option(decl, f.name, multiple=True, help=help_,
-                                type=click.Choice(meta["choices"]))
-        return click.option(decl, f.name, multiple=True, metavar="NODE", help=help_)
-    if meta.get("choices"):
-        return click.option(decl, f.name, type=click.Choice(meta["choices"]), help=help_)
-    click_type = {int: int, float: float}.get(base, str) if kind != (str | int | float) else str
-    return click.option(decl, f.name, type=click_type, help=help_)
-
-
-# Parameters of `optimize` that configure passes (a recipe holds them instead).
-PASS_FLAGS = frozenset({*_pass_fields(), "groups", "depth_multiplier"})
-LOWRANK = ("cp", "tucker", "svd", "kernel_sharing", "depthwise_separable", "factorize")
-
-
-def pass_options(func: F) -> F:
-    """Every pass's options, generated from the config fields (see :func:`_pass_fields`)."""
-    options = [_click_option(f, kind) for f, kind, _ in _pass_fields().values()]
-    options += [
-        click.option("--groups", help="kernel_sharing: shared kernels per layer (like --rank: "
-                                      "auto, N or a fraction)."),
-        click.option("--depth-multiplier", help="depthwise_separable: auto or N (like --rank)."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-def _load_calibration(model: Any, kw: dict[str, Any]) -> calibration.Calibration:
-    path = kw["calib_path"]
-    if path is None:
-        err_console.print(
-            "[bold yellow]warning:[/] no --calib given: using synthetic random inputs; "
-            "refits and fidelity figures are then meaningless", highlight=False)
-        return synthetic.synthetic_calibration(
-            model, num_samples=kw["num_calib"] or 8, batch_size=kw["calib_batch"])
-    return calibration.load_calibration(path, model, _image_options(kw),
-                                        batch_size=kw["calib_batch"], limit=kw["num_calib"])
-
-
-def _image_options(kw: dict[str, Any]) -> calibration.ImageOptions | None:
-    """The image preprocessing of the calibration options (None: not an image folder)."""
-    image_given = (kw["size"] is not None or kw["mean"] is not None or kw["std"] is not None
-                   or kw["scale"] != 1 / 255 or kw["layout"] != "nchw" or kw["bgr"])
-    if not image_given and not (kw["calib_path"] and Path(kw["calib_path"]).is_dir()):
-        return None
-    return calibration.ImageOptions(
-        size=_size(kw["size"]),
-        mean=_floats(kw["mean"]) or (0.0, 0.0, 0.0),
-        std=_floats(kw["std"]) or (1.0, 1.0, 1.0),
-        scale=kw["scale"],
-        layout=kw["layout"],
-        bgr=kw["bgr"],
-    )
-
-
-def _run(func: Callable[[], None]) -> None:
-    """Run a command body, turning onnxcomp's own errors into a one-line message."""
-    try:
-        func()
-    except click.ClickException:
-        raise
-    except ConfigError as exc:
-        _fail(str(exc), code=2)
-    except OnnxcompError as exc:
-        _fail(str(exc))
-    except Exception as exc:  # a bug or a runtime failure: one line, traceback with -v
-        logging.getLogger(__name__).debug("traceback", exc_info=True)
-        text = str(exc).strip().splitlines()
-        _fail(f"internal error ({type(exc).__name__}): {text[0] if text else ''} "
-              "(run with -vv for the traceback)", code=3)
+from onnxcomp.cli_options import (
+    LOWRANK,
+    PASS_FLAGS,
+    calib_options,
+    console,
+    err_console,
+    fail,
+    first_inputs,
+    image_preprocessing,
+    input_options,
+    load_calib,
+    measure_options,
+    parse_shapes,
+    pass_fields,
+    pass_options,
+    progress_bar,
+    run_body,
+    write_json,
+    write_text,
+)
+from onnxcomp.errors import InputError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -266,13 +81,7 @@ def main(verbose: int) -> None:
               help="Write the run's passes and options as a recipe file (TOML).")
 @click.option("--report", "report_path", type=click.Path(path_type=Path),
               help="Write the full JSON report here.")
-@click.option("--bench/--no-bench", default=True, show_default=True,
-              help="Measure ORT latency of original vs optimized (interleaved).")
-@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu",
-              show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--runs", type=click.IntRange(min=3), default=50, show_default=True,
-              help="Benchmark rounds.")
+@measure_options
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
               help="--auto: compile the candidate plans in this many local worker processes "
                    "(they never time a model at once; see --latency-cache).")
@@ -293,15 +102,15 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], recipe_path:
     from onnxcomp.passes import REGISTRY
 
     if sum([recipe_path is not None, bool(passes), auto_mode]) > 1:
-        _fail("give one of --pass, --recipe and --auto", code=2)
+        fail("give one of --pass, --recipe and --auto", code=2)
     if recipe_path is None and not passes and not auto_mode:
-        _fail("nothing to do: give --pass NAME (repeatable), --recipe FILE or --auto", code=2)
+        fail("nothing to do: give --pass NAME (repeatable), --recipe FILE or --auto", code=2)
     unknown = [p for p in passes if p not in REGISTRY]
     if unknown:
-        _fail(f"unknown pass '{unknown[0]}' (available: {', '.join(REGISTRY)})", code=2)
+        fail(f"unknown pass '{unknown[0]}' (available: {', '.join(REGISTRY)})", code=2)
     if output.resolve() == model_path.resolve():
-        _fail("output path is the input path: onnxcomp never overwrites its input", code=2)
-    fields = _pass_fields()
+        fail("output path is the input path: onnxcomp never overwrites its input", code=2)
+    fields = pass_fields()
     calib_kw = {k: v for k, v in kw.items() if k not in fields}
     options: dict[str, Any] = {k: v for k, v in kw.items() if k in fields
                                and v is not None and v != ()}
@@ -313,7 +122,7 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], recipe_path:
                  if p.name in PASS_FLAGS
                  and ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]
         if given:
-            _fail(f"{given[0]}: with --recipe, pass options belong in the recipe", code=2)
+            fail(f"{given[0]}: with --recipe, pass options belong in the recipe", code=2)
     # Per-pass names for the rank: --groups, --depth-multiplier (else --rank).
     rank_alias = {"kernel_sharing": groups, "depthwise_separable": depth_multiplier}
 
@@ -332,12 +141,12 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], recipe_path:
                     step_options["rank"] = rank_alias[name]
                 steps.append(pipeline.Step(name, config_cls.from_options(step_options)))
         model = model_io.load(model_path)
-        calib = _load_calibration(model, calib_kw)
+        calib = load_calib(model, calib_kw)
         if calib.synthetic and any(s.name in LOWRANK and getattr(s.config, "rank", "") == "auto"
                                    for s in steps):
             err_console.print("[bold yellow]warning:[/] --rank auto without --calib: ranks are "
                               "chosen from weights alone", highlight=False)
-        heldout = (_load_calibration(model, {**calib_kw, "calib_path": heldout_path})
+        heldout = (load_calib(model, {**calib_kw, "calib_path": heldout_path})
                    if heldout_path is not None else None)
         metric, metric_name = (judge_mod.load_metric(metric_spec) if metric_spec
                                else (None, ""))
@@ -346,7 +155,7 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], recipe_path:
             judge_mod.load_labels(labels_path) if labels_path is not None else None)
         run_ctx = passbase.RunContext(judge=judge, executor=executor_mod.make("local", jobs))
         chosen = None
-        with _progress() as progress:
+        with progress_bar() as progress:
             task = progress.add_task("optimizing", total=None)
             if auto_mode:
                 chosen = auto_mod.run_auto(model, calib, auto_mod.AutoConfig(
@@ -361,7 +170,7 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], recipe_path:
                     on_step=lambda n: progress.update(task, description=f"pass {n}"))
             model_io.save(result.model, output)
             if save_recipe is not None:
-                _write_text(save_recipe, recipe_mod.dump(steps))
+                write_text(save_recipe, recipe_mod.dump(steps))
             # Costs per sample (batch 1), like the latency figures.
             shapes = {k: (1, *v.shape[1:]) for k, v in calib.batches[0].items()}
             cost_before = cost.model_cost(model, shapes)
@@ -413,9 +222,9 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], recipe_path:
                 **({"auto": chosen.to_dict()} if chosen is not None else {}),
                 **({"heldout": held} if held is not None else {}),
             }
-            _write_json(report_path, doc)
+            write_json(report_path, doc)
 
-    _run(body)
+    run_body(body)
 
 
 @main.command("optimize-many")
@@ -440,13 +249,7 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], recipe_path:
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Models compiled at once (local workers, or the CPUs of a local Ray).")
 @click.option("--ray-address", "ray_address", help="--executor ray: the cluster to join.")
-@click.option("--bench/--no-bench", default=True, show_default=True,
-              help="Measure each model's latency, original vs optimized.")
-@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu",
-              show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--runs", type=click.IntRange(min=3), default=50, show_default=True,
-              help="Benchmark rounds.")
+@measure_options
 @calib_options
 def optimize_many(model_paths: Sequence[Path], out_dir: Path, passes: Sequence[str],
                   recipe_path: Path | None, auto_mode: bool, target_speedup: float | None,
@@ -462,13 +265,13 @@ def optimize_many(model_paths: Sequence[Path], out_dir: Path, passes: Sequence[s
     from onnxcomp.passes import REGISTRY
 
     if sum([recipe_path is not None, bool(passes), auto_mode]) != 1:
-        _fail("give one of --pass, --recipe and --auto", code=2)
+        fail("give one of --pass, --recipe and --auto", code=2)
     unknown = [p for p in passes if p not in REGISTRY]
     if unknown:
-        _fail(f"unknown pass '{unknown[0]}' (available: {', '.join(REGISTRY)})", code=2)
+        fail(f"unknown pass '{unknown[0]}' (available: {', '.join(REGISTRY)})", code=2)
     stems = [p.stem for p in model_paths]
     if len(set(stems)) != len(stems):
-        _fail("two models share a file name; their outputs would collide", code=2)
+        fail("two models share a file name; their outputs would collide", code=2)
 
     def body() -> None:
         base = {"provider": provider, "threads": threads}
@@ -489,12 +292,12 @@ def optimize_many(model_paths: Sequence[Path], out_dir: Path, passes: Sequence[s
                 raise InputError(f"{path}: no such model file")
         out_dir.mkdir(parents=True, exist_ok=True)
         jobs_ = [api.Job(model=p, output=out_dir / f"{p.stem}.onnx", steps=steps,
-                         auto=auto_config, calib=kw["calib_path"], image=_image_options(kw),
+                         auto=auto_config, calib=kw["calib_path"], image=image_preprocessing(kw),
                          calib_batch=kw["calib_batch"], num_calib=kw["num_calib"],
                          bench=bench, provider=provider, threads=threads, runs=runs,
                          report=out_dir / f"{p.stem}.report.json") for p in model_paths]
         runner = executor_mod.make(executor_kind, jobs, ray_address)
-        with _progress() as progress:
+        with progress_bar() as progress:
             progress.add_task(f"compiling {len(jobs_)} models ({runner.kind}, "
                               f"{runner.jobs} at once)", total=None)
             try:
@@ -508,9 +311,9 @@ def optimize_many(model_paths: Sequence[Path], out_dir: Path, passes: Sequence[s
             err_console.print(f"[bold red]error:[/] {s['model']}: {s['error']}",
                               highlight=False)
         if failed:
-            _fail(f"{len(failed)} of {len(summaries)} models failed (listed above)")
+            fail(f"{len(failed)} of {len(summaries)} models failed (listed above)")
 
-    _run(body)
+    run_body(body)
 
 
 def _latency(a: Any, b: Any, calib: calibration.Calibration, provider: str, threads: int,
@@ -526,22 +329,6 @@ def _latency(a: Any, b: Any, calib: calibration.Calibration, provider: str, thre
     }
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Write ``text`` atomically (a half-written file never replaces a good one)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def _write_json(path: Path, doc: dict[str, Any]) -> None:
-    _write_text(path, json.dumps(doc, indent=2, default=str))
-
-
-def _progress() -> Progress:
-    return Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                    console=err_console, transient=True)
-
-
 @main.command()
 @click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -550,11 +337,11 @@ def _progress() -> Progress:
 def inspect(model_path: Path, as_json: bool, input_shapes: Sequence[str],
             show_all: bool, **kw: Any) -> None:
     """Per-layer params and MACs of MODEL, with totals."""
-    shapes = _shapes(input_shapes)
+    shapes = parse_shapes(input_shapes)
 
     def body() -> None:
         model = model_io.load(model_path)
-        feeds = _inputs(model, kw, 1) or (synthetic.random_feeds(model, shapes) if shapes
+        feeds = first_inputs(model, kw, 1) or (synthetic.random_feeds(model, shapes) if shapes
                                           else None)
         given = {k: v.shape for k, v in feeds.items()} if feeds else None
         mc = cost.model_cost(model, given)
@@ -577,7 +364,7 @@ def inspect(model_path: Path, as_json: bool, input_shapes: Sequence[str],
         if quantized:
             console.print(f"already quantized: {len(quantized)} integer nodes")
 
-    _run(body)
+    run_body(body)
 
 
 @main.command(name="bench")
@@ -596,15 +383,15 @@ def bench_cmd(models: Sequence[Path], provider: str, threads: int, batch: int, r
 
     Models with symbolic input dims need --inputs (real data) or --shape (random inputs).
     """
-    shapes = _shapes(input_shapes)
+    shapes = parse_shapes(input_shapes)
 
     def body() -> None:
         loaded = [model_io.load(p) for p in models]
-        feeds = _inputs(loaded[0], kw, batch) or (
+        feeds = first_inputs(loaded[0], kw, batch) or (
             synthetic.random_feeds(loaded[0], shapes) if shapes else None)
         config = bench_mod.BenchConfig(provider=provider, threads=threads, batch=batch,
                                        runs=runs, warmup=warmup)
-        with _progress() as progress:
+        with progress_bar() as progress:
             progress.add_task(f"benchmarking {len(loaded)} model(s), {runs} rounds", total=None)
             res = bench_mod.benchmark(loaded, config, feeds, labels=[p.name for p in models])
         given = {k: v.shape for k, v in feeds.items()} if feeds else None
@@ -638,30 +425,7 @@ def bench_cmd(models: Sequence[Path], provider: str, threads: int, batch: int, r
             table.add_row(*row)
         console.print(table)
 
-    _run(body)
-
-
-def _shapes(specs: Sequence[str]) -> dict[str, list[int]]:
-    """``NAME=1x3x640x640`` (or ``NAME=1,3,640,640``) specs as a dict."""
-    shapes: dict[str, list[int]] = {}
-    for spec in specs:
-        name, _, dims = spec.partition("=")
-        try:
-            shapes[name] = [int(d) for d in dims.replace("x", ",").split(",")]
-        except ValueError:
-            _fail(f"bad --shape '{spec}' (expected NAME=1x3x640x640)", code=2)
-        if not name or any(d < 1 for d in shapes[name]):
-            _fail(f"bad --shape '{spec}' (expected NAME=1x3x640x640)", code=2)
-    return shapes
-
-
-def _inputs(model: Any, kw: dict[str, Any], batch: int) -> dict[str, Any] | None:
-    """The first ``batch`` samples of ``--inputs`` (None without it)."""
-    if kw.get("calib_path") is None:
-        return None
-    data = calibration.load_calibration(kw["calib_path"], model, _image_options(kw),
-                                        batch_size=batch, limit=batch)
-    return dict(data.batches[0])
+    run_body(body)
 
 
 @main.command(name="passes")
