@@ -422,6 +422,11 @@ def _cast(spec: InputSpec, arr: np.ndarray) -> np.ndarray:
     if problem:
         raise InputError(f"calibration input '{spec.name}' ({arr.dtype}) {problem}; "
                          f"the model input is {spec.dtype}")
+    if dst == "f" and src in "iu" and arr.size and int(arr.max()) > 1:
+        log.warning("calibration input '%s' is %s in [%d, %d] for a float input: raw pixels? "
+                    "Models usually expect normalised values; preprocess the arrays, or give "
+                    "an image folder with --mean/--std/--scale", spec.name, arr.dtype,
+                    int(arr.min()), int(arr.max()))
     if dst in "OUS":
         return arr  # onnxruntime takes str and object arrays for string inputs as they are
     return arr.astype(spec.dtype, copy=False)

@@ -633,3 +633,23 @@ def test_an_empty_batch_is_a_clear_error():
     full = {"x": np.zeros([2, 3], np.float32)}
     with pytest.raises(InputError, match="batch 1 of 'mine' is empty"):
         Calibration([full, {"x": np.zeros([0, 3], np.float32)}], False, "mine")
+
+
+def test_raw_uint8_pixels_for_a_float_input_get_a_warning(tmp_path, caplog):
+    import logging
+
+    from builders import conv_model as _conv
+
+    from onnxcomp.calibration import load_calibration
+
+    model = _conv(np.ones([4, 3, 3, 3], np.float32), size=8, batch="N")
+    np.savez(tmp_path / "raw.npz", x=np.full([4, 3, 8, 8], 200, np.uint8))
+    with caplog.at_level(logging.WARNING, logger="onnxcomp.calibration"):
+        calib = load_calibration(tmp_path / "raw.npz", model)
+    assert calib.batches[0]["x"].dtype == np.float32
+    assert "raw pixels" in caplog.text and "[200, 200]" in caplog.text
+    caplog.clear()
+    np.savez(tmp_path / "norm.npz", x=np.full([4, 3, 8, 8], 0.5, np.float32))
+    with caplog.at_level(logging.WARNING, logger="onnxcomp.calibration"):
+        load_calibration(tmp_path / "norm.npz", model)
+    assert "raw pixels" not in caplog.text
