@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from onnxcomp import api, calibration, cost, passbase, pipeline, report, synthetic
+from onnxcomp import api, calibration, cost, fidelity, passbase, pipeline, report, synthetic
 from onnxcomp import auto as auto_mod
 from onnxcomp import bench as bench_mod
 from onnxcomp import executor as executor_mod
@@ -26,6 +26,7 @@ from onnxcomp.cli_options import (
     err_console,
     fail,
     first_inputs,
+    image_options,
     image_preprocessing,
     input_options,
     load_calib,
@@ -424,6 +425,54 @@ def bench_cmd(models: Sequence[Path], provider: str, threads: int, batch: int, r
         for row in rows:
             table.add_row(*row)
         console.print(table)
+
+    run_body(body)
+
+
+@main.command(name="eval")
+@click.argument("original_path", metavar="ORIGINAL.onnx", type=click.Path(path_type=Path))
+@click.argument("candidate_path", metavar="NEW.onnx", type=click.Path(path_type=Path))
+@click.option("--data", "calib_path", required=True, type=click.Path(path_type=Path),
+              help="Data the compiler never saw: .npz (keys = input names), .npy or an image "
+                   "folder (with the image options).")
+@click.option("--num", "num_calib", type=click.IntRange(min=1), default=None,
+              help="Use at most this many samples.")
+@click.option("--batch", "calib_batch", type=click.IntRange(min=1), default=8,
+              show_default=True)
+@click.option("--score-threshold", "score_threshold", type=float, default=0.5,
+              show_default=True, help="Sigmoid outputs: above it is a confident detection.")
+@click.option("--metric", "metric_spec", metavar="MODULE:FUNCTION",
+              help="Your metric per batch (see optimize --metric).")
+@click.option("--labels", "labels_path", type=click.Path(path_type=Path),
+              help="One class per sample (.npy or .json): labelled accuracy of both models.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for pipelines.")
+@image_options
+def eval_cmd(original_path: Path, candidate_path: Path, score_threshold: float,
+             metric_spec: str | None, labels_path: Path | None, as_json: bool,
+             **kw: Any) -> None:
+    """Fidelity of NEW.onnx against ORIGINAL.onnx on held-out data: the compile's measures.
+
+    The loss is what --max-drop bounds (decisions, score sets, regression error, your metric,
+    labelled accuracy), with every measure beside it.
+    """
+
+    def body() -> None:
+        original = model_io.load(original_path)
+        candidate = model_io.load(candidate_path)
+        data = load_calib(original, kw)
+        metric, name = judge_mod.load_metric(metric_spec) if metric_spec else (None, "")
+        judge = judge_mod.Judge(score_threshold, metric, name,
+                                judge_mod.load_labels(labels_path) if labels_path else None)
+        fid = fidelity.Reference.of(original, data, judge).compare(candidate)
+        loss, measure = fidelity.bound(fid)
+        doc = {"original": str(original_path), "candidate": str(candidate_path),
+               "data": data.source, "samples": data.num_samples, "loss": loss,
+               "loss_metric": measure, "fidelity": fid.to_dict()}
+        if as_json:
+            click.echo(json.dumps(doc, indent=2, default=str))
+            return
+        console.print(report.eval_table(fid, loss, measure, data.num_samples,
+                                        f"{candidate_path.name} vs {original_path.name}"))
 
     run_body(body)
 

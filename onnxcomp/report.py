@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from onnxcomp.cost import ModelCost
     from onnxcomp.judge import Judge
     from onnxcomp.pipeline import PipelineResult, StepResult
+    from onnxcomp.verify import Fidelity
 
 
 def human(n: float, unit: str = "") -> str:
@@ -167,6 +168,27 @@ def many_table(summaries: list[dict[str, Any]]) -> Table:
                       f"{s['loss']:.4g} ({s['loss_metric']})", f"{s['seconds']:.1f}",
                       s["measured_on"],
                       "synthetic inputs" if s["synthetic_calibration"] else "")
+    return table
+
+
+def eval_table(fid: Fidelity, loss: float, measure: str, samples: int, title: str) -> Table:
+    """``onnxcomp eval``: the loss that bounds decisions, then every measure beside it."""
+    table = Table(title=f"{title} ({samples} samples)", title_justify="left")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row("loss (what --max-drop bounds)", f"{loss:.4g} ({measure})", style="bold")
+    rows = [("decisions kept", fid.decision_agreement), ("score-set F1", fid.score_agreement),
+            ("top-1 agreement", fid.top1_agreement), ("your metric", fid.metric_score)]
+    for label, value in rows:
+        if value is not None:
+            table.add_row(label, f"{value:.2%}")
+    if fid.label_accuracy is not None:
+        before, after = fid.label_accuracy
+        table.add_row("labelled accuracy", f"{before:.2%} -> {after:.2%}")
+    if fid.regression_rel_l2 is not None:
+        table.add_row("regression outputs, rel. error", f"{fid.regression_rel_l2:.4g}")
+    for out in fid.outputs:
+        table.add_row(f"output {out.name}, rel. L2 error", f"{out.rel_l2:.4g}")
     return table
 
 

@@ -339,3 +339,31 @@ def test_report_shows_realized_share_of_the_mac_cut(runner, tmp_path):
     doc = json.loads(rep.read_text())
     macs = doc["cost_before"]["macs"] / doc["cost_after"]["macs"]
     assert doc["realized"] == pytest.approx(doc["latency"]["speedup"] / macs)
+
+
+def test_eval_reports_the_compile_measures_on_held_out_data(tmp_path):
+    from builders import conv_model as _conv
+
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal([10, 3, 3, 3]).astype(np.float32)
+    original = _conv(w, size=8, batch="N")
+    noisy = _conv(w + 0.3 * rng.standard_normal(w.shape).astype(np.float32), size=8, batch="N")
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    onnx.save(original, a)
+    onnx.save(noisy, b)
+    np.savez(tmp_path / "held.npz", x=rng.standard_normal([12, 3, 8, 8]).astype("f4"))
+    (tmp_path / "m.py").write_text("def half(a, b):\n    return 0.5\n")
+    runner = CliRunner()
+    out = runner.invoke(main, ["eval", str(a), str(b), "--data", str(tmp_path / "held.npz"),
+                               "--metric", f"{tmp_path / 'm.py'}:half", "--json"])
+    assert out.exit_code == 0, out.output
+    doc = json.loads(out.output)
+    assert doc["samples"] == 12 and doc["fidelity"]["metric_score"] == 0.5
+    assert doc["loss"] >= 0.5 and doc["loss_metric"] == "metric"
+    same = runner.invoke(main, ["eval", str(a), str(a), "--data", str(tmp_path / "held.npz")])
+    assert same.exit_code == 0 and "loss" in same.output
+    (tmp_path / "bad.py").write_text("def bad(a, b):\n    return 7\n")
+    bad = runner.invoke(main, ["eval", str(a), str(b), "--data", str(tmp_path / "held.npz"),
+                               "--metric", f"{tmp_path / 'bad.py'}:bad"])
+    assert bad.exit_code == 1 and "bad" in bad.output and len(bad.output.strip().splitlines()) == 1
