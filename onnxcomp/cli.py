@@ -11,9 +11,20 @@ from typing import Any
 
 import click
 
-from onnxcomp import api, calibration, cost, fidelity, passbase, pipeline, report, synthetic
+from onnxcomp import (
+    api,
+    calibration,
+    cost,
+    fidelity,
+    passbase,
+    pipeline,
+    provenance,
+    report,
+    synthetic,
+)
 from onnxcomp import auto as auto_mod
 from onnxcomp import bench as bench_mod
+from onnxcomp import diff as diff_mod
 from onnxcomp import executor as executor_mod
 from onnxcomp import judge as judge_mod
 from onnxcomp import model as model_io
@@ -169,7 +180,6 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], recipe_path:
                 result = pipeline.run_pipeline(
                     model, steps, calib, context=run_ctx,
                     on_step=lambda n: progress.update(task, description=f"pass {n}"))
-            model_io.save(result.model, output)
             if save_recipe is not None:
                 write_text(save_recipe, recipe_mod.dump(steps))
             # Costs per sample (batch 1), like the latency figures.
@@ -180,6 +190,9 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], recipe_path:
             if bench:
                 progress.update(task, description="benchmarking original vs optimized")
                 latency = _latency(model, result.model, calib, provider, threads, runs)
+                provenance.set_model_meta(result.model, "onnxcomp.speedup",
+                                          f"{latency['speedup']:.3f}")
+            model_io.save(result.model, output)
         size_before = cost.file_size(model_path)
         size_after = cost.file_size(output)
         for step in result.steps:
@@ -473,6 +486,40 @@ def eval_cmd(original_path: Path, candidate_path: Path, score_threshold: float,
             return
         console.print(report.eval_table(fid, loss, measure, data.num_samples,
                                         f"{candidate_path.name} vs {original_path.name}"))
+
+    run_body(body)
+
+
+@main.command(name="diff")
+@click.argument("a_path", metavar="A.onnx", type=click.Path(path_type=Path))
+@click.argument("b_path", metavar="B.onnx", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for pipelines.")
+@click.option("--annotate", "annotate_path", type=click.Path(path_type=Path),
+              help="Write a copy of B whose nodes say what they replaced (open A and it side "
+                   "by side in Netron).")
+@input_options
+def diff_cmd(a_path: Path, b_path: Path, as_json: bool, annotate_path: Path | None,
+             input_shapes: Sequence[str], **kw: Any) -> None:
+    """What changed from A.onnx to B.onnx (an onnxcomp output), grouped by original node.
+
+    Replaced, changed in place, removed and added nodes, with the passes that did it, params
+    and MACs before and after, and the error each rewrite measured.
+    """
+    shapes = parse_shapes(input_shapes)
+
+    def body() -> None:
+        a, b = model_io.load(a_path), model_io.load(b_path)
+        feeds = first_inputs(a, kw, 1)
+        given = {k: v.shape for k, v in feeds.items()} if feeds else (shapes or None)
+        groups = diff_mod.diff(a, b, given)
+        if annotate_path is not None:
+            model_io.save(diff_mod.annotate(b, groups), annotate_path)
+        if as_json:
+            click.echo(json.dumps({"a": str(a_path), "b": str(b_path),
+                                   **diff_mod.summary(groups),
+                                   "changes": [g.to_dict() for g in groups]}, indent=2))
+            return
+        console.print(report.diff_table(groups, f"{a_path.name} -> {b_path.name}"))
 
     run_body(body)
 

@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
+from onnxcomp import provenance
 from onnxcomp.errors import (  # noqa: F401 - the pass contract names its errors
     ConfigError,
     InputError,
@@ -244,7 +245,7 @@ def unknown_option(key: str, known: Collection[str], where: str) -> str:
 C = TypeVar("C", bound=PassConfig, contravariant=True)
 CC = TypeVar("CC", bound=PassConfig)
 # Node provenance (see graph.py, which writes it) and warning codes the base class uses.
-PROVENANCE_KEY = "onnxcomp.pass"
+PROVENANCE_KEY = provenance.PASS_KEY
 SYNTHETIC_CALIBRATION = "synthetic_calibration"
 NOTHING_TO_DO = "nothing_to_do"
 
@@ -340,6 +341,10 @@ class PassBase(Generic[CC]):
             if SYNTHETIC_CALIBRATION not in {n.code for n in result.report.notes}:
                 result.report.note(SYNTHETIC_CALIBRATION, SYNTHETIC_NOTE)
         self.ensures(model, result)
+        # In-place changes get their tag too; replaced nodes' stand-ins get the error measured.
+        provenance.tag_changed(model, result.model, self.name)
+        provenance.record_errors(result.model, {c.node: c.error for c in result.report.applied
+                                                if c.error is not None})
         return result
 
     def needs_calibration(self, config: CC) -> bool:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
-from onnxcomp import bench, cost, fidelity, runtime, verify
+from onnxcomp import bench, cost, fidelity, provenance, runtime, verify
 from onnxcomp.errors import PassError
 from onnxcomp.model import QUANTIZED_OPS, copy_model
 from onnxcomp.passbase import PassConfig, PassResult, Report, RunContext, SkipReason
@@ -200,8 +200,21 @@ def run_pipeline(
     final = fidelity.Reference.of(model, calib, ctx.judge).compare(current) if changed else \
         verify.compare_outputs(names, original, previous,
                                verify.calibrated_decisions(model, calib))
+    if current is not model:  # the output records the run (onnxcomp/provenance.py)
+        loss, measure = fidelity.bound(final)
+        provenance.record_run(current, [(s.name, _changed_options(s.config)) for s in steps],
+                              {"loss": round(loss, 6), "measure": measure,
+                               "samples": calib.num_samples, "synthetic": calib.synthetic})
     return PipelineResult(current, tuple(results), final, calib.synthetic,
                           ctx.timer.spent.to_dict())
+
+
+def _changed_options(config: PassConfig) -> dict[str, Any]:
+    """The options of ``config`` that differ from its defaults (what a recipe would say)."""
+    defaults = type(config)()
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+            if getattr(config, f.name) != getattr(defaults, f.name)
+            and f.name != "latency_cache"}
 
 
 def pipeline_target(config: PassConfig, original: onnx.ModelProto, current: onnx.ModelProto,

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from onnxcomp.auto import AutoResult
     from onnxcomp.calibration import Calibration
     from onnxcomp.cost import ModelCost
+    from onnxcomp.diff import Group as DiffGroup
     from onnxcomp.judge import Judge
     from onnxcomp.pipeline import PipelineResult, StepResult
     from onnxcomp.verify import Fidelity
@@ -189,6 +190,22 @@ def eval_table(fid: Fidelity, loss: float, measure: str, samples: int, title: st
         table.add_row("regression outputs, rel. error", f"{fid.regression_rel_l2:.4g}")
     for out in fid.outputs:
         table.add_row(f"output {out.name}, rel. L2 error", f"{out.rel_l2:.4g}")
+    return table
+
+
+def diff_table(groups: Sequence[DiffGroup], title: str) -> Table:
+    """``onnxcomp diff``: one row per original node that a pass replaced, changed or removed."""
+    table = Table(title=title, title_justify="left")
+    for header in ("", "node", "op", "by", "params", "MACs", "error", "now"):
+        table.add_column(header)
+    for g in groups:
+        now = ", ".join(g.after[:3]) + (f" (+{len(g.after) - 3})" if len(g.after) > 3 else "")
+        absorbed = [n for n in g.before if n != g.origin]
+        table.add_row(g.kind, g.origin + (f" (+ {', '.join(absorbed)})" if absorbed else ""),
+                      g.op_type, ", ".join(g.passes) or "-",
+                      f"{human(g.params_before)} -> {human(g.params_after)}",
+                      f"{human(g.macs_before)} -> {human(g.macs_after)}",
+                      "-" if g.error is None else f"{g.error:.3g}", now or "-")
     return table
 
 

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Higher imports lower. Same layer: allowed, as long as no cycle forms.
 LAYERS: dict[str, int] = {
     **dict.fromkeys(["cli", "cli_options", "api"], 5),
-    **dict.fromkeys(["pipeline", "recipe", "report", "auto"], 4),
+    **dict.fromkeys(["pipeline", "recipe", "report", "auto", "diff"], 4),
     "passes": 3,
     **dict.fromkeys(["decompose", "sharing"], 2),
     **dict.fromkeys(["allocate", "sensitivity", "search", "measure", "stream", "moments",
@@ -23,7 +23,7 @@ LAYERS: dict[str, int] = {
                      "fidelity", "ops", "importance", "outputs", "graphpass"], 1),
     **dict.fromkeys(["graph", "model", "runtime", "calibration", "capture", "synthetic",
                      "cost", "bench", "latency_cache", "errors", "passbase", "timing", "judge",
-                     "serial", "executor"], 0),
+                     "serial", "executor", "provenance"], 0),
 }
 
 
