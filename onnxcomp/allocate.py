@@ -456,10 +456,10 @@ def _reach_speedup(picks: list[dict[int, Option]], savings: list[float], base_ms
                         f"within noise: a tenth of the rounds measured under {p10:.2f}x")
     if not met:
         if best == 0:
-            report.target_missed(f"target {target}x not reached: no choice of ranks measured "
+            report.target_missed(f"target {target:.3g}x not reached: no choice of ranks measured "
                                  f"faster than the original beyond noise; nothing applied")
         else:
-            report.target_missed(f"target {target}x not reached: best measured "
+            report.target_missed(f"target {target:.3g}x not reached: best measured "
                                  f"{measured[best]:.2f}x, using it")
     return best
 

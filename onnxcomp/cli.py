@@ -16,6 +16,7 @@ from onnxcomp import (
     calibration,
     cost,
     fidelity,
+    htmlreport,
     passbase,
     pipeline,
     provenance,
@@ -92,7 +93,8 @@ def main(verbose: int) -> None:
 @click.option("--save-recipe", "save_recipe", type=click.Path(path_type=Path),
               help="Write the run's passes and options as a recipe file (TOML).")
 @click.option("--report", "report_path", type=click.Path(path_type=Path),
-              help="Write the full JSON report here.")
+              help="Write the full report here: JSON, or a self-contained HTML page with "
+                   "plots when the name ends in .html.")
 @measure_options
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
               help="--auto: compile the candidate plans in this many local worker processes "
@@ -236,7 +238,11 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], recipe_path:
                 **({"auto": chosen.to_dict()} if chosen is not None else {}),
                 **({"heldout": held} if held is not None else {}),
             }
-            write_json(report_path, doc)
+            if report_path.suffix.lower() in (".html", ".htm"):
+                write_text(report_path, htmlreport.render(
+                    json.loads(json.dumps(doc, default=str))))
+            else:
+                write_json(report_path, doc)
 
     run_body(body)
 
@@ -520,6 +526,25 @@ def diff_cmd(a_path: Path, b_path: Path, as_json: bool, annotate_path: Path | No
                                    "changes": [g.to_dict() for g in groups]}, indent=2))
             return
         console.print(report.diff_table(groups, f"{a_path.name} -> {b_path.name}"))
+
+    run_body(body)
+
+
+@main.command(name="report")
+@click.argument("json_path", metavar="RUN.json", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path),
+              help="The HTML file to write.")
+def report_cmd(json_path: Path, output: Path) -> None:
+    """Turn a JSON report (optimize --report run.json) into a self-contained HTML page."""
+
+    def body() -> None:
+        try:
+            doc = json.loads(json_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{json_path}: not a readable JSON report ({exc})") from None
+        if not isinstance(doc, dict) or "steps" not in doc:
+            raise InputError(f"{json_path}: not an onnxcomp report (no 'steps')")
+        write_text(output, htmlreport.render(doc))
 
     run_body(body)
 

@@ -496,7 +496,7 @@ def _least_pruning_for_speed(model: onnx.ModelProto, prep: _Prepared, config: Pr
 
     hi = MAX_MACS_FRACTION
     if speed(hi) < target:
-        report.target_missed(f"target {target}x not reached: {speed(hi):.2f}x with "
+        report.target_missed(f"target {target:.3g}x not reached: {speed(hi):.2f}x with "
                              f"{hi:.0%} of the prunable MACs removed; using it")
     else:
         _, hi = search.bracket_float(lambda f: speed(f) >= target, 0.0, hi, SPEED_STEPS)

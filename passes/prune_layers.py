@@ -378,7 +378,7 @@ def _fewest_layers_for_speed(model: onnx.ModelProto, ranked: list[Unit],
     report.metrics["measured_speedup_before_refit"] = round(measured[count], 3)
     report.metrics["layers_search"] = {str(k): round(v, 3) for k, v in sorted(measured.items())}
     if measured[count] < target:
-        report.target_missed(f"target {target}x not reached: {measured[count]:.2f}x with every "
+        report.target_missed(f"target {target:.3g}x not reached: {measured[count]:.2f}x with every "
                              f"removable layer gone")
     chosen = _disjoint(ranked, count) if count else []
     pruned = _finish(model, chosen, config, calib) if chosen else model
