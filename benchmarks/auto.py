@@ -20,7 +20,8 @@ from typing import Any
 from cases import CASES, fmnist_accuracy, run
 from common import calibration, fixed_batch, optimize, write
 
-from onnxcomp import bench, fidelity
+from onnxcomp import benchmark as bench
+from onnxcomp import fidelity
 from onnxcomp.auto import AutoConfig, run_auto
 from onnxcomp.judge import Judge
 from onnxcomp.passbase import RunContext

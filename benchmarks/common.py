@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxcomp import bench, cost, pipeline
+from onnxcomp import benchmark as bench
+from onnxcomp import cost, pipeline
 from onnxcomp.calibration import Calibration
 from onnxcomp.passes import REGISTRY
 from onnxcomp.report import markdown_table

@@ -25,7 +25,7 @@ from typing import Any
 from cases import CASES, fmnist_accuracy, run
 from common import RESULTS, calibration, fixed_batch, macs, optimize, params, write
 
-from onnxcomp import bench
+from onnxcomp import benchmark as bench
 
 # (model, method, options, calibration samples)
 ROWS: list[tuple[str, str, dict[str, Any], int]] = [

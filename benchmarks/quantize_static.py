@@ -33,7 +33,7 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from onnxcomp import bench
+from onnxcomp import benchmark as bench
 
 MODELS = {"fashion_mnist_vgg": 128, "mobilenetv2": 64, "efficientnet_lite0": 64,
           "ppocrv4_det": 16, "ppocrv4_rec": 94}

@@ -1,9 +1,10 @@
 """onnxcomp: an ONNX graph-rewriting compiler that makes CNNs smaller and faster.
 
 ``onnxcomp.optimize(model, passes=[...] | recipe=... | auto=True, calib=...)`` returns the
-optimized model and its report (see :func:`onnxcomp.api.optimize`); ``onnxcomp.Calibration``
-and ``onnxcomp.load_calibration`` build calibration sets. Imported on first use, so that
-``import onnxcomp`` stays light.
+optimized model and its report (see :func:`onnxcomp.api.optimize`); ``onnxcomp.bench`` and
+``onnxcomp.diff`` do what the commands of those names do; ``onnxcomp.Calibration``
+(``Calibration.from_folder``) and ``onnxcomp.load_calibration`` build calibration sets.
+Imported on first use, so that ``import onnxcomp`` stays light.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {"optimize": ("onnxcomp.api", "optimize"),
+         "bench": ("onnxcomp.api", "bench"),
+         "diff": ("onnxcomp.api", "diff"),
          "Calibration": ("onnxcomp.calibration", "Calibration"),
          "load_calibration": ("onnxcomp.calibration", "load_calibration")}
 __all__ = ["__version__", *_LAZY]

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
-from onnxcomp import bench, cost, fidelity, search, verify
+from onnxcomp import benchmark as bench
+from onnxcomp import cost, fidelity, search, verify
 from onnxcomp.calibration import Calibration
 from onnxcomp.judge import Judge
 from onnxcomp.latency_cache import structure_hash

@@ -27,7 +27,7 @@ from typing import Any
 import onnx
 
 from onnxcomp import auto as auto_mod
-from onnxcomp import bench as bench_mod
+from onnxcomp import benchmark as bench_mod
 from onnxcomp import calibration, cost, executor, fidelity, pipeline, synthetic
 from onnxcomp import model as model_io
 from onnxcomp.errors import ConfigError, OnnxcompError
@@ -64,7 +64,7 @@ def optimize(model: str | Path | onnx.ModelProto, passes: Sequence[str | tuple[s
         **options: pass options by their config field names.
 
     The report is the JSON ``onnxcomp optimize --report`` writes (steps, fidelity, timing,
-    ``auto``), without the benchmark: time with :func:`onnxcomp.bench.benchmark`.
+    ``auto``), without the benchmark: time with :func:`onnxcomp.benchmark.benchmark`.
 
     """
     from onnxcomp import passbase
@@ -117,6 +117,34 @@ def optimize(model: str | Path | onnx.ModelProto, passes: Sequence[str | tuple[s
               "calibration": {"source": data.source, "synthetic": data.synthetic,
                               "samples": data.num_samples}}
     return result.model, report
+
+
+def bench(models: Sequence[str | Path | onnx.ModelProto], inputs: Any = None,
+          shapes: dict[str, Sequence[int]] | None = None, provider: str = "cpu",
+          threads: int = 1, runs: int = 50) -> dict[str, Any]:
+    """Time ``models`` interleaved (the first is the baseline), as ``onnxcomp bench`` does.
+
+    ``inputs``: a dict of arrays or a data path (its first sample); ``shapes``: random inputs
+    of these shapes, for symbolic dims. Returns the JSON ``bench --json`` prints.
+    """
+    loaded = [m if isinstance(m, onnx.ModelProto) else model_io.load(m) for m in models]
+    feeds = None
+    if inputs is not None:
+        data = _calibration(loaded[0], inputs)
+        feeds = {k: v[:1] for k, v in data.batches[0].items()}
+    elif shapes:
+        feeds = synthetic.random_feeds(loaded[0], shapes)
+    config = bench_mod.BenchConfig(provider=provider, threads=threads, batch=1, runs=runs)
+    return bench_mod.benchmark(loaded, config, feeds).to_dict()
+
+
+def diff(a: str | Path | onnx.ModelProto, b: str | Path | onnx.ModelProto,
+         shapes: dict[str, Sequence[int]] | None = None) -> list[dict[str, Any]]:
+    """What changed from ``a`` to ``b`` by original node (``onnxcomp diff --json``'s list)."""
+    from onnxcomp import changes as diff_mod
+
+    ma, mb = (m if isinstance(m, onnx.ModelProto) else model_io.load(m) for m in (a, b))
+    return [g.to_dict() for g in diff_mod.diff(ma, mb, shapes)]
 
 
 def _calibration(model: onnx.ModelProto, calib: Any) -> calibration.Calibration:

@@ -41,7 +41,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxcomp import bench, fidelity, verify
+from onnxcomp import benchmark as bench
+from onnxcomp import fidelity, verify
 from onnxcomp import outputs as kinds
 from onnxcomp.calibration import Calibration
 from onnxcomp.errors import ConfigError, OnnxcompError

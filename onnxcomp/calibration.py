@@ -25,7 +25,7 @@ import os
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -129,6 +129,21 @@ class Calibration:
                 )
             if any(np.ndim(v) and np.shape(v)[0] == 0 for v in batch.values()):
                 raise InputError(f"calibration batch {i} of '{self.source}' is empty")
+
+    @classmethod
+    def from_folder(cls, path: str | os.PathLike[str], model: onnx.ModelProto | str
+                    | os.PathLike[str], batch_size: int = 8, limit: int | None = None,
+                    **image_options: Any) -> Calibration:
+        """A calibration set from an image folder for ``model`` (a ModelProto or a path).
+
+        ``image_options`` are :class:`ImageOptions` fields: ``size=(224, 224)``,
+        ``mean=(0.485, 0.456, 0.406)``, ``std=...``, ``scale``, ``layout``, ``bgr``.
+        """
+        from onnxcomp import model as model_io
+
+        proto = model if isinstance(model, onnx.ModelProto) else model_io.load(model)
+        return load_calibration(path, proto, ImageOptions(**image_options),
+                                batch_size=batch_size, limit=limit)
 
     @property
     def input_names(self) -> list[str]:

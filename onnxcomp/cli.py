@@ -24,15 +24,17 @@ from onnxcomp import (
     synthetic,
 )
 from onnxcomp import auto as auto_mod
-from onnxcomp import bench as bench_mod
-from onnxcomp import diff as diff_mod
+from onnxcomp import benchmark as bench_mod
+from onnxcomp import changes as diff_mod
 from onnxcomp import executor as executor_mod
 from onnxcomp import judge as judge_mod
 from onnxcomp import model as model_io
 from onnxcomp import recipe as recipe_mod
 from onnxcomp.cli_options import (
+    EXAMPLES,
     LOWRANK,
     PASS_FLAGS,
+    GroupedCommand,
     calib_options,
     console,
     err_console,
@@ -63,7 +65,7 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
-@main.command()
+@main.command(cls=GroupedCommand, epilog=EXAMPLES)
 @click.argument("model_path", metavar="IN.onnx", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path),
               help="Where to write the optimized model.")
@@ -549,6 +551,34 @@ def report_cmd(json_path: Path, output: Path) -> None:
     run_body(body)
 
 
+@main.command(name="explain")
+@click.argument("pass_name", metavar="PASS")
+def explain(pass_name: str) -> None:
+    """What PASS does and its options (from the same source as `optimize --help`)."""
+    from onnxcomp.passes import REGISTRY
+
+    if pass_name not in REGISTRY:
+        fail(passbase.unknown_option(pass_name, REGISTRY, "explain").replace(
+            "unknown option", "unknown pass", 1), code=2)
+    pass_ = REGISTRY[pass_name]
+    doc = (sys.modules[type(pass_).__module__].__doc__ or "").strip()
+    kind = "lossless" if pass_.lossless else "lossy"
+    console.print(f"[bold]{pass_name}[/] ({kind})\n", highlight=False)
+    console.print(doc, highlight=False, markup=False)
+    console.print("\n[bold]Options[/]", highlight=False)
+    for f, _, passes in pass_fields().values():
+        if pass_name not in passes:
+            continue
+        meta = f.metadata
+        flag = meta.get("flag") or f"--{f.name.replace('_', '-')}"
+        default = "" if f.default in (None, ()) else f" [default: {f.default}]"
+        choices = f" ({' | '.join(meta['choices'])})" if meta.get("choices") else ""
+        text = meta["help"].split(": ", 1)[1] if meta["help"].startswith(
+            tuple(f"{p}: " for p in REGISTRY)) else meta["help"]
+        console.print(f"  {flag}{choices}{default}\n      {text}", highlight=False,
+                      markup=False)
+
+
 @main.command(name="passes")
 def list_passes() -> None:
     """List the available passes."""
@@ -556,8 +586,10 @@ def list_passes() -> None:
 
     for name, p in REGISTRY.items():
         doc = (sys.modules[type(p).__module__].__doc__ or "").strip().splitlines()
+        line = doc[0].replace(" (lossless)", "").replace(" (lossy)", "") if doc else ""
         kind = "lossless" if p.lossless else "lossy"
-        console.print(f"[bold]{name}[/] ({kind}): {doc[0] if doc else ''}", highlight=False)
+        console.print(f"[bold]{name}[/] ({kind}): {line}", highlight=False)
+    console.print("`onnxcomp explain PASS` lists a pass's options.", highlight=False)
 
 
 __all__ = ["main", "InputError"]

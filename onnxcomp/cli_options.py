@@ -278,3 +278,54 @@ def first_inputs(model: Any, kw: dict[str, Any], batch: int) -> dict[str, Any] |
     data = calibration.load_calibration(kw["calib_path"], model, image_preprocessing(kw),
                                         batch_size=batch, limit=batch)
     return dict(data.batches[0])
+
+
+# `optimize --help`: the run's own options first, then each kind of pass option.
+RUN_GROUPS: dict[str, str] = {
+    **dict.fromkeys(["output", "passes", "recipe_path", "auto_mode", "save_recipe",
+                     "report_path", "help"], "What to run"),
+    **dict.fromkeys(["calib_path", "num_calib", "calib_batch", "size", "mean", "std", "scale",
+                     "layout", "bgr", "heldout_path"], "Data (--calib: .npz, .npy or images)"),
+    **dict.fromkeys(["score_threshold", "metric_spec", "labels_path"],
+                    "How fidelity is judged"),
+    **dict.fromkeys(["bench", "provider", "threads", "runs", "jobs", "latency_cache"],
+                    "Where and how latency is measured"),
+}
+EXAMPLES = """\b
+Examples:
+  onnxcomp optimize m.onnx -o out.onnx --pass fold_bn --pass cp \\
+      --rank auto --target-speedup 2 --calib data.npz
+  onnxcomp optimize m.onnx -o out.onnx --auto --target-speedup 2 \\
+      --max-drop 0.01 --calib imgs/ --size 224 --report out.html
+  onnxcomp optimize m.onnx -o out.onnx --recipe deploy.toml --calib data.npz
+
+`onnxcomp explain PASS` describes one pass and its options; docs/options.md all of them."""
+
+
+def option_group(name: str) -> str:
+    """The --help section of an ``optimize`` parameter."""
+    if name in RUN_GROUPS:
+        return RUN_GROUPS[name]
+    fields = pass_fields()
+    if name in ("groups", "depth_multiplier"):
+        return "Options of kernel_sharing / depthwise_separable"
+    if name not in fields or len(fields[name][2]) > 2:
+        return "Options several passes share"
+    return f"Options of {' / '.join(fields[name][2])}"
+
+
+class GroupedCommand(click.Command):
+    """A command whose --help lists its options in sections (:func:`option_group`)."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """Options grouped by section, sections in first-seen order (run options first)."""
+        sections: dict[str, list[tuple[str, str]]] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None:
+                sections.setdefault(option_group(param.name or ""), []).append(record)
+        order = [*dict.fromkeys(RUN_GROUPS.values()), "Options several passes share"]
+        for title in sorted(sections, key=lambda t: (order.index(t) if t in order
+                                                      else len(order), t)):
+            with formatter.section(title):
+                formatter.write_dl(sections[title])

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxcomp import bench
+from onnxcomp import benchmark as bench
 from onnxcomp.chain import standalone
 from onnxcomp.linear import Layer, Plan
 from onnxcomp.timing import Timer

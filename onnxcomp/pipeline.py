@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
-from onnxcomp import bench, cost, fidelity, provenance, runtime, verify
+from onnxcomp import benchmark as bench
+from onnxcomp import cost, fidelity, provenance, runtime, verify
 from onnxcomp.errors import PassError
 from onnxcomp.model import QUANTIZED_OPS, copy_model
 from onnxcomp.passbase import PassConfig, PassResult, Report, RunContext, SkipReason

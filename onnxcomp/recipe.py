@@ -21,6 +21,7 @@ pass of the recipe knows is an error, so a typo never passes silently. ``onnxcom
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import sys
 import types
@@ -123,8 +124,12 @@ class Recipe:
                     if field not in fields:
                         if source == "defaults":
                             continue  # checked below: some pass must know it
-                        raise RecipeError(f"{where}: unknown option '{key}' (known: "
-                                          f"{', '.join(sorted(fields))})")
+                        known = sorted(f.replace("_", "-") for f in fields
+                                       if f not in NOT_SAVED)
+                        close = difflib.get_close_matches(key.replace("_", "-"), known, n=1)
+                        raise RecipeError(f"{where}: unknown option '{key}'"
+                                          + (f" (did you mean '{close[0]}'?)" if close else "")
+                                          + f" (known: {', '.join(known)})")
                     merged[field] = _coerce(value, fields[field], f"{where}: option '{key}'")
             try:
                 config = cls(**merged)
@@ -189,7 +194,8 @@ def _toml_value(value: Any) -> str:
 
 def dump(steps: Sequence[Step]) -> str:
     """TOML text of ``steps``: each pass with the options that differ from its defaults."""
-    lines = ["# onnxcomp recipe: onnxcomp optimize IN.onnx --recipe THIS -o OUT.onnx", ""]
+    lines = ["# onnxcomp recipe: onnxcomp optimize IN.onnx -o OUT.onnx --recipe THIS "
+             "--calib DATA", ""]
     for step in steps:
         lines.append("[[pass]]")
         lines.append(f"name = {json.dumps(step.name)}")

@@ -15,8 +15,8 @@ if TYPE_CHECKING:
 
     from onnxcomp.auto import AutoResult
     from onnxcomp.calibration import Calibration
+    from onnxcomp.changes import Group as DiffGroup
     from onnxcomp.cost import ModelCost
-    from onnxcomp.diff import Group as DiffGroup
     from onnxcomp.judge import Judge
     from onnxcomp.pipeline import PipelineResult, StepResult
     from onnxcomp.verify import Fidelity

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -104,8 +104,8 @@ def _synthetic_shape(spec: InputSpec, dims: Mapping[str, int]) -> tuple[int, ...
     return tuple(shape)
 
 
-def random_feeds(model: onnx.ModelProto, shapes: Mapping[str, list[int]] | Mapping[
-        str, tuple[int, ...]], seed: int = 0) -> dict[str, np.ndarray]:
+def random_feeds(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], seed: int = 0
+                 ) -> dict[str, np.ndarray]:
     """Seeded standard-normal inputs of the given full shapes (``--shape``), in input dtypes.
 
     Every graph input needs a shape that fits its fixed dims (else an InputError naming it).

@@ -1,6 +1,6 @@
 """The measurement service every pass times through: one timer, one memo, one latency cache.
 
-A :class:`Timer` runs interleaved A/B measurements (:func:`onnxcomp.bench.benchmark` by
+A :class:`Timer` runs interleaved A/B measurements (:func:`onnxcomp.benchmark.benchmark` by
 default), measures more rounds when the spread of a speedup is wide, remembers what it
 measured (in the process, and in a :class:`LatencyCache` file when one is attached) and keeps
 a count of what it spent. Passes get theirs from the run context
@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 import onnx
 
-from onnxcomp import bench
+from onnxcomp import benchmark as bench
 from onnxcomp.latency_cache import LatencyCache, machine_key, structure_hash
 
 # A speedup whose p10-p90 spans more than this share of its median is measured again.
@@ -30,7 +30,7 @@ MAX_REPEATS = 2
 
 
 class Benchmark(Protocol):
-    """What times models: :func:`onnxcomp.bench.benchmark`'s signature."""
+    """What times models: :func:`onnxcomp.benchmark.benchmark`'s signature."""
 
     def __call__(self, models: Sequence[onnx.ModelProto], config: bench.BenchConfig,
                  inputs: Mapping[str, np.ndarray] | None = None,

@@ -37,7 +37,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxcomp import bench, cost, depgraph, runtime, search
+from onnxcomp import benchmark as bench
+from onnxcomp import cost, depgraph, runtime, search
 from onnxcomp import passbase as pb
 from onnxcomp.calibration import Calibration
 from onnxcomp.chain import write_linear

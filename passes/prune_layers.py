@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxcomp import bench, capture, cost, search, verify
+from onnxcomp import benchmark as bench
+from onnxcomp import capture, cost, search, verify
 from onnxcomp import passbase as pb
 from onnxcomp.calibration import Calibration
 from onnxcomp.chain import write_linear

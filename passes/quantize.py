@@ -54,7 +54,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxcomp import bench, fidelity, quant, runtime, search
+from onnxcomp import benchmark as bench
+from onnxcomp import fidelity, quant, runtime, search
 from onnxcomp import passbase as pb
 from onnxcomp.calibration import Calibration
 from onnxcomp.graph import Graph

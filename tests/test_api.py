@@ -64,3 +64,27 @@ def test_import_onnxcomp_stays_light():
     assert out[0] == "False"
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         onnxcomp.nope  # noqa: B018
+
+
+def test_bench_diff_and_calibration_from_a_folder(model_and_calib, tmp_path):
+    from PIL import Image
+
+    path, calib = model_and_calib
+    out, _ = onnxcomp.optimize(path, passes=[("quantize", {"mode": "weight"})], calib=calib)
+    timed = onnxcomp.bench([path, out], inputs=calib, runs=5)
+    assert len(timed["models"]) == 2 and timed["speedups"][0]["median"] > 0
+    shaped = onnxcomp.bench([path], shapes={"x": (1, 8, 32, 32)}, runs=3)
+    assert shaped["models"][0]["median_ms"] > 0
+    changes = onnxcomp.diff(path, out)
+    assert [c["origin"] for c in changes if "quantize" in c["passes"]] == ["conv"]
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full([40, 40, 3], 60 * i, np.uint8)).save(folder / f"{i}.png")
+    model = onnx.load(path)
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 3  # an RGB model
+    model.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(
+        np.ones([16, 3, 3, 3], np.float32), model.graph.initializer[0].name))
+    data = onnxcomp.Calibration.from_folder(folder, model, size=(32, 32), mean=(0.5,) * 3,
+                                            std=(0.5,) * 3)
+    assert data.num_samples == 3 and data.batches[0]["x"].shape == (3, 3, 32, 32)

@@ -9,8 +9,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxcomp import bench
-from onnxcomp.bench import BenchConfig, benchmark, compare_models, speedup, time_model
+from onnxcomp import benchmark as bench
+from onnxcomp.benchmark import BenchConfig, benchmark, compare_models, speedup, time_model
 from onnxcomp.passbase import ConfigError, InputError
 
 IR_VERSION = 8

@@ -367,3 +367,24 @@ def test_eval_reports_the_compile_measures_on_held_out_data(tmp_path):
     bad = runner.invoke(main, ["eval", str(a), str(b), "--data", str(tmp_path / "held.npz"),
                                "--metric", f"{tmp_path / 'bad.py'}:bad"])
     assert bad.exit_code == 1 and "bad" in bad.output and len(bad.output.strip().splitlines()) == 1
+
+
+def test_optimize_help_groups_its_options_and_shows_examples():
+    out = CliRunner().invoke(main, ["optimize", "--help"]).output
+    for section in ("What to run:", "Data (--calib", "How fidelity is judged:",
+                    "Where and how latency is measured:", "Options several passes share:",
+                    "Options of quantize:", "Examples:"):
+        assert section in out
+    assert out.index("What to run:") < out.index("Options of quantize:")
+
+
+def test_explain_and_passes_come_from_the_pass_itself():
+    runner = CliRunner()
+    out = runner.invoke(main, ["explain", "prune_channels"])
+    assert out.exit_code == 0 and "prune_channels (lossy)" in out.output
+    assert "--ratio" in out.output and "--criterion (reconstruction | l1 | l2" in out.output
+    bad = runner.invoke(main, ["explain", "prune_chanels"])
+    assert bad.exit_code == 2 and "did you mean 'prune_channels'" in bad.output
+    listing = runner.invoke(main, ["passes"]).output
+    assert listing.count("(lossy)") == sum(
+        1 for line in listing.splitlines() if "(lossy)" in line) and "lossy)." not in listing

@@ -17,7 +17,8 @@ from builders import (
 )
 from onnx import helper
 
-from onnxcomp import allocate, bench, chain, cost, linear, measure, verify
+from onnxcomp import allocate, chain, cost, linear, measure, verify
+from onnxcomp import benchmark as bench
 from onnxcomp.decompose import LowRankConfig
 from onnxcomp.graph import Graph
 from onnxcomp.lowrank import cp_macs

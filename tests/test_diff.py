@@ -15,7 +15,7 @@ from click.testing import CliRunner
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import onnxcomp  # noqa: E402
-from onnxcomp import diff, provenance  # noqa: E402
+from onnxcomp import changes, provenance  # noqa: E402
 from onnxcomp.cli import main  # noqa: E402
 from onnxcomp.model import load  # noqa: E402
 
@@ -42,7 +42,7 @@ def test_a_cp_run_lists_every_replaced_layer_with_its_error(det):
     model, calib = det
     out, report = onnxcomp.optimize(model, passes=["fold_bn", ("cp", {"rank": 0.5})],
                                     calib=calib)
-    groups = diff.diff(model, out, SHAPES)
+    groups = changes.diff(model, out, SHAPES)
     applied = {c["node"]: c["error"] for c in _applied(report, "cp")}
     replaced = {g.origin: g for g in groups if "cp" in g.passes}
     assert applied and set(replaced) == set(applied)
@@ -58,13 +58,14 @@ def test_a_prune_and_a_quantize_run_list_their_layers(det):
     model, calib = det
     pruned, report = onnxcomp.optimize(model, passes=[("prune_channels", {"ratio": 0.3})],
                                        calib=calib)
-    changed = {g.origin for g in diff.diff(model, pruned, SHAPES) if "prune_channels" in g.passes}
+    changed = {g.origin for g in changes.diff(model, pruned, SHAPES)
+               if "prune_channels" in g.passes}
     applied = _applied(report, "prune_channels")
     every = {n for c in applied for n in c["details"]["nodes"]}
     assert {c["node"] for c in applied} <= changed <= every | {c["node"] for c in applied}
     quantized, report = onnxcomp.optimize(model, passes=[("quantize", {"mode": "weight"})],
                                           calib=calib)
-    groups = [g for g in diff.diff(model, quantized, SHAPES) if "quantize" in g.passes]
+    groups = [g for g in changes.diff(model, quantized, SHAPES) if "quantize" in g.passes]
     assert {g.origin for g in groups} == {c["node"] for c in _applied(report, "quantize")}
     assert all(g.kind == "changed" and len(g.after) > 1 for g in groups)  # + its DQ nodes
 

@@ -14,7 +14,8 @@ import pytest
 from builders import conv_model
 from click.testing import CliRunner
 
-from onnxcomp import bench, executor, timing
+from onnxcomp import benchmark as bench
+from onnxcomp import executor, timing
 from onnxcomp.cli import main
 from onnxcomp.errors import ConfigError
 from onnxcomp.judge import Judge, load_metric

@@ -15,14 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 # Higher imports lower. Same layer: allowed, as long as no cycle forms.
 LAYERS: dict[str, int] = {
     **dict.fromkeys(["cli", "cli_options", "api"], 5),
-    **dict.fromkeys(["pipeline", "recipe", "report", "auto", "diff", "htmlreport"], 4),
+    **dict.fromkeys(["pipeline", "recipe", "report", "auto", "changes", "htmlreport"], 4),
     "passes": 3,
     **dict.fromkeys(["decompose", "sharing"], 2),
     **dict.fromkeys(["allocate", "sensitivity", "search", "measure", "stream", "moments",
                      "refit", "chain", "linear", "cp_als", "lowrank", "depgraph", "verify", "quant",
                      "fidelity", "ops", "importance", "outputs", "graphpass"], 1),
     **dict.fromkeys(["graph", "model", "runtime", "calibration", "capture", "synthetic",
-                     "cost", "bench", "latency_cache", "errors", "passbase", "timing", "judge",
+                     "cost", "benchmark", "latency_cache", "errors", "passbase", "timing", "judge",
                      "serial", "executor", "provenance"], 0),
 }
 

@@ -116,7 +116,7 @@ def test_quantized_nodes_detected():
 
 def test_negative_dims_load_as_dynamic(tmp_path):
     """Exporters that write -1 for a dynamic batch: onnxcomp treats it as unknown."""
-    from onnxcomp import bench
+    from onnxcomp import benchmark as bench
 
     nodes = [helper.make_node("Relu", ["x"], ["y"])]
     m = make_model(nodes, [tensor("x", [1, 3])], [tensor("y", [1, 3])])

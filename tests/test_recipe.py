@@ -54,7 +54,8 @@ def test_rank_alias_of_kernel_sharing():
 
 @pytest.mark.parametrize("text, needle", [
     ('[[pass]]\nname = "nope"\n', "pass 1 (nope): unknown pass"),
-    ('[[pass]]\nname = "svd"\nrank_multipl = 8\n', "unknown option 'rank_multipl'"),
+    ('[[pass]]\nname = "svd"\nrank_multipl = 8\n',
+     "unknown option 'rank_multipl' (did you mean 'rank-multiple'?)"),
     ('[[pass]]\nname = "svd"\ntarget-speedup = "fast"\n', "expected float"),
     ('[[pass]]\nname = "svd"\nrefit = 1\n', "expected bool"),
     ('[[pass]]\nname = "prune_channels"\nratio = 1.5\n', "--ratio must be in [0, 1)"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from builders import conv_model
 
-from onnxcomp import bench
+from onnxcomp import benchmark as bench
 from onnxcomp.latency_cache import LatencyCache
 from onnxcomp.timing import Modelled, Timer, pool
 
