@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.markup import escape
 
 from onnxcomp import (
     api,
@@ -208,12 +209,12 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], recipe_path:
             console.print("[yellow]fidelity measured on synthetic inputs (no --calib)[/]")
         for step in result.steps:
             for warning in step.report.warnings:
-                err_console.print(f"[bold yellow]warning:[/] {step.name}: {warning.text}",
+                err_console.print(f"[bold yellow]warning:[/] {step.name}: {escape(warning.text)}",
                                   highlight=False)
         if chosen is not None:
             console.print(report.auto_table(chosen))
             if chosen.code != "target_met" and options.get("target_speedup") is not None:
-                err_console.print(f"[bold yellow]warning:[/] auto: {chosen.why}",
+                err_console.print(f"[bold yellow]warning:[/] auto: {escape(chosen.why)}",
                                   highlight=False)
         held = None
         if heldout is not None:
@@ -221,7 +222,7 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], recipe_path:
                                   options.get("max_drop") if auto_mode else None, judge)
             console.print(held["text"], highlight=False)
             if held.get("warning"):
-                err_console.print(f"[bold yellow]warning:[/] {held['warning']}",
+                err_console.print(f"[bold yellow]warning:[/] {escape(held['warning'])}",
                                   highlight=False)
         if report_path is not None:
             doc = {
@@ -330,7 +331,7 @@ def optimize_many(model_paths: Sequence[Path], out_dir: Path, passes: Sequence[s
         console.print(report.many_table(summaries))
         failed = [s for s in summaries if s["error"]]
         for s in failed:
-            err_console.print(f"[bold red]error:[/] {s['model']}: {s['error']}",
+            err_console.print(f"[bold red]error:[/] {s['model']}: {escape(s['error'])}",
                               highlight=False)
         if failed:
             fail(f"{len(failed)} of {len(summaries)} models failed (listed above)")
@@ -577,6 +578,40 @@ def explain(pass_name: str) -> None:
             tuple(f"{p}: " for p in REGISTRY)) else meta["help"]
         console.print(f"  {flag}{choices}{default}\n      {text}", highlight=False,
                       markup=False)
+
+
+@main.command(name="view")
+@click.argument("model_paths", metavar="MODEL [MODEL2]", nargs=-1, required=True,
+                type=click.Path(path_type=Path))
+@click.option("--port", type=click.IntRange(min=1, max=65535), default=8080, show_default=True,
+              help="The first model's port (the next one's is +1).")
+@click.option("--browse/--no-browse", default=True, show_default=True,
+              help="Open a browser tab per model.")
+@click.option("--wait/--no-wait", default=True, hidden=True,
+              help="Serve until interrupted (tests start and stop the servers).")
+def view(model_paths: Sequence[Path], port: int, browse: bool, wait: bool) -> None:
+    """Serve MODEL (and MODEL2 beside it) in Netron locally, e.g. an original and its output.
+
+    Needs the netron package: pip install 'onnxcomp[view]'. `onnxcomp diff A B --annotate C`
+    writes a copy whose nodes say what they replaced, to view beside A.
+    """
+
+    def body() -> None:
+        try:
+            import netron
+        except ImportError:
+            raise InputError("onnxcomp view needs Netron: pip install 'onnxcomp[view]'") from None
+        for path in model_paths:
+            if not path.is_file():
+                raise InputError(f"{path}: no such model file")
+        for i, path in enumerate(model_paths[:2]):
+            address = netron.start(str(path), address=("localhost", port + i), browse=browse)
+            host, bound = address if isinstance(address, tuple) else ("localhost", port + i)
+            console.print(f"{path.name}: http://{host}:{bound}", highlight=False)
+        if wait:
+            netron.wait()
+
+    run_body(body)
 
 
 @main.command(name="passes")

@@ -19,6 +19,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from onnxcomp import calibration, synthetic
@@ -43,7 +44,7 @@ class CliError(click.ClickException):
 
     def show(self, file: Any = None) -> None:
         """Print ``error: message`` on stderr."""
-        err_console.print(f"[bold red]error:[/] {self.message}", highlight=False,
+        err_console.print(f"[bold red]error:[/] {escape(self.message)}", highlight=False,
                           soft_wrap=True)
 
 

@@ -174,7 +174,8 @@ class Graph:
         suffix: str = "",
     ) -> gs.Node:
         """Add a node named ``<pass>/<origin>[/suffix]`` carrying provenance metadata."""
-        base = f"{pass_name}/{origin}" + (f"/{suffix}" if suffix else "")
+        # Exporters name nodes "/block/Conv": no "cp//block/Conv" (Netron shows the name).
+        base = f"{pass_name}/{origin.lstrip('/')}" + (f"/{suffix}" if suffix else "")
         node = gs.Node(
             op,
             name=self.unique_name(base),

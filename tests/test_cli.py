@@ -388,3 +388,30 @@ def test_explain_and_passes_come_from_the_pass_itself():
     listing = runner.invoke(main, ["passes"]).output
     assert listing.count("(lossy)") == sum(
         1 for line in listing.splitlines() if "(lossy)" in line) and "lossy)." not in listing
+
+
+def test_view_serves_the_models_in_netron(tmp_path, monkeypatch):
+    import socket
+    import sys
+    import urllib.request
+
+    import netron
+
+    model = tmp_path / "m.onnx"
+    onnx.save(conv_bn_model(c_out=8, size=8), model)
+    with socket.socket() as s:  # a free port
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    runner = CliRunner()
+    out = runner.invoke(main, ["view", str(model), "--no-browse", "--no-wait", "--port",
+                               str(port)])
+    try:
+        assert out.exit_code == 0, out.output
+        assert f"http://localhost:{port}" in out.output
+        with urllib.request.urlopen(f"http://localhost:{port}/", timeout=10) as page:
+            assert page.status == 200 and b"netron" in page.read().lower()
+    finally:
+        netron.stop()
+    monkeypatch.setitem(sys.modules, "netron", None)  # as if not installed
+    missing = runner.invoke(main, ["view", str(model), "--no-wait"])
+    assert missing.exit_code == 1 and "pip install 'onnxcomp[view]'" in missing.output
