@@ -64,7 +64,8 @@ def test_the_html_report_renders_in_headless_chromium(run):
     shot = artifacts / "report.png"
     shot.unlink(missing_ok=True)
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
-             "--v=0", "--window-size=1200,2600"]
+             "--v=0", "--window-size=1200,2600", f"--user-data-dir={run / 'profile'}",
+             "--no-first-run", "--disable-extensions"]
     page = (run / "run.html").as_uri()
     shown = subprocess.run([browser, *flags, f"--screenshot={shot}", page], capture_output=True,
                            text=True, timeout=120)
@@ -72,7 +73,7 @@ def test_the_html_report_renders_in_headless_chromium(run):
     assert "CONSOLE" not in shown.stderr and "Uncaught" not in shown.stderr
     dom = subprocess.run([browser, *flags, "--dump-dom", page], capture_output=True, text=True,
                          timeout=120)
-    assert dom.stdout.count("<svg") >= 3 and "<table>" in dom.stdout
+    assert dom.stdout.count("<svg") >= 3 and "<table>" in dom.stdout, dom.stderr[-2000:]
     pixels = np.asarray(Image.open(shot).convert("RGB"))
     greens = int(np.all(pixels == (46, 125, 50), axis=-1).sum())
     assert greens > 500  # the plots' bars and points were drawn
