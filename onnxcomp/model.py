@@ -45,6 +45,10 @@ def load(path: str | os.PathLike[str], check: bool = True) -> onnx.ModelProto:
     opset = default_opset(model)
     if opset is not None and opset < MIN_OPSET:
         raise InputError(f"{p}: opset {opset} is not supported (need >= {MIN_OPSET})")
+    newest = onnx.defs.onnx_opset_version()
+    if opset is not None and opset > newest:
+        raise InputError(f"{p}: opset {opset} is newer than this ONNX / ONNX Runtime support "
+                         f"(<= {newest}): export with a released opset")
     if check:
         check_model(model, path=p)
     unknown_negative_dims(model)

@@ -100,11 +100,20 @@ def make_session(
     """An inference session for an in-memory model (large models go through a temp file)."""
     opts = session_options(threads, optimize)
     providers = provider_list(provider)
-    if not model_io.is_large(model):
-        return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = model_io.serialize_for_session(model, Path(tmp))
-        return ort.InferenceSession(path, opts, providers=providers)
+    try:
+        if not model_io.is_large(model):
+            return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = model_io.serialize_for_session(model, Path(tmp))
+            return ort.InferenceSession(path, opts, providers=providers)
+    except Exception as exc:  # a fault of the model ONNX Runtime names: the user's input
+        text = str(exc)
+        if "ValidateOpsetForDomain" in text or "opset" in text.lower() and (
+                "is under development" in text or "not supported" in text):
+            support = text[text.find("Current official support"):].strip() or text[-200:]
+            raise InputError(f"ONNX Runtime {ort.__version__} cannot load this model's "
+                             f"opset: {support}") from None
+        raise
 
 
 def output_names(session: ort.InferenceSession) -> list[str]:

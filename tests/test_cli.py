@@ -415,3 +415,18 @@ def test_view_serves_the_models_in_netron(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "netron", None)  # as if not installed
     missing = runner.invoke(main, ["view", str(model), "--no-wait"])
     assert missing.exit_code == 1 and "pip install 'onnxcomp[view]'" in missing.output
+
+
+def test_an_unreleased_opset_is_the_users_fault_not_an_internal_error(tmp_path):
+    """Reliability probe: opset 99 used to exit 3 with ORT's ValidateOpsetForDomain text."""
+    model = conv_bn_model(c_out=8, size=8)
+    model.opset_import[0].version = 99
+    path = tmp_path / "op99.onnx"
+    onnx.save(model, path)
+    runner = CliRunner()
+    for args in (["optimize", str(path), "-o", str(tmp_path / "o.onnx"), "--pass", "fold_bn"],
+                 ["inspect", str(path)], ["bench", str(path), "--runs", "3"]):
+        out = runner.invoke(main, args)
+        assert out.exit_code == 1, out.output
+        assert "opset 99 is newer than" in out.output and "internal error" not in out.output
+    assert not (tmp_path / "o.onnx").exists()
