@@ -105,6 +105,18 @@ class _Store:
             return self.arrays[name][batch]
         return np.load(self.spilled[name][batch], mmap_mode="r")
 
+    def add(self, name: str, offset: np.ndarray, axis: int) -> None:
+        """Add ``offset`` (one value per index of ``axis``) to every batch of ``name``."""
+        for i in range(len(self.arrays.get(name, self.spilled.get(name, [])))):
+            value = self.get(name, i)
+            shape = [1] * value.ndim
+            shape[axis] = -1
+            shifted = (value + offset.reshape(shape)).astype(value.dtype)
+            if name in self.arrays:
+                self.arrays[name][i] = shifted
+            else:
+                np.save(self.spilled[name][i], shifted)
+
     def drop(self, name: str) -> None:
         if name in self.arrays:
             self.resident -= sum(a.nbytes for a in self.arrays.pop(name))
@@ -163,6 +175,16 @@ class LayerStream:
         if name not in self._store:
             self._run_segment(model, name)
         return [np.asarray(self._store.get(name, i)) for i in range(self.calib.num_batches)]
+
+    def shift(self, name: str, offset: np.ndarray, axis: int = 1) -> None:
+        """Add a per-channel ``offset`` to the computed ``name``.
+
+        The one rewrite of a node that has run that keeps the contract: a bias changed after
+        its output was read (bias correction).
+        """
+        if name not in self._store:
+            raise KeyError(f"{name} has not been computed")
+        self._store.add(name, np.asarray(offset), axis)
 
     # ------------------------------------------------------------------ segments
     def _run_segment(self, model: onnx.ModelProto, name: str) -> None:

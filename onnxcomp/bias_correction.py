@@ -1,0 +1,107 @@
+"""Empirical bias correction of int8 layers: each layer's per-channel output mean restored.
+
+Rounding weights and activations to a grid shifts a layer's output by ``E[W x] - E[W^ x^]`` per
+output channel, a bias the next layers pass on and amplify (Nagel et al. 2019, "Data-Free
+Quantization", section 4.2, and the empirical form NNCF applies). Measured on calibration
+data: the float model's mean of each quantized layer's output per channel, against the same
+mean in the quantized model (run as ONNX Runtime simulates it, DequantizeLinear then float
+conv), and the difference added to the layer's bias.
+
+The shift a layer sees depends on the corrections before it, so layers are corrected one
+after the other in graph order, each measured in the quantized model with every earlier
+correction in (onnxcomp/stream.py: each node runs once per sample; a corrected layer's stored
+output is shifted by its correction, so what later layers read is the corrected network).
+Correcting every layer from one measurement instead over-corrects: a layer's measured shift
+includes what flowed in from upstream layers whose own correction already removes it (on
+MobileNetV2 that made the output error 13x worse).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxcomp import capture
+from onnxcomp.calibration import Calibration
+from onnxcomp.model import copy_model
+from onnxcomp.stream import LayerStream
+
+
+def correct(original: onnx.ModelProto, quantized: onnx.ModelProto, calib: Calibration,
+            layers: Sequence[str]) -> tuple[onnx.ModelProto, dict[str, float]]:
+    """``quantized`` with the float biases of the ``layers`` (Conv nodes, by name) corrected.
+
+    Also returns, per layer, the size of its correction relative to its output's mean.
+    """
+    float_out = _outputs(original, layers)
+    quant_out = _outputs(quantized, layers)
+    wanted = {n for n in layers if n in float_out and n in quant_out}
+    order = [n.name for n in quantized.graph.node if n.name in wanted]  # graph order
+    if not order:
+        return copy_model(quantized), {}
+    reference = _channel_means(original, [float_out[n] for n in order], calib)
+    model = copy_model(quantized)
+    sizes: dict[str, float] = {}
+    with LayerStream(calib) as stream:
+        for name in order:
+            out = quant_out[name]
+            got = _means(stream.batches(model, out))
+            shift = reference[float_out[name]] - got
+            if _add_to_bias(model, name, shift):
+                stream.shift(out, shift)  # what the layers after it read is corrected too
+                spread = float(np.abs(reference[float_out[name]]).mean()) or 1.0
+                sizes[name] = float(np.abs(shift).mean() / spread)
+    return model, sizes
+
+
+def _means(batches: Sequence[np.ndarray]) -> np.ndarray:
+    """Per-channel (axis 1) mean over every batch."""
+    total = sum(b.astype(np.float64).sum(axis=tuple(i for i in range(b.ndim) if i != 1))
+                for b in batches)
+    count = sum(b.size // max(b.shape[1], 1) for b in batches)
+    return np.asarray(total) / max(count, 1)
+
+
+def _outputs(model: onnx.ModelProto, layers: Sequence[str]) -> dict[str, str]:
+    wanted = set(layers)
+    return {n.name: n.output[0] for n in model.graph.node if n.name in wanted and n.output}
+
+
+def _channel_means(model: onnx.ModelProto, names: list[str], calib: Calibration
+                   ) -> dict[str, np.ndarray]:
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    for batch in capture.iter_capture(model, names, calib):
+        for name, x in batch.items():
+            axes = tuple(i for i in range(x.ndim) if i != 1)
+            s = x.astype(np.float64).sum(axis=axes)
+            sums[name] = sums[name] + s if name in sums else s
+            counts[name] = counts.get(name, 0) + x.size // max(x.shape[1], 1)
+    return {n: s / max(counts[n], 1) for n, s in sums.items()}
+
+
+def _add_to_bias(model: onnx.ModelProto, layer: str, shift: np.ndarray) -> bool:
+    """Add ``shift`` to ``layer``'s float bias initializer (creating one for a Conv)."""
+    node = next(n for n in model.graph.node if n.name == layer)
+    inits = {t.name: t for t in model.graph.initializer}
+    if node.op_type == "Conv":
+        if len(node.input) > 2 and node.input[2]:
+            tensor = inits.get(node.input[2])
+            if tensor is None or tensor.data_type != onnx.TensorProto.FLOAT:
+                return False  # a quantized (int32) or computed bias: left alone
+            value = numpy_helper.to_array(tensor).astype(np.float64) + shift
+            tensor.CopyFrom(numpy_helper.from_array(value.astype(np.float32), tensor.name))
+            return True
+        if len(node.input) < 2:
+            return False
+        name = f"{layer}_bias_corrected"
+        model.graph.initializer.append(numpy_helper.from_array(shift.astype(np.float32), name))
+        if len(node.input) == 2:
+            node.input.append(name)
+        else:
+            node.input[2] = name
+        return True
+    return False  # Gemm / MatMul: their biases are int32 in the QDQ model, or absent
