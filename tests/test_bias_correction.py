@@ -64,9 +64,18 @@ def test_the_pass_reports_the_correction_and_keeps_it_only_when_it_helps():
     # a model quantization does not shift: nothing to gain, and nothing worse is kept
     rng = np.random.default_rng(1)
     flat = make_model([helper.make_node("Conv", ["x", "W"], ["y"], name="c", pads=[1] * 4)],
-                      [tensor("x", [1, 4, 8, 8])], [tensor("y", [1, 4, 8, 8])],
+                      [tensor("x", ["N", 4, 8, 8])], [tensor("y", ["N", 4, 8, 8])],
                       {"W": (rng.integers(-127, 128, [4, 4, 3, 3]) / 127).astype(np.float32)})
     exact = QUANTIZE(flat, QuantizeConfig(calibrator="minmax", min_params=0,
-                                          max_drop=float("inf")), calibration(flat, n=4))
+                                          max_drop=float("inf")), calibration(flat, n=4, batch=8))
     info = exact.report.metrics["bias_correction"]
     assert info["rel_l2_after"] <= info["rel_l2_before"] or info["kept"] is False
+
+
+def test_too_few_samples_skip_the_correction_and_say_so():
+    model, calib = _biased_model()
+    few = Calibration(calib.batches[:2], False, "test")  # 16 samples
+    result = QUANTIZE(model, QuantizeConfig(calibrator="minmax", min_params=0,
+                                            max_drop=float("inf")), few)
+    assert "bias_correction_skipped" in result.report.codes
+    assert "bias_correction" not in result.report.metrics
