@@ -131,19 +131,10 @@ class Calibration:
                 raise InputError(f"calibration batch {i} of '{self.source}' is empty")
 
     @classmethod
-    def from_folder(cls, path: str | os.PathLike[str], model: onnx.ModelProto | str
-                    | os.PathLike[str], batch_size: int = 8, limit: int | None = None,
-                    **image_options: Any) -> Calibration:
-        """A calibration set from an image folder for ``model`` (a ModelProto or a path).
-
-        ``image_options`` are :class:`ImageOptions` fields: ``size=(224, 224)``,
-        ``mean=(0.485, 0.456, 0.406)``, ``std=...``, ``scale``, ``layout``, ``bgr``.
-        """
-        from onnxcomp import model as model_io
-
-        proto = model if isinstance(model, onnx.ModelProto) else model_io.load(model)
-        return load_calibration(path, proto, ImageOptions(**image_options),
-                                batch_size=batch_size, limit=limit)
+    def from_folder(cls, path: str | os.PathLike[str], model: onnx.ModelProto, batch_size: int = 8,
+                    limit: int | None = None, **image_options: Any) -> Calibration:
+        """An image folder for ``model``; ``image_options`` are :class:`ImageOptions` fields."""
+        return load_calibration(path, model, ImageOptions(**image_options), batch_size, limit)
 
     @property
     def input_names(self) -> list[str]:

@@ -336,7 +336,8 @@ def _static(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibration |
     if not report.applied:  # not even the equalization or the opset upgrade is kept
         return pb.PassResult(copy_model(original), report)
     if config.bias_correction:
-        quantized = _correct_biases(model, quantized, report, calib, ctx)
+        quantized = bias_correction.apply(model, quantized, report, calib, ctx.judge,
+                                          BIAS_CORRECTION_SAMPLES)
     report.metrics["tensors_equalized"] = equalized
     report.metrics["batchnorms_folded"] = bn_folded
     feeds = {k: v[:1] for k, v in calib.batches[0].items()}
@@ -351,41 +352,6 @@ def _static(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibration |
             f"static int8 measured {speedup:.2f}x (slower than float) on {config.provider}: "
             f"ONNX Runtime could not fuse enough of the QDQ pattern here")
     return pb.PassResult(quantized, report)
-
-
-def _correct_biases(model: onnx.ModelProto, quantized: onnx.ModelProto, report: pb.Report,
-                    calib: Calibration, ctx: pb.RunContext) -> onnx.ModelProto:
-    """Empirical bias correction of the int8 convs (onnxcomp/bias_correction.py).
-
-    Kept when the loss on the calibration data does not grow; the report says what it did.
-    """
-    layers = [c.node for c in report.applied if c.op_type == "Conv"]
-    if not layers:
-        return quantized
-    if calib.num_samples < BIAS_CORRECTION_SAMPLES:
-        report.note("bias_correction_skipped",
-                    f"no bias correction: {calib.num_samples} calibration samples, fewer than "
-                    f"the {BIAS_CORRECTION_SAMPLES} its per-channel means need (on 16 "
-                    f"PP-OCRv4 det crops it fit them and lost 3.5 points of held-out IoU)")
-        return quantized
-    corrected, sizes = bias_correction.correct(model, quantized, calib, layers)
-    reference = fidelity.Reference.of(model, calib, ctx.judge)
-    fid_before, fid_after = reference.compare(quantized), reference.compare(corrected)
-    (before, measure), (after, _) = fidelity.bound(fid_before), fidelity.bound(fid_after)
-    rel_before, rel_after = fid_before.rel_l2, fid_after.rel_l2
-    kept = (after, rel_after) <= (before, rel_before)
-    report.metrics["bias_correction"] = {
-        "layers": len(sizes), "kept": kept, "measure": measure,
-        "loss_before": round(before, 6), "loss_after": round(after, 6),
-        "rel_l2_before": round(rel_before, 6), "rel_l2_after": round(rel_after, 6),
-        "largest_shift": round(max(sizes.values(), default=0.0), 4)}
-    report.note("bias_corrected" if kept else "bias_correction_dropped",
-                f"bias correction of {len(sizes)} int8 convs: {measure} loss {before:.4g} -> "
-                f"{after:.4g}, rel. L2 error {rel_before:.4g} -> {rel_after:.4g}"
-                + ("" if kept else " (not kept: it did not help here)"))
-    if kept and "drop" in report.metrics:
-        report.metrics["drop"] = after  # the loss of the model handed back
-    return corrected if kept else quantized
 
 
 def _fold_batchnorms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
