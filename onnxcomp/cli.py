@@ -363,10 +363,7 @@ def inspect(model_path: Path, as_json: bool, input_shapes: Sequence[str],
         model = model_io.load(model_path)
         feeds = first_inputs(model, kw, 1) or (synthetic.random_feeds(model, shapes) if shapes
                                           else None)
-        given = {k: v.shape for k, v in feeds.items()} if feeds else None
-        mc = cost.model_cost(model, given)
-        if mc.unknown_shapes and feeds:  # shapes computed at run time: run it once
-            mc = cost.model_cost(model, given, cost.run_shapes(model, feeds))
+        mc = cost.cost_on(model, feeds)
         if mc.unknown_shapes:
             err_console.print(
                 f"[bold yellow]warning:[/] {len(mc.unknown_shapes)} layers have symbolic input "
@@ -414,9 +411,7 @@ def bench_cmd(models: Sequence[Path], provider: str, threads: int, batch: int, r
         with progress_bar() as progress:
             progress.add_task(f"benchmarking {len(loaded)} model(s), {runs} rounds", total=None)
             res = bench_mod.benchmark(loaded, config, feeds, labels=[p.name for p in models])
-        given = {k: v.shape for k, v in feeds.items()} if feeds else None
-        costs = [cost.model_cost(m, given, cost.run_shapes(m, feeds) if feeds else None)
-                 for m in loaded]
+        costs = [cost.cost_on(m, feeds) for m in loaded]
         doc = res.to_dict()
         for entry, mc, path in zip(doc["models"], costs, models, strict=True):
             entry.update(params=mc.params, macs=mc.macs, file_size=cost.file_size(path))

@@ -206,6 +206,19 @@ def model_cost(
     )
 
 
+def cost_on(model: onnx.ModelProto, feeds: Mapping[str, Any] | None) -> ModelCost:
+    """:func:`model_cost` at the shapes of ``feeds``.
+
+    Where shape inference stops (shapes computed at run time), the model runs once on
+    ``feeds`` to measure the rest.
+    """
+    given = {k: v.shape for k, v in feeds.items()} if feeds else None
+    result = model_cost(model, given)
+    if result.unknown_shapes and feeds:
+        result = model_cost(model, given, run_shapes(model, feeds))
+    return result
+
+
 def run_shapes(model: onnx.ModelProto, feeds: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     """Every node output's shape, from one ONNX Runtime run on ``feeds``.
 
