@@ -42,7 +42,7 @@ import numpy as np
 import onnx
 
 from onnxcomp import benchmark as bench
-from onnxcomp import fidelity, verify
+from onnxcomp import fidelity, runtime, verify
 from onnxcomp import outputs as kinds
 from onnxcomp.calibration import Calibration
 from onnxcomp.errors import ConfigError, OnnxcompError
@@ -195,7 +195,9 @@ def run_auto(model: onnx.ModelProto, calib: Calibration, config: AutoConfig,
     fit, check, fit_judge, check_judge = split_check(calib, outer.judge)
     # the plans' context: the same timer, the fit samples' labels, compiled here or in a worker
     ctx = dataclasses.replace(outer, judge=fit_judge, executor=Serial())
-    reference = fidelity.Reference.of(model, check if check is not None else fit, check_judge)
+    with runtime.input_model():
+        reference = fidelity.Reference.of(model, check if check is not None else fit,
+                                          check_judge)
     decisions = verify.calibrated_decisions(model, fit)
     scores = verify.calibrated_scores(model, fit)
     judged = bool(decisions or scores)

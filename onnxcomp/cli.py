@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -61,6 +63,16 @@ def main(verbose: int) -> None:
     """onnxcomp: make convolutional networks smaller and faster by rewriting ONNX graphs."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    """SIGTERM (``kill``, a pipeline's timeout) unwinds like Ctrl-C.
+
+    Staging files are removed and an earlier output stays as it was.
+    """
+    raise SystemExit(128 + signum)
 
 
 @main.command(cls=GroupedCommand, epilog=EXAMPLES)

@@ -152,6 +152,9 @@ def own_float_weight(graph: Graph, node: Node, exclude: Sequence[str] = ()
         return skip(SkipReason.NOT_CONSTANT, "weight is not a constant (already quantized?)")
     if w.dtype.type not in FLOAT_TYPES:
         return skip(SkipReason.UNSUPPORTED_DTYPE, str(w.dtype))
+    if not np.isfinite(w).all():
+        return skip(SkipReason.UNSUPPORTED_DTYPE,
+                    f"{int((~np.isfinite(w)).sum())} of its {w.size} weights are NaN or Inf")
     if graph.is_shared(w_t, [node]):
         return skip(SkipReason.SHARED_WEIGHT, f"{w_t.name} is read by another node")
     return w

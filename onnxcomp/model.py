@@ -38,6 +38,9 @@ def load(path: str | os.PathLike[str], check: bool = True) -> onnx.ModelProto:
         raise InputError(f"{p}: is a directory, expected an .onnx file")
     try:
         model = onnx.load(str(p), load_external_data=True)
+    except onnx.checker.ValidationError as exc:  # external data missing or misplaced
+        raise InputError(f"{p}: its external data cannot be read ({_first_line(exc)})"
+                         ) from None
     except (DecodeError, RuntimeError, ValueError, OSError) as exc:
         raise InputError(f"{p}: not a valid ONNX model ({_first_line(exc)})") from None
     if not model.graph.node and not model.graph.output:
@@ -51,8 +54,41 @@ def load(path: str | os.PathLike[str], check: bool = True) -> onnx.ModelProto:
                          f"(<= {newest}): export with a released opset")
     if check:
         check_model(model, path=p)
+    _check_initializer_sizes(model, p)
     unknown_negative_dims(model)
     return model
+
+
+def _check_initializer_sizes(model: onnx.ModelProto, path: Path) -> None:
+    """Every initializer holds as many values as its shape says (the checker does not look)."""
+    import numpy as np
+
+    for t in model.graph.initializer:
+        if t.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+            continue
+        count = int(np.prod(t.dims, dtype=np.int64)) if t.dims else 1
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        except (KeyError, ValueError, TypeError):
+            continue
+        if t.HasField("raw_data"):
+            packed = t.data_type in _FOUR_BIT
+            need = (count + 1) // 2 if packed else count * itemsize
+            if len(t.raw_data) != need:
+                raise InputError(f"{path}: initializer '{t.name}' holds {len(t.raw_data)} bytes; "
+                                 f"its shape {list(t.dims)} needs {need}")
+            continue
+        field = onnx.helper.tensor_dtype_to_field(t.data_type)
+        have = len(getattr(t, field)) if field else count
+        complex_ = (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128)  # 2 per value
+        if (t.data_location != onnx.TensorProto.EXTERNAL and have != count
+                and t.data_type not in complex_):
+            raise InputError(f"{path}: initializer '{t.name}' holds {have} values; its shape "
+                             f"{list(t.dims)} needs {count}")
+
+
+_FOUR_BIT = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1")
+             if hasattr(onnx.TensorProto, n)}
 
 
 def unknown_negative_dims(model: onnx.ModelProto) -> int:

@@ -139,7 +139,8 @@ def run_pipeline(
         from onnxcomp.passes import REGISTRY
 
         registry = REGISTRY
-    names, original = model_outputs(model, calib)
+    with runtime.input_model():
+        names, original = model_outputs(model, calib)
     previous = original
     current = model
     results: list[StepResult] = []

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxcomp import model as model_io
-from onnxcomp.errors import InputError
+from onnxcomp.errors import InputError, OnnxcompError
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -114,6 +115,26 @@ def make_session(
             raise InputError(f"ONNX Runtime {ort.__version__} cannot load this model's "
                              f"opset: {support}") from None
         raise
+
+
+@contextlib.contextmanager
+def input_model(what: str = "the input model") -> Iterator[None]:
+    """Failures of ONNX Runtime on the user's own model are input errors, in one line.
+
+    Wrap the first load and run of a model onnxcomp was given (not of one it wrote: there a
+    failure is onnxcomp's bug). Custom ops ONNX Runtime does not know, type errors the checker
+    let through, shapes a node refuses at run time all land here.
+    """
+    try:
+        yield
+    except OnnxcompError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own exception types
+        text = " ".join(str(exc).split())
+        if text.startswith("[ONNXRuntimeError]"):  # "[ONNXRuntimeError] : 1 : FAIL : why"
+            text = text.split(":", 3)[-1].strip()
+        raise InputError(f"{what} does not run in ONNX Runtime {ort.__version__}: "
+                         f"{text[:300]}") from None
 
 
 def output_names(session: ort.InferenceSession) -> list[str]:

@@ -46,6 +46,7 @@ tiny weights (``--min-params``).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import platform
 from collections.abc import Collection, Iterator, Mapping
@@ -55,7 +56,7 @@ import numpy as np
 import onnx
 
 from onnxcomp import benchmark as bench
-from onnxcomp import bias_correction, fidelity, quant, runtime, search
+from onnxcomp import bias_correction, cost, fidelity, int8_speed, quant, runtime, search
 from onnxcomp import passbase as pb
 from onnxcomp.calibration import Calibration
 from onnxcomp.graph import Graph
@@ -63,6 +64,8 @@ from onnxcomp.judge import Judge
 from onnxcomp.linear import own_float_weight
 from onnxcomp.model import check_model, copy_model, default_opset
 from onnxcomp.passes import equalize, fold_bn, opset
+
+log = logging.getLogger(__name__)
 
 MODES = ("static", "weight", "kmeans", "binary")
 CALIBRATORS = ("percentile", "minmax", "entropy")
@@ -114,11 +117,18 @@ class QuantizeConfig(pb.PassConfig):
         ' products saturate in ONNX Runtime).',
         flag='--reduce-range/--full-range')
     equalize: bool = True
+    keep_fast: bool = pb.option(
+        True,
+        'quantize --mode static: time each layer alone in int8 and in float on the provider '
+        '(interleaved) and leave in float those int8 makes slower (a first conv with one to '
+        'three input channels, narrow stages).',
+        flag='--per-layer-speed/--no-per-layer-speed')
     bias_correction: bool = pb.option(
         True,
         "quantize --mode static: restore each int8 conv's per-channel output mean on the "
         "calibration data (empirical bias correction; kept when the loss does not grow).")
     provider: str = "cpu"
+    threads: int = 1
     exclude: tuple[str, ...] = pb.exclude_option()
     seed: int = pb.seed_option()
 
@@ -328,11 +338,13 @@ def _static(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibration |
              for t in _static_tensors(graph, n)]
     ranges = quant.activation_ranges(model, list(dict.fromkeys(names)), calib,
                                    config.calibrator, config.percentile, config.seed)
-    quantized, report = _build_static(model, config, ranges, set())
+    slow = _slow_layers(model, config, calib, ranges, candidates, ctx, notes)
+    quantized, report = _build_static(model, config, ranges, set(slow), slow=slow)
     report.notes[:0] = notes
+    report.metrics["left_in_float_for_speed"] = len(slow)
     if math.isfinite(config.max_drop) and report.applied:
         quantized, report = _float_layers_for_drop(model, config, calib, ranges, quantized, report,
-                                                   notes, ctx.judge)
+                                                   notes, ctx.judge, slow)
     if not report.applied:  # not even the equalization or the opset upgrade is kept
         return pb.PassResult(copy_model(original), report)
     if config.bias_correction:
@@ -342,7 +354,8 @@ def _static(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibration |
     report.metrics["batchnorms_folded"] = bn_folded
     feeds = {k: v[:1] for k, v in calib.batches[0].items()}
     res = ctx.timer.compare([model, quantized],
-                            bench.BenchConfig(provider=config.provider, runs=20, warmup=3),
+                            bench.BenchConfig(provider=config.provider, threads=config.threads,
+                                              runs=20, warmup=3),
                             feeds, around=1.0)
     speedup = float(res.speedups[0].median)
     report.metrics["measured_speedup"] = round(speedup, 3)
@@ -352,6 +365,30 @@ def _static(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibration |
             f"static int8 measured {speedup:.2f}x (slower than float) on {config.provider}: "
             f"ONNX Runtime could not fuse enough of the QDQ pattern here")
     return pb.PassResult(quantized, report)
+
+
+def _slow_layers(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibration,
+                 ranges: dict[str, tuple[float, float]], candidates: list[str],
+                 ctx: pb.RunContext, notes: list[pb.Note]) -> dict[str, float]:
+    """Candidate layers that int8 makes slower, measured (onnxcomp/int8_speed.py)."""
+    if not config.keep_fast or not candidates:
+        return {}
+    feeds = {k: v[:1] for k, v in calib.batches[0].items()}
+    try:
+        shapes = {**{k: v.shape for k, v in feeds.items()}, **cost.run_shapes(model, feeds)}
+    except Exception as exc:  # noqa: BLE001 - shapes are a help, not a requirement
+        log.info("quantize: no per-layer timing (%s)", exc)
+        return {}
+    slow, gain = int8_speed.slow_layers(
+        model, candidates, lambda m, ex: _build_static(m, config, ranges, ex)[0], feeds, ranges,
+        shapes, ctx.timer, config.provider, config.threads)
+    if gain is not None:
+        kept = "left in float" if slow else "quantized anyway (not faster beyond noise)"
+        notes.append(pb.Note("per_layer_speed",
+                             f"int8 measured slower than float for layers alone; in the "
+                             f"whole model leaving them in float measured {gain:.2f}x: "
+                             f"{kept}"))
+    return slow
 
 
 def _fold_batchnorms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
@@ -392,12 +429,16 @@ def _static_tensors(graph: Graph, node: Any) -> list[str]:
 
 def _build_static(model: onnx.ModelProto, config: QuantizeConfig,
                   all_ranges: dict[str, tuple[float, float]], excluded: set[str],
-                  sensitivity: dict[str, float] | None = None
+                  sensitivity: dict[str, float] | None = None,
+                  slow: Mapping[str, float] | None = None
                   ) -> tuple[onnx.ModelProto, pb.Report]:
-    """The QDQ model with every candidate layer quantized except ``excluded``.
+    """The QDQ model with every candidate layer quantized except ``excluded`` (and ``slow``).
 
-    ``sensitivity`` (layer -> output error with it alone quantized) goes into the report.
+    ``sensitivity`` (layer -> output error with it alone quantized) goes into the report;
+    ``slow`` (layer -> int8's measured speedup alone, < 1) too.
     """
+    slow = slow or {}
+    excluded = excluded | set(slow)
     sensitivity = sensitivity or {}
     signed = signed_activations(config)
     wbits = 7 if reduced_range(config) else 8
@@ -409,7 +450,7 @@ def _build_static(model: onnx.ModelProto, config: QuantizeConfig,
     gemm_bias: list[tuple[Any, str]] = []  # (Gemm, its input) for int32 biases
     # activation output -> (layer output, the Relu/Clip node, its upper bound)
     folded: dict[str, tuple[str, Any, float]] = {}
-    for node, w, axis in _layers(graph, config, report, excluded, sensitivity):
+    for node, w, axis in _layers(graph, config, report, excluded, sensitivity, slow):
         activations.extend(_static_tensors(graph, node))
         if node.op == "Gemm" and graph.input(node, 2) is not None:
             gemm_bias.append((node, node.inputs[0].name))
@@ -455,8 +496,8 @@ def _build_static(model: onnx.ModelProto, config: QuantizeConfig,
 
 def _float_layers_for_drop(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibration,
                            ranges: dict[str, tuple[float, float]], quantized: onnx.ModelProto,
-                           report: pb.Report, notes: list[pb.Note], judge: Judge
-                           ) -> tuple[onnx.ModelProto, pb.Report]:
+                           report: pb.Report, notes: list[pb.Note], judge: Judge,
+                           slow: Mapping[str, float]) -> tuple[onnx.ModelProto, pb.Report]:
     """Leave the most sensitive layers in float until the drop is within ``--max-drop``.
 
     Sensitivity of a layer: the output error with that layer alone quantized (on at most
@@ -476,14 +517,15 @@ def _float_layers_for_drop(model: onnx.ModelProto, config: QuantizeConfig, calib
     layers = [c.node for c in report.applied]
     sensitivity = {}
     for name in layers:
-        alone, _ = _build_static(model, config, ranges, {n for n in layers if n != name})
+        alone, _ = _build_static(model, config, ranges, {n for n in layers if n != name},
+                                 slow=slow)
         sensitivity[name] = probe.compare(alone).rel_l2
     ranked = sorted(layers, key=lambda n: -sensitivity[n])
     tried: dict[int, tuple[onnx.ModelProto, pb.Report, float]] = {}
 
     def attempt(k: int) -> float:
         if k not in tried:
-            m, r = _build_static(model, config, ranges, set(ranked[:k]), sensitivity)
+            m, r = _build_static(model, config, ranges, set(ranked[:k]), sensitivity, slow)
             tried[k] = (m, r, fidelity.drop(reference.compare(m)) if r.applied else 0.0)
         return tried[k][2]
 
@@ -533,17 +575,25 @@ _DROP_METRICS = {
 
 
 def _layers(graph: Graph, config: QuantizeConfig, report: pb.Report,
-            excluded: Collection[str] = (), sensitivity: Mapping[str, float] | None = None
+            excluded: Collection[str] = (), sensitivity: Mapping[str, float] | None = None,
+            slow: Mapping[str, float] | None = None
             ) -> Iterator[tuple[Any, np.ndarray, int]]:
     """Every layer to quantize, with its weight and output-channel axis; the others are skips.
 
-    ``excluded`` layers stay in float for ``--max-drop`` (``sensitivity``: their error alone).
+    ``excluded`` layers stay in float for ``--max-drop`` (``sensitivity``: their error alone),
+    ``slow`` ones because int8 measured slower there (their int8 speedup alone).
     """
+    slow = slow or {}
     for node in graph.nodes:
         if node.op not in quant.OPS:
             continue
         skip = _check(graph, node, config)
-        if skip is None and node.name in excluded:
+        if skip is None and node.name in slow:
+            skip = pb.Skip(node.name, node.op, pb.SkipReason.NO_LATENCY_WIN,
+                           f"left in float: int8 measured {slow[node.name]:.2f}x of float for "
+                           f"this layer alone on {config.provider} (--no-per-layer-speed "
+                           f"quantizes it anyway)")
+        elif skip is None and node.name in excluded:
             skip = pb.Skip(node.name, node.op, pb.SkipReason.ERROR_TOO_HIGH,
                            f"left in float for --max-drop {config.max_drop}: output error "
                            f"{(sensitivity or {}).get(node.name, float('nan')):.3g} with this "

@@ -1,0 +1,141 @@
+"""Which layers int8 makes slower: each candidate layer timed alone, in int8 and in float.
+
+ONNX Runtime's integer kernels win on layers with enough channels to fill their vector
+lanes; on a conv that reads one to three input channels (the first layer of most image
+networks), a tiny Gemm or a narrow factorized stage, the int8 kernel plus its requantization
+can take longer than the float kernel. Measured on this machine: the first conv of the
+Fashion-MNIST net (1 -> 32 channels, 3x3, 28x28) takes about 20 us as QLinearConv and 5 us in
+float, the largest single loss of its int8 model.
+
+So the layers are found in two steps, on the provider, interleaved:
+
+1. Screen: each layer timed as two one-layer models, int8 (``Q -> QLinearConv -> DQ``, the
+   layer quantized as the pass quantizes it) and float (the layer alone). Inside an int8
+   network a float layer costs ``DQ -> float kernel -> Q`` against the integer kernel, so a
+   layer whose int8 model is not slower than the float one even with the quantize and
+   dequantize at its edges counted against it is never worth leaving in float. (A float
+   layer between QDQ pairs cannot be timed alone: ONNX Runtime fuses it into an integer
+   kernel itself.)
+2. Confirm: the whole int8 model against the same model with the screened layers in float;
+   they stay in float only when that measures faster beyond noise.
+
+Screen measurements are remembered per shape (and in the latency cache file when one is
+attached), so a second compile replays them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from onnxcomp import benchmark as bench
+from onnxcomp import quant
+from onnxcomp.graph import Graph
+from onnxcomp.timing import Timer
+
+# One layer's measurement stops after this long once bench.MIN_ROUNDS rounds are done.
+MAX_SECONDS = 1.0
+RUNS = 40
+# Leaving layers in float must measure this much faster (whole model) to be kept.
+NOISE = 0.03
+
+
+def layer_model(model: onnx.ModelProto, layer: str, shapes: Mapping[str, Sequence[int]],
+                graph: Graph | None = None) -> tuple[onnx.ModelProto, str, str] | None:
+    """The layer alone (with the Relu / Clip that follows it): (model, input, output tensor).
+
+    None when the layer reads anything but its data input and constants, or a shape is
+    unknown. The output passes through an Identity so that, as inside a network, the layer's
+    activation has a reader (static quantization folds it into the layer's output grid).
+    """
+    graph = graph if graph is not None else Graph(model)
+    node = next((n for n in graph.nodes if n.name == layer), None)
+    if node is None or not node.inputs or not node.outputs:
+        return None
+    x = node.inputs[0].name
+    act = quant.clamping_activation(graph, node.outputs[0])
+    chain = [node, *([act[0]] if act else [])]
+    y = chain[-1].outputs[0].name
+    if x not in shapes or y not in shapes:
+        return None
+    protos = {n.name: n for n in model.graph.node}
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes, used = [], []
+    for member in chain:
+        proto = protos.get(member.name)
+        if proto is None:
+            return None
+        for i, name in enumerate(proto.input):
+            if not name or i == 0:
+                continue
+            if name not in inits:
+                return None  # computed weights: not a layer to time alone
+            used.append(inits[name])
+        nodes.append(proto)
+    nodes.append(helper.make_node("Identity", [y], ["layer_out"], name="layer_out"))
+    elem = onnx.TensorProto.FLOAT
+    out = helper.make_model(
+        helper.make_graph(nodes, "layer",
+                          [helper.make_tensor_value_info(x, elem, list(shapes[x]))],
+                          [helper.make_tensor_value_info("layer_out", elem, list(shapes[y]))],
+                          list({t.name: t for t in used}.values())),
+        opset_imports=list(model.opset_import))
+    out.ir_version = model.ir_version
+    return out, x, y
+
+
+def slow_layers(model: onnx.ModelProto, layers: Sequence[str],
+                quantize: Callable[[onnx.ModelProto, set[str]], onnx.ModelProto],
+                feeds: Mapping[str, np.ndarray], ranges: Mapping[str, tuple[float, float]],
+                shapes: Mapping[str, Sequence[int]], timer: Timer, provider: str, threads: int
+                ) -> tuple[dict[str, float], float | None]:
+    """Layers to leave in float for speed: ({name: int8 speedup alone}, whole-model gain).
+
+    ``quantize(m, excluded)`` is the pass's int8 form of ``m`` with ``excluded`` left in
+    float; ``feeds`` one sample of the model's inputs; ``shapes`` every tensor's shape at
+    batch 1. The gain is the measured speedup of leaving the screened layers in float (None
+    when none screened); the layers come back only when it is above ``1 + NOISE``.
+    """
+    config = bench.BenchConfig(provider=provider, threads=threads, warmup=3, runs=RUNS,
+                               max_seconds=MAX_SECONDS)
+    screened: dict[str, float] = {}
+    graph = Graph(model)
+    for layer in layers:
+        built = layer_model(model, layer, shapes, graph)
+        if built is None:
+            continue
+        micro, x, _ = built
+        if x not in ranges:
+            continue
+
+        def time_both(micro: onnx.ModelProto = micro, x: str = x) -> list[float]:
+            rng = np.random.default_rng(0)
+            lo, hi = ranges[x]
+            inputs = {x: rng.uniform(lo, hi, size=tuple(shapes[x])).astype(np.float32)}
+            res = timer.compare([micro, quantize(micro, set())], config, inputs, around=1.0)
+            return [res.speedups[0].median, res.speedups[0].p90]
+
+        median, p90 = timer.remember(_key(micro, provider, threads), time_both)
+        if p90 < 1.0:
+            screened[layer] = median
+    if not screened:
+        return {}, None
+    whole = bench.BenchConfig(provider=provider, threads=threads, warmup=5, runs=RUNS)
+    res = timer.compare([quantize(model, set()), quantize(model, set(screened))], whole,
+                        feeds, around=1.0 + NOISE)
+    gain = res.speedups[0].median
+    return (screened if gain > 1.0 + NOISE else {}), gain
+
+
+def _key(micro: onnx.ModelProto, provider: str, threads: int) -> str:
+    """What a one-layer int8-vs-float measurement depends on: ops, attributes, shapes."""
+    parts: list[Any] = [
+        (n.op_type, sorted((a.name, str(helper.get_attribute_value(a))) for a in n.attribute))
+        for n in micro.graph.node]
+    parts.append([tuple(t.dims) for t in micro.graph.initializer])
+    dims = [d.dim_value for d in micro.graph.input[0].type.tensor_type.shape.dim]
+    return f"int8 vs float {parts!r} in {dims} {provider} x{threads}"
