@@ -89,6 +89,9 @@ log = logging.getLogger(__name__)
 # character per step): keep at least this share of the calibration samples' decisions, with
 # or without a target.
 DEFAULT_MIN_AGREEMENT = 0.97
+# Layers whose input row is wider than this are left alone: their calibration moments (a
+# float64 Gram of (width + 1)^2, twice for the data basis's halves) would take over 1 GiB.
+MAX_INPUT_DIM = 12288
 
 
 # ============================================================================ configuration
@@ -319,6 +322,11 @@ def run_decomposition(
     kept: list[Layer] = []
     for layer in layers:
         skip = method.check(layer)
+        if skip is None and xdim(layer) > MAX_INPUT_DIM:
+            skip = Skip(layer.name, layer.op, SkipReason.UNSUPPORTED_ATTRIBUTE,
+                        f"input of {xdim(layer)} values per row: its calibration moments "
+                        f"would take {8 * (xdim(layer) + 1) ** 2 / 2**30:.1f} GiB (limit "
+                        f"{MAX_INPUT_DIM} values)")
         if skip is not None:
             report.add_skip(skip)
         else:

