@@ -25,6 +25,7 @@ attached), so a second compile replays them.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -33,9 +34,13 @@ import onnx
 from onnx import helper
 
 from onnxcomp import benchmark as bench
-from onnxcomp import quant
+from onnxcomp import cost, quant
+from onnxcomp.calibration import Calibration
 from onnxcomp.graph import Graph
+from onnxcomp.passbase import Note
 from onnxcomp.timing import Timer
+
+log = logging.getLogger(__name__)
 
 # One layer's measurement stops after this long once bench.MIN_ROUNDS rounds are done.
 MAX_SECONDS = 1.0
@@ -129,6 +134,32 @@ def slow_layers(model: onnx.ModelProto, layers: Sequence[str],
                         feeds, around=1.0 + NOISE)
     gain = res.speedups[0].median
     return (screened if gain > 1.0 + NOISE else {}), gain
+
+
+def for_pass(model: onnx.ModelProto, layers: Sequence[str],
+             quantize: Callable[[onnx.ModelProto, set[str]], onnx.ModelProto],
+             calib: Calibration, ranges: Mapping[str, tuple[float, float]], timer: Timer,
+             where: Any, notes: list[Note]) -> dict[str, float]:
+    """:func:`slow_layers` for the quantize pass: shapes from one run, a note of the outcome.
+
+    ``where`` has the pass config's ``provider`` and ``threads``.
+    """
+    if not layers:
+        return {}
+    feeds = {k: v[:1] for k, v in calib.batches[0].items()}
+    try:
+        shapes = {**{k: v.shape for k, v in feeds.items()}, **cost.run_shapes(model, feeds)}
+    except Exception as exc:  # noqa: BLE001 - shapes are a help, not a requirement
+        log.info("quantize: no per-layer timing (%s)", exc)
+        return {}
+    slow, gain = slow_layers(model, layers, quantize, feeds, ranges, shapes, timer,
+                             where.provider, where.threads)
+    if gain is not None:
+        kept = "left in float" if slow else "quantized anyway (not faster beyond noise)"
+        notes.append(Note("per_layer_speed",
+                          f"int8 measured slower than float for layers alone; in the whole "
+                          f"model leaving them in float measured {gain:.2f}x: {kept}"))
+    return slow
 
 
 def _key(micro: onnx.ModelProto, provider: str, threads: int) -> str:

@@ -46,7 +46,6 @@ tiny weights (``--min-params``).
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import platform
 from collections.abc import Collection, Iterator, Mapping
@@ -56,7 +55,7 @@ import numpy as np
 import onnx
 
 from onnxcomp import benchmark as bench
-from onnxcomp import bias_correction, cost, fidelity, int8_speed, quant, runtime, search
+from onnxcomp import bias_correction, fidelity, int8_speed, quant, runtime, search
 from onnxcomp import passbase as pb
 from onnxcomp.calibration import Calibration
 from onnxcomp.graph import Graph
@@ -64,8 +63,6 @@ from onnxcomp.judge import Judge
 from onnxcomp.linear import own_float_weight
 from onnxcomp.model import check_model, copy_model, default_opset
 from onnxcomp.passes import equalize, fold_bn, opset
-
-log = logging.getLogger(__name__)
 
 MODES = ("static", "weight", "kmeans", "binary")
 CALIBRATORS = ("percentile", "minmax", "entropy")
@@ -338,7 +335,9 @@ def _static(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibration |
              for t in _static_tensors(graph, n)]
     ranges = quant.activation_ranges(model, list(dict.fromkeys(names)), calib,
                                    config.calibrator, config.percentile, config.seed)
-    slow = _slow_layers(model, config, calib, ranges, candidates, ctx, notes)
+    slow = int8_speed.for_pass(
+        model, candidates, lambda m, ex: _build_static(m, config, ranges, ex)[0], calib, ranges,
+        ctx.timer, config, notes) if config.keep_fast else {}
     quantized, report = _build_static(model, config, ranges, set(slow), slow=slow)
     report.notes[:0] = notes
     report.metrics["left_in_float_for_speed"] = len(slow)
@@ -365,30 +364,6 @@ def _static(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibration |
             f"static int8 measured {speedup:.2f}x (slower than float) on {config.provider}: "
             f"ONNX Runtime could not fuse enough of the QDQ pattern here")
     return pb.PassResult(quantized, report)
-
-
-def _slow_layers(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibration,
-                 ranges: dict[str, tuple[float, float]], candidates: list[str],
-                 ctx: pb.RunContext, notes: list[pb.Note]) -> dict[str, float]:
-    """Candidate layers that int8 makes slower, measured (onnxcomp/int8_speed.py)."""
-    if not config.keep_fast or not candidates:
-        return {}
-    feeds = {k: v[:1] for k, v in calib.batches[0].items()}
-    try:
-        shapes = {**{k: v.shape for k, v in feeds.items()}, **cost.run_shapes(model, feeds)}
-    except Exception as exc:  # noqa: BLE001 - shapes are a help, not a requirement
-        log.info("quantize: no per-layer timing (%s)", exc)
-        return {}
-    slow, gain = int8_speed.slow_layers(
-        model, candidates, lambda m, ex: _build_static(m, config, ranges, ex)[0], feeds, ranges,
-        shapes, ctx.timer, config.provider, config.threads)
-    if gain is not None:
-        kept = "left in float" if slow else "quantized anyway (not faster beyond noise)"
-        notes.append(pb.Note("per_layer_speed",
-                             f"int8 measured slower than float for layers alone; in the "
-                             f"whole model leaving them in float measured {gain:.2f}x: "
-                             f"{kept}"))
-    return slow
 
 
 def _fold_batchnorms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
@@ -618,11 +593,5 @@ def _check(graph: Graph, node: Any, config: QuantizeConfig) -> pb.Skip | None:
     if node.op in ("Gemm", "MatMul") and w.ndim != 2:
         return skip(pb.SkipReason.UNSUPPORTED_ATTRIBUTE, f"{w.ndim}-D weight")
     return None
-
-
-# ====================================================================== the math
-
-
-# ====================================================================== graph edits
 
 

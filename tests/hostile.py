@@ -176,17 +176,21 @@ def _renamed_output(model: onnx.ModelProto, rng: np.random.Generator) -> None:
     model.graph.output[0].name = "nowhere"
 
 
+def _reroute_output(model: onnx.ModelProto, suffix: str) -> tuple[onnx.ValueInfoProto, str]:
+    """The first graph output's producer (and readers) now use a new inner name."""
+    out = model.graph.output[0]
+    inner = out.name + suffix
+    for node in model.graph.node:
+        for names in (node.output, node.input):
+            for i, name in enumerate(names):
+                if name == out.name:
+                    names[i] = inner
+    return out, inner
+
+
 def _if_subgraph(model: onnx.ModelProto, rng: np.random.Generator) -> None:
     """The graph's first output passes through an If whose branches read it from outside."""
-    out = model.graph.output[0]
-    inner = out.name + "_before_if"
-    for node in model.graph.node:
-        for i, name in enumerate(node.output):
-            if name == out.name:
-                node.output[i] = inner
-        for i, name in enumerate(node.input):
-            if name == out.name:
-                node.input[i] = inner
+    out, inner = _reroute_output(model, "_before_if")
     then_out = helper.make_tensor_value_info("then_y", out.type.tensor_type.elem_type, None)
     else_out = helper.make_tensor_value_info("else_y", out.type.tensor_type.elem_type, None)
     then_g = helper.make_graph([helper.make_node("Identity", [inner], ["then_y"])], "then",
@@ -200,12 +204,7 @@ def _if_subgraph(model: onnx.ModelProto, rng: np.random.Generator) -> None:
 
 def _loop_subgraph(model: onnx.ModelProto, rng: np.random.Generator) -> None:
     """The graph's first output passes through a Loop that runs once and adds zero."""
-    out = model.graph.output[0]
-    inner = out.name + "_before_loop"
-    for node in model.graph.node:
-        for i, name in enumerate(node.output):
-            if name == out.name:
-                node.output[i] = inner
+    out, inner = _reroute_output(model, "_before_loop")
     elem = out.type.tensor_type.elem_type
     body = helper.make_graph(
         [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
