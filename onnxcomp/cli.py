@@ -24,6 +24,7 @@ from onnxcomp import (
     provenance,
     report,
     synthetic,
+    timing,
 )
 from onnxcomp import auto as auto_mod
 from onnxcomp import benchmark as bench_mod
@@ -203,7 +204,8 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], recipe_path:
             latency = None
             if bench:
                 progress.update(task, description="benchmarking original vs optimized")
-                latency = _latency(model, result.model, calib, provider, threads, runs)
+                latency = _latency(model, result.model, calib, provider, threads, runs,
+                                   options.get("target_speedup"))
                 provenance.set_model_meta(result.model, "onnxcomp.speedup",
                                           f"{latency['speedup']:.3f}")
             model_io.save(result.model, output)
@@ -214,6 +216,8 @@ def optimize(model_path: Path, output: Path, passes: Sequence[str], recipe_path:
         rows = report.summary_rows(cost_before, cost_after, size_before, size_after, latency,
                                    result)
         console.print(report.summary_table(rows, f"{model_path.name} -> {output.name}"))
+        if latency is not None:
+            console.print(f"speed: {latency['verdict']}", highlight=False)
         if calib.synthetic:
             console.print("[yellow]fidelity measured on synthetic inputs (no --calib)[/]")
         for step in result.steps:
@@ -349,16 +353,24 @@ def optimize_many(model_paths: Sequence[Path], out_dir: Path, passes: Sequence[s
 
 
 def _latency(a: Any, b: Any, calib: calibration.Calibration, provider: str, threads: int,
-             runs: int) -> dict[str, Any]:
+             runs: int, target: float | None) -> dict[str, Any]:
+    """Original vs optimized, interleaved, with a verdict that says how sure it is.
+
+    The noise-aware timer measures longer while the rounds spread wide around the target.
+    """
     first = {k: v[:1] for k, v in calib.batches[0].items()}
     config = bench_mod.BenchConfig(provider=provider, threads=threads, batch=1, runs=runs)
-    res = bench_mod.benchmark([a, b], config, inputs=first, labels=["original", "optimized"])
+    timer = timing.Timer()
+    res = timer.compare([a, b], config, first, around=target)
     sp = res.speedups[0]
-    return {
+    latency = {
         "provider": provider, "threads": threads, "runs": res.rounds,
         "before_ms": res.models[0].median_ms, "after_ms": res.models[1].median_ms,
         "speedup": sp.median, "speedup_p10": sp.p10, "speedup_p90": sp.p90,
+        "repeats_for_noise": timer.spent.repeats,
     }
+    latency["verdict"], latency["noisy"] = report.speed_verdict(latency, target)
+    return latency
 
 
 @main.command()

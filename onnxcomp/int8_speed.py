@@ -17,7 +17,8 @@ So the layers are found in two steps, on the provider, interleaved:
    layer between QDQ pairs cannot be timed alone: ONNX Runtime fuses it into an integer
    kernel itself.)
 2. Confirm: the whole int8 model against the same model with the screened layers in float;
-   they stay in float only when that measures faster beyond noise.
+   they stay in float only when that measures faster beyond noise (median over 1 + NOISE,
+   and faster in 9 of 10 rounds).
 
 Screen measurements are remembered per shape (and in the latency cache file when one is
 attached), so a second compile replays them.
@@ -132,8 +133,10 @@ def slow_layers(model: onnx.ModelProto, layers: Sequence[str],
     whole = bench.BenchConfig(provider=provider, threads=threads, warmup=5, runs=RUNS)
     res = timer.compare([quantize(model, set()), quantize(model, set(screened))], whole,
                         feeds, around=1.0 + NOISE)
-    gain = res.speedups[0].median
-    return (screened if gain > 1.0 + NOISE else {}), gain
+    gain, low = res.speedups[0].median, res.speedups[0].p10
+    # beyond noise both ways: the median gains NOISE and 9 in 10 rounds gain something, so a
+    # marginal case lands the same way run after run on a shared machine
+    return (screened if gain > 1.0 + NOISE and low > 1.0 else {}), gain
 
 
 def for_pass(model: onnx.ModelProto, layers: Sequence[str],

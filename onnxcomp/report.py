@@ -77,6 +77,38 @@ def summary_rows(
     return rows
 
 
+# A final speedup whose p10-p90 spans more than this share of its median is called noisy.
+NOISY_SPREAD = 0.12
+
+
+def speed_verdict(latency: dict[str, Any], target: float | None) -> tuple[str, bool]:
+    """What the final measurement says, and how sure it is: (text, noisy).
+
+    Noisy: the per-round speedups spread wider than ``NOISY_SPREAD`` of their median even
+    after the repeats. With a target: met beyond noise (a tenth of the rounds or fewer fell
+    under it), met by the median only, or missed.
+    """
+    median, p10, p90 = latency["speedup"], latency["speedup_p10"], latency["speedup_p90"]
+    spread = (p90 - p10) / max(median, 1e-12)
+    noisy = spread > NOISY_SPREAD
+    text = (f"measured {median:.2f}x over {latency.get('runs', '?')} interleaved rounds "
+            f"(p10 {p10:.2f}, p90 {p90:.2f})")
+    if noisy:
+        text += (f"; timings on this machine were noisy (the rounds spread over "
+                 f"{spread:.0%} of the median), so read the median as the figure")
+    if target is not None:
+        if p10 >= target:
+            text += f"; --target-speedup {target:g}: met beyond noise"
+        elif median >= target:
+            text += (f"; --target-speedup {target:g}: met by the median, not beyond noise (a "
+                     f"tenth of the rounds measured under {p10:.2f}x)")
+        else:
+            text += f"; --target-speedup {target:g}: not met"
+            if p90 >= target:
+                text += " (within noise: a tenth of the rounds reached it)"
+    return text, noisy
+
+
 def realized(latency: dict[str, Any] | None, cost_before: ModelCost,
              cost_after: ModelCost) -> float | None:
     """Measured speedup over the MAC reduction, when both exist (MACs cut by more than 1 %)."""

@@ -430,3 +430,21 @@ def test_an_unreleased_opset_is_the_users_fault_not_an_internal_error(tmp_path):
         assert out.exit_code == 1, out.output
         assert "opset 99 is newer than" in out.output and "internal error" not in out.output
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_a_noisy_machine_is_measured_longer_and_said(runner, model_file, tmp_path,
+                                                     monkeypatch):
+    from onnxcomp import benchmark as bench_mod
+    from onnxcomp.timing import Modelled
+
+    # every round's ratio spread +-40 % around 1.0: wide, and straddling any target near 1
+    noisy = Modelled(lambda m: 1.0, spread=0.4, rounds=20)
+    monkeypatch.setattr(bench_mod, "benchmark", noisy)
+    report = tmp_path / "r.json"
+    result = _invoke(runner, ["optimize", model_file, "-o", tmp_path / "o.onnx", *FOLD,
+                              "--report", report])
+    assert result.exit_code == 0, result.output
+    assert "timings on this machine were noisy" in result.output
+    latency = json.loads(report.read_text())["latency"]
+    assert latency["noisy"] and latency["repeats_for_noise"] == 2 and noisy.calls == 3
+    assert latency["runs"] == 60  # 3 x 20 rounds pooled

@@ -34,3 +34,20 @@ def test_realized_is_speedup_over_mac_cut():
     assert report.realized({"speedup": 3.0}, before, after) == 0.75
     assert report.realized(None, before, after) is None  # not timed
     assert report.realized({"speedup": 1.4}, before, before) is None  # no MAC cut to realize
+
+
+def _latency(median, p10, p90):
+    return {"speedup": median, "speedup_p10": p10, "speedup_p90": p90, "runs": 60}
+
+
+def test_speed_verdict_says_how_sure_the_figure_is():
+    text, noisy = report.speed_verdict(_latency(2.1, 2.05, 2.15), 2.0)
+    assert not noisy and "met beyond noise" in text
+    text, noisy = report.speed_verdict(_latency(2.1, 1.6, 2.6), 2.0)
+    assert noisy and "noisy" in text and "met by the median, not beyond noise" in text
+    text, _ = report.speed_verdict(_latency(1.9, 1.5, 2.3), 2.0)
+    assert "not met (within noise" in text
+    text, _ = report.speed_verdict(_latency(1.5, 1.45, 1.55), 2.0)
+    assert text.endswith("not met")
+    text, noisy = report.speed_verdict(_latency(1.5, 1.45, 1.55), None)
+    assert "target" not in text and not noisy
