@@ -1,6 +1,6 @@
 """Every pass on every real model: valid output, every candidate accounted for, fidelity, time.
 
-    python benchmarks/matrix.py [--cheap] [--only MODEL ...] [--passes NAME ...]
+    python benchmarks/matrix.py [--cheap | --search] [--only MODEL ...] [--passes NAME ...]
 
 A cell is one pass (after nothing else: what a user gets from ``--pass NAME`` alone) on one
 model of benchmarks/cases.py, on 16 calibration samples. Each cell records:
@@ -14,8 +14,9 @@ model of benchmarks/cases.py, on 16 calibration samples. Each cell records:
 
 ``--cheap`` (what CI runs, through tests/test_matrix.py): fixed ranks and ratios, no latency
 searches. Without it the ``--rank auto --target-speedup`` / ``--target-speedup`` variants of
-the passes that have them run too. A crash is a row that says so (and a bug to fix). Writes
-results/matrix.md and .json (``_partial`` with --only / --passes).
+the passes that have them run too; ``--search`` runs only those (results/matrix_search.md).
+A crash is a row that says so (and a bug to fix). Writes results/matrix.md and .json
+(``_partial`` with --only / --passes).
 """
 
 from __future__ import annotations
@@ -126,11 +127,12 @@ def run_matrix(models: list[str], cells: list[tuple[str, str, dict[str, Any]]],
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--cheap", action="store_true")
+    ap.add_argument("--search", action="store_true")
     ap.add_argument("--only", nargs="*")
     ap.add_argument("--passes", nargs="*")
     args = ap.parse_args()
     models = args.only or list(CASES)
-    cells = CHEAP if args.cheap else [*CHEAP, *SEARCH]
+    cells = CHEAP if args.cheap else SEARCH if args.search else [*CHEAP, *SEARCH]
     if args.passes:
         cells = [c for c in cells if c[1] in args.passes]
     docs = run_matrix(models, cells)
@@ -138,7 +140,8 @@ def main() -> None:
     counts = {s: sum(d["status"] == s for d in docs) for s in sorted({d["status"] for d in docs})}
     pre = (f"Every pass alone on every model ({len(models)} models x {len(cells)} cells = "
            f"{len(docs)}), {CALIB_SAMPLES} calibration samples, fidelity on {HELDOUT_SAMPLES} "
-           f"held-out samples; `python benchmarks/matrix.py{' --cheap' if args.cheap else ''}`"
+           f"held-out samples; `python benchmarks/matrix.py"
+           f"{' --cheap' if args.cheap else ' --search' if args.search else ''}`"
            f" on {platform.machine()}. Outcomes: {counts}. A cell is ok when its output "
            f"passes the full ONNX check and runs in ONNX Runtime, every skip has a reason, "
            f"and it did not change nothing silently. Columns: layers applied / skipped; the "
@@ -146,7 +149,9 @@ def main() -> None:
     if bad:
         pre += "Not ok: " + "; ".join(f"{d['model']} {d['cell']}: {d['status']}" for d in bad)
         pre += "\n\n"
-    stem = "matrix" if not (args.only or args.passes) else "matrix_partial"
+    stem = "matrix_search" if args.search else "matrix"
+    if args.only or args.passes:
+        stem += "_partial"
     path = write(stem, ["model", "cell", "status", "applied", "skipped", "held-out fidelity",
                         "compile s", "note"], [row(d) for d in docs], docs, pre)
     print(path.read_text()[:2000])

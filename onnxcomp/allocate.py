@@ -354,12 +354,17 @@ def _auto_allocate(
         index = _bound_fidelity(picks, index, max_error, min_agreement, probes, report,
                                 explicit=config.max_error is not None)
         has_target = config.target_speedup is not None or target_macs is not None
-        if has_target and index < target_index and report.metrics.get("target_met") is not False:
+        if has_target and index < target_index:
             bounds = [f"{b} {v:g}" for b, v in (("--max-error", max_error),
                                                 ("--min-agreement", min_agreement))
                       if v is not None]
-            report.target_missed(f"target not met: {' and '.join(bounds)} "
-                                 f"allow{'s' if len(bounds) == 1 else ''} only milder ranks")
+            text = (f"target not met: {' and '.join(bounds)} "
+                    f"allow{'s' if len(bounds) == 1 else ''} only milder ranks"
+                    + ("; nothing applied" if index == 0 else ""))
+            if report.metrics.get("target_met") is not False:
+                report.target_missed(text)
+            else:  # the speed search already missed; say what the bound then did to its pick
+                report.note("bound_after_target", text)
     return picks[index]
 
 

@@ -489,3 +489,17 @@ def test_a_detector_speed_target_is_bound_by_its_confident_scores():
     assert bound.report.metrics["min_agreement_bound_active"] is True
     assert "min_agreement_bound_active" in bound.report.codes
     assert ref.compare(bound.model).score_agreement >= floor
+
+
+def test_a_bound_that_undoes_the_speed_pick_says_so():
+    # every candidate measures 1.2x (3x is out of reach: the best is taken), then --max-error
+    # allows no rewrite at all: the report must not leave "using it" as the last word
+    ctx = _modelled(1.2)
+    model = _two_layer_model()
+    result = cp(model, LowRankConfig(target_speedup=3.0, max_error=1e-6, min_macs=0),
+                calibration(model), context=ctx)
+    assert not result.report.applied
+    notes = [str(n) for n in result.report.notes]
+    assert any("using it" in n for n in notes)
+    assert any(n.code == "bound_after_target" and n.endswith("nothing applied")
+               for n in result.report.notes), notes
