@@ -104,7 +104,8 @@ def slow_layers(model: onnx.ModelProto, layers: Sequence[str],
     ``quantize(m, excluded)`` is the pass's int8 form of ``m`` with ``excluded`` left in
     float; ``feeds`` one sample of the model's inputs; ``shapes`` every tensor's shape at
     batch 1. The gain is the measured speedup of leaving the screened layers in float (None
-    when none screened); the layers come back only when it is above ``1 + NOISE``.
+    when none screened); the layers come back only when its median is above ``1 + NOISE``
+    and its p10 above 1.
     """
     config = bench.BenchConfig(provider=provider, threads=threads, warmup=3, runs=RUNS,
                                max_seconds=MAX_SECONDS)
