@@ -26,7 +26,6 @@ attached), so a second compile replays them.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -35,13 +34,12 @@ import onnx
 from onnx import helper
 
 from onnxcomp import benchmark as bench
-from onnxcomp import cost, quant
+from onnxcomp import quant
 from onnxcomp.calibration import Calibration
 from onnxcomp.graph import Graph
+from onnxcomp.linear import static_shapes
 from onnxcomp.passbase import Note
 from onnxcomp.timing import Timer
-
-log = logging.getLogger(__name__)
 
 # One layer's measurement stops after this long once bench.MIN_ROUNDS rounds are done.
 MAX_SECONDS = 1.0
@@ -66,7 +64,9 @@ def layer_model(model: onnx.ModelProto, layer: str, shapes: Mapping[str, Sequenc
     act = quant.clamping_activation(graph, node.outputs[0])
     chain = [node, *([act[0]] if act else [])]
     y = chain[-1].outputs[0].name
-    if x not in shapes or y not in shapes:
+    # a Relu / Clip keeps its input's shape
+    y_shape = shapes.get(y, shapes.get(node.outputs[0].name))
+    if x not in shapes or y_shape is None:
         return None
     protos = {n.name: n for n in model.graph.node}
     inits = {t.name: t for t in model.graph.initializer}
@@ -87,7 +87,7 @@ def layer_model(model: onnx.ModelProto, layer: str, shapes: Mapping[str, Sequenc
     out = helper.make_model(
         helper.make_graph(nodes, "layer",
                           [helper.make_tensor_value_info(x, elem, list(shapes[x]))],
-                          [helper.make_tensor_value_info("layer_out", elem, list(shapes[y]))],
+                          [helper.make_tensor_value_info("layer_out", elem, list(y_shape))],
                           list({t.name: t for t in used}.values())),
         opset_imports=list(model.opset_import))
     out.ir_version = model.ir_version
@@ -144,18 +144,15 @@ def for_pass(model: onnx.ModelProto, layers: Sequence[str],
              quantize: Callable[[onnx.ModelProto, set[str]], onnx.ModelProto],
              calib: Calibration, ranges: Mapping[str, tuple[float, float]], timer: Timer,
              where: Any, notes: list[Note]) -> dict[str, float]:
-    """:func:`slow_layers` for the quantize pass: shapes from one run, a note of the outcome.
+    """:func:`slow_layers` for the quantize pass: the layers' shapes, a note of the outcome.
 
     ``where`` has the pass config's ``provider`` and ``threads``.
     """
     if not layers:
         return {}
     feeds = {k: v[:1] for k, v in calib.batches[0].items()}
-    try:
-        shapes = {**{k: v.shape for k, v in feeds.items()}, **cost.run_shapes(model, feeds)}
-    except Exception as exc:  # noqa: BLE001 - shapes are a help, not a requirement
-        log.info("quantize: no per-layer timing (%s)", exc)
-        return {}
+    # shape inference, running one sample only for what it cannot follow
+    shapes = static_shapes(model, calib)
     slow, gain = slow_layers(model, layers, quantize, feeds, ranges, shapes, timer,
                              where.provider, where.threads)
     if gain is not None:
