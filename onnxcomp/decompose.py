@@ -38,7 +38,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 import onnx
 
-from onnxcomp import measure
+from onnxcomp import measure, weights
 from onnxcomp.allocate import LayerChoice, Option, Probes, allocate, realized
 from onnxcomp.calibration import Calibration
 from onnxcomp.chain import build_chain
@@ -331,6 +331,7 @@ def run_decomposition(
             report.add_skip(skip)
         else:
             kept.append(layer)
+    del layers  # the skipped layers' weights are not held through the pass
     if not kept:
         report.note(NOTHING_TO_DO, f"no layer to decompose with {method.name}")
         return PassResult(copy_model(model), report)
@@ -382,6 +383,9 @@ def run_decomposition(
     report.metrics["layer_options"] = _options_tried(choices, chosen)
     final_model, changes = _build(model, chosen, kept, moments, targets, calib, config,
                                   pass_name, progress, fits)
+    if weights.on_disk(model):  # a large model: its weights are not held through the timing
+        for layer in kept:
+            layer.drop_weight()
     if changes and config.latency_check:
         if progress:
             progress(f"{pass_name}: timing the whole model")

@@ -20,8 +20,10 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxcomp import model as model_io
+from onnxcomp import weights
 from onnxcomp.errors import PassError
 from onnxcomp.passbase import PROVENANCE_KEY
 
@@ -45,6 +47,12 @@ class Graph:
         self.source = model
         inferred = model_io.infer_shapes(model) if infer else model
         self.gs: gs.Graph = gs.import_onnx(inferred)
+        self.on_disk = weights.on_disk(model)
+        if self.on_disk:
+            for tensor in self.gs.tensors().values():
+                values = getattr(tensor, "_values", None)
+                if isinstance(values, LazyValues) and weights.is_external(values.tensor):
+                    tensor._values = _StoredValues(values.tensor)
         self._used_names: set[str] = set()
         for node in self.gs.nodes:
             if node.name:
@@ -97,6 +105,8 @@ class Graph:
         if tensor is None or self.is_graph_input(tensor):
             return None
         if isinstance(tensor, gs.Constant):
+            if isinstance(tensor._values, _StoredValues):  # read per use, never held
+                return tensor._values.load()
             return np.asarray(tensor.values)
         prod = self.producer(tensor)
         if prod is not None and prod.op == "Constant":
@@ -267,6 +277,8 @@ class Graph:
         # Intermediate shapes may be stale after a rewrite: drop them and infer again.
         del out.graph.value_info[:]
         self._restore_node_metadata(out)
+        if self.on_disk:  # the new weights join the old ones on disk
+            weights.spill(out)
         out = model_io.infer_shapes(out)
         if check:
             check_rewritten(out)
@@ -286,6 +298,14 @@ class Graph:
                 node.doc_string = old[node.name].doc_string
                 if use_props:
                     node.metadata_props.extend(old[node.name].metadata_props)
+
+
+class _StoredValues(LazyValues):  # type: ignore[misc]
+    """Values of a store tensor (see weights.py): read from disk on each use."""
+
+    def load(self) -> np.ndarray:
+        """The tensor's values, read from the store."""
+        return weights.to_array(self.tensor)
 
 
 def check_rewritten(model: onnx.ModelProto) -> None:

@@ -114,7 +114,7 @@ def _contributions(dep: DepGraph, group_id: int, layers: dict[str, Layer],
         if feats is None:
             continue
         xx, _, _ = moments[name].normalized()
-        d = layer.matrix.shape[1]
+        d = layer.matrix_shape[1]
         mean = xx[d, :d]
         cov = xx[:d, :d] - np.outer(mean, mean)
         t = layer.matrix

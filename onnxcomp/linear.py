@@ -73,6 +73,16 @@ class Layer:
         """``W`` as a matrix [y_dim, x_dim] acting on im2col columns (c, a, b order)."""
         return self.weight.reshape(self.weight.shape[0], -1).astype(np.float64)
 
+    def drop_weight(self) -> None:
+        """Free the weight after its last use (shape-only queries keep working)."""
+        self.weight = np.broadcast_to(np.zeros((), self.weight.dtype), self.weight.shape)
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """The shape of :attr:`matrix`, without converting the weight."""
+        n = int(self.weight.shape[0])
+        return n, int(self.weight.size) // max(n, 1)
+
     @property
     def bias_vector(self) -> np.ndarray:
         """The bias (zeros when absent)."""
@@ -88,7 +98,7 @@ class Layer:
     @property
     def macs(self) -> int:
         """MACs per sample."""
-        return int(self.rows_per_sample * self.matrix.size)
+        return int(self.rows_per_sample * self.weight.size)
 
     @property
     def params(self) -> int:
@@ -263,7 +273,7 @@ def round_up(value: float, multiple: int) -> int:
 
 def xdim(layer: Layer) -> int:
     """Width of the layer's input rows (im2col columns)."""
-    return int(layer.matrix.shape[1])
+    return layer.matrix_shape[1]
 
 
 def batch1_shapes(model: onnx.ModelProto, calib: Calibration) -> dict[str, tuple[int, ...]]:

@@ -305,6 +305,41 @@ def truncate_svd(left: FloatArray, values: FloatArray, right: FloatArray, rank: 
     return left[:, :rank] * root, root[:, None] * right[:rank], error
 
 
+def gram_svd(w: np.ndarray, rank: int, block_bytes: int = 1 << 26
+             ) -> tuple[FloatArray, FloatArray, float]:
+    """What :func:`truncate_svd` gives, from the Gram matrix of ``w``'s shorter side.
+
+    For a very wide or tall matrix a full SVD holds several float64 copies of it; here only the
+    ``m x m`` Gram matrix (``m`` the shorter side) and the ``R`` kept rows of the other factor
+    are formed, reading ``w`` (any float dtype) in column blocks. Singular values come from
+    eigenvalues, so they are accurate to about ``sqrt(eps)`` of the largest: enough for the
+    leading directions a truncation keeps, not for the tail.
+    """
+    wide = w.shape[0] <= w.shape[1]
+    a = w if wide else w.T  # [m, K], m <= K
+    m, k = a.shape
+    step = max(1, block_bytes // (8 * m))
+    gram = np.zeros((m, m))
+    for j in range(0, k, step):
+        block = a[:, j:j + step].astype(np.float64)
+        gram += block @ block.T
+    values, vectors = np.linalg.eigh(gram)
+    order = np.argsort(values)[::-1]
+    values = np.clip(values[order], 0.0, None)
+    r = min(rank, m)
+    left = vectors[:, order[:r]]
+    sv = np.sqrt(values[:r])
+    right = np.empty((r, k))
+    for j in range(0, k, step):
+        right[:, j:j + step] = left.T @ a[:, j:j + step].astype(np.float64)
+    right /= np.where(sv > 0, sv, 1.0)[:, None]
+    error = relative(float(np.sum(values[r:])), float(np.sum(values)))
+    root = np.sqrt(sv)
+    if wide:
+        return left * root, root[:, None] * right, error
+    return right.T * root, root[:, None] * left.T, error
+
+
 def spatial_svd_conv(W: ArrayLike, rank: int) -> SpatialSVDResult:
     """Jaderberg scheme 2: ``kh x 1`` conv ``C -> R`` then ``1 x kw`` conv ``R -> O``.
 

@@ -17,6 +17,7 @@ import onnx.external_data_helper
 import onnx.shape_inference
 from google.protobuf.message import DecodeError
 
+from onnxcomp import weights
 from onnxcomp.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -37,12 +38,21 @@ def load(path: str | os.PathLike[str], check: bool = True) -> onnx.ModelProto:
     if p.is_dir():
         raise InputError(f"{p}: is a directory, expected an .onnx file")
     try:
-        model = onnx.load(str(p), load_external_data=True)
+        model = onnx.load(str(p), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, OSError) as exc:
+        raise InputError(f"{p}: not a valid ONNX model ({_first_line(exc)})") from None
+    try:
+        if weights.external_bytes(model) + model.ByteSize() > PROTOBUF_LIMIT:
+            # Too large to hold whole (and to copy): its weights stay in their files.
+            weights.adopt(model, p.parent, p)
+        elif weights.on_disk(model):
+            onnx.load_external_data_for_model(model, str(p.parent))
     except onnx.checker.ValidationError as exc:  # external data missing or misplaced
         raise InputError(f"{p}: its external data cannot be read ({_first_line(exc)})"
                          ) from None
-    except (DecodeError, RuntimeError, ValueError, OSError) as exc:
-        raise InputError(f"{p}: not a valid ONNX model ({_first_line(exc)})") from None
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise InputError(f"{p}: its external data cannot be read ({_first_line(exc)})"
+                         ) from None
     if not model.graph.node and not model.graph.output:
         raise InputError(f"{p}: not a valid ONNX model (no graph)")
     opset = default_opset(model)
@@ -123,10 +133,15 @@ def is_large(model: onnx.ModelProto) -> bool:
     """True when the model cannot be serialized as one protobuf message."""
     total = 0
     for init in model.graph.initializer:
-        total += len(init.raw_data) if init.HasField("raw_data") else init.ByteSize()
+        total += init.ByteSize()  # not len(raw_data): that would copy the bytes
         if total > PROTOBUF_LIMIT:
             return True
     return False
+
+
+def needs_file(model: onnx.ModelProto) -> bool:
+    """True when tools must read ``model`` from a file: too large, or weights in the store."""
+    return is_large(model) or weights.on_disk(model)
 
 
 def check_model(
@@ -134,7 +149,10 @@ def check_model(
 ) -> None:
     """Run ``onnx.checker``; raise :class:`InputError` naming the first problem."""
     try:
-        if is_large(model):
+        if weights.on_disk(model):
+            with weights.path_for(model) as target:
+                onnx.checker.check_model(str(target), full_check=full)
+        elif is_large(model):
             with tempfile.TemporaryDirectory() as tmp:
                 target = Path(tmp) / "model.onnx"
                 _save_external(model, target)
@@ -148,7 +166,7 @@ def check_model(
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Shape inference with data propagation, tolerating symbolic dims; returns a new model."""
-    if is_large(model):
+    if is_large(model) and not weights.on_disk(model):
         with tempfile.TemporaryDirectory() as tmp:
             src = Path(tmp) / "in.onnx"
             dst = Path(tmp) / "out.onnx"
@@ -177,17 +195,25 @@ def save(
     if target.is_dir():
         raise InputError(f"{target}: is a directory, expected an output file path")
     target.parent.mkdir(parents=True, exist_ok=True)
-    use_external = is_large(model) if external_data is None else external_data
+    if external_data is None:
+        external_data = (is_large(model) or weights.external_bytes(model) + model.ByteSize()
+                         > PROTOBUF_LIMIT)
+    use_external = external_data
     data_name = target.name + ".data"
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         staged = staging / target.name
-        if use_external:
-            _save_external(model, staged)
+        if use_external and weights.on_disk(model):
+            weights.write_external(model, staged, data_name)
             os.replace(staging / data_name, target.parent / data_name)
+        elif use_external:
+            _save_external(model, staged)
+            if (staging / data_name).exists():  # not when every tensor is small
+                os.replace(staging / data_name, target.parent / data_name)
         else:
+            inline = weights.materialize(model) if weights.on_disk(model) else model
             with open(staged, "wb") as fh:
-                fh.write(model.SerializeToString())
+                fh.write(inline.SerializeToString())
         os.replace(staged, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 
 from onnxcomp import benchmark as bench
-from onnxcomp import cost, fidelity, provenance, runtime, verify
+from onnxcomp import cost, fidelity, provenance, runtime, verify, weights
 from onnxcomp.errors import PassError
 from onnxcomp.model import QUANTIZED_OPS, copy_model
 from onnxcomp.passbase import PassConfig, PassResult, Report, RunContext, SkipReason
@@ -179,6 +179,8 @@ def run_pipeline(
                                else "pipeline_target_reached", note, first=True)
             result.report.metrics["pipeline_speedup_before"] = round(float(so_far or 1.0), 3)
         seconds = time.perf_counter() - start
+        if weights.on_disk(current) and result.model is not current:
+            weights.spill(result.model)  # a large model's new weights go to disk too
         if result.model is current:
             raise PassError(f"pass '{step.name}' returned its input model object")
         verify.check_interface(current, result.model)

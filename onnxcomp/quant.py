@@ -62,22 +62,47 @@ def out_axis(node: Any) -> int:
 
 def quantize_symmetric(w: np.ndarray, bits: int, axis: int | None
                        ) -> tuple[np.ndarray, np.ndarray, float]:
-    """Symmetric quantization: (int8 values, float scales, relative error)."""
+    """Symmetric quantization: (int8 values, float scales, relative error).
+
+    Worked through in slices along the channel axis (the first axis when per-tensor), so a
+    large weight never has more than a slice's float64 copies at once.
+    """
     qmax = 2 ** (bits - 1) - 1
-    wf = w.astype(np.float64)
+    along = 0 if axis is None else axis
+    q = np.empty(w.shape, np.int8)
+    if w.size == 0:
+        return q, np.ones(() if axis is None else w.shape[along], np.float32), 0.0
+    step = max(1, _SLICE_VALUES // max(w.size // max(w.shape[along], 1), 1))
+    cuts = [slice(i, i + step) for i in range(0, w.shape[along], step)]
+
+    def part(cut: slice) -> tuple[slice, ...]:
+        return tuple(cut if i == along else slice(None) for i in range(w.ndim))
+
     if axis is None:
-        amax = np.array(np.max(np.abs(wf)))
+        amax = np.array(max(float(np.max(np.abs(w[part(c)].astype(np.float64))))
+                            for c in cuts))
     else:
         others = tuple(i for i in range(w.ndim) if i != axis)
-        amax = np.max(np.abs(wf), axis=others)
+        amax = np.concatenate([np.max(np.abs(w[part(c)].astype(np.float64)), axis=others)
+                               for c in cuts])
     scale = np.where(amax > 0, amax / qmax, 1.0)
     shape = [1] * w.ndim
     if axis is not None:
         shape[axis] = -1
-    q = np.clip(np.rint(wf / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
-    back = q.astype(np.float64) * scale.reshape(shape)
-    err = float(np.linalg.norm(back - wf) / max(float(np.linalg.norm(wf)), 1e-30))
+    residual = total = 0.0
+    for c in cuts:
+        wf = w[part(c)].astype(np.float64)
+        s = scale.reshape(shape) if axis is None else scale[c].reshape(shape)
+        qc = np.clip(np.rint(wf / s), -qmax, qmax).astype(np.int8)
+        q[part(c)] = qc
+        residual += float(np.sum((qc.astype(np.float64) * s - wf) ** 2))
+        total += float(np.sum(wf * wf))
+    err = float(np.sqrt(residual) / max(float(np.sqrt(total)), 1e-30))
     return q, scale.astype(np.float32), err
+
+
+# quantize_symmetric works on slices of about this many values (float64: 8 bytes each).
+_SLICE_VALUES = 1 << 23
 
 
 def binarize(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray, float]:

@@ -8,6 +8,8 @@ arXiv:1505.06798). Errors of any ``[A, b]`` follow from the same moments.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 from onnxcomp.linear import Layer, Plan
@@ -24,8 +26,15 @@ def _aug_prefix(p: np.ndarray) -> np.ndarray:
     return out
 
 
-def _target_matrix(layer: Layer) -> np.ndarray:
-    return np.hstack([layer.matrix, layer.bias_vector[:, None]])
+def _target_blocks(layer: Layer, block_bytes: int = 1 << 26) -> Iterator[np.ndarray]:
+    """Rows of ``[W, b]`` in float64, in blocks of about ``block_bytes``."""
+    n, d = layer.matrix_shape
+    weight = layer.weight.reshape(n, d)
+    bias = layer.bias_vector
+    step = max(1, block_bytes // (8 * (d + 1)))
+    for start in range(0, n, step):
+        rows = weight[start:start + step].astype(np.float64)
+        yield np.hstack([rows, bias[start:start + step, None]])
 
 
 class ChainFit:
@@ -45,13 +54,14 @@ class ChainFit:
     def __init__(self, layer: Layer, xx: np.ndarray, xy: np.ndarray | None = None,
                  yy: float = 0.0) -> None:
         self.xx = xx
+        # Symmetric: E[x~ y^T] = xx T^T is not stored (as large as the layer's weight, in
+        # float64); each plan's cross moments are formed from the target in row blocks.
+        self._layer: Layer | None = layer if xy is None else None
+        self.xy: np.ndarray | None = xy
         if xy is None:
-            t = _target_matrix(layer)
-            txx = t @ xx  # [y_dim, D+1]
-            self.xy: np.ndarray = txx.T
-            self.yy = float(np.sum(txx * t))
+            self.yy = sum(float(np.sum((t @ xx) * t)) for t in _target_blocks(layer))
         else:
-            self.xy, self.yy = xy, float(yy)
+            self.yy = float(yy)
         # Per plan (by identity): its moments and refits; small, (rank + 1)-sized.
         self._per_plan: dict[int, tuple[Plan, np.ndarray, np.ndarray]] = {}
         self._refits: dict[tuple[int, float], np.ndarray] = {}
@@ -61,7 +71,13 @@ class ChainFit:
         hit = self._per_plan.get(id(plan))
         if hit is None or hit[0] is not plan:
             pa = _aug_prefix(plan.prefix)
-            hit = (plan, (pa @ self.xx) @ pa.T, pa @ self.xy)  # gram, cross [F+1, y_dim]
+            pxx = pa @ self.xx
+            if self.xy is not None:
+                cross = pa @ self.xy
+            else:
+                assert self._layer is not None
+                cross = np.hstack([pa @ (self.xx @ t.T) for t in _target_blocks(self._layer)])
+            hit = (plan, pxx @ pa.T, cross)  # gram, cross [F+1, y_dim]
             self._per_plan[id(plan)] = hit
         return hit[1], hit[2]
 

@@ -13,6 +13,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxcomp import model as model_io
+from onnxcomp import weights
 from onnxcomp.errors import InputError, OnnxcompError
 
 PROVIDERS = {
@@ -102,6 +103,13 @@ def make_session(
     opts = session_options(threads, optimize)
     providers = provider_list(provider)
     try:
+        if weights.on_disk(model):
+            # Weights in the store: ONNX Runtime maps their files. Without prepacking, which
+            # would hold a second, packed copy of every weight (timings of such a model are
+            # then without it too, on both sides of a comparison).
+            opts.add_session_config_entry("session.disable_prepacking", "1")
+            with weights.path_for(model) as stored:
+                return ort.InferenceSession(str(stored), opts, providers=providers)
         if not model_io.is_large(model):
             return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
         with tempfile.TemporaryDirectory() as tmp:

@@ -384,7 +384,7 @@ def _refits(graph: Graph, dep: DepGraph, keep: dict[int, np.ndarray], prep: _Pre
         out_keep = dep.keep_indices(node.outputs[0].name, keep)
         m = prep.moments[name]
         xx, _, _ = m.normalized()
-        d = layer.matrix.shape[1]
+        d = layer.matrix_shape[1]
         if layer.is_conv:
             k = int(np.prod(layer.weight.shape[2:]))
             cols = (in_keep[:, None] * k + np.arange(k)[None, :]).reshape(-1)
@@ -459,7 +459,7 @@ def _refit_streamed(model: onnx.ModelProto, prep: _Prepared,
         xx, xy, _ = m.normalized()
         assert xy is not None
         use_bias = layer.op != "MatMul"
-        d = layer.matrix.shape[1]
+        d = layer.matrix_shape[1]
         sel = np.arange(d + 1) if use_bias else np.arange(d)
         w0, b0, _ = refits[name]
         start = np.hstack([w0, b0[:, None]]) if use_bias and b0 is not None else w0

@@ -315,11 +315,11 @@ def _refit_streamed(pruned: onnx.ModelProto, layers: list[Layer],
             continue
         m = collect_compressed(stream, current, index, now, targets[index],
                                config.max_rows, config.seed)
-        if m.rows < REFIT_ROWS_PER_UNKNOWN * (now.matrix.shape[1] + 1):
+        if m.rows < REFIT_ROWS_PER_UNKNOWN * (now.matrix_shape[1] + 1):
             continue
         xx, xy, _ = m.normalized()
         assert xy is not None
-        d = now.matrix.shape[1]
+        d = now.matrix_shape[1]
         use_bias = now.op != "MatMul"
         sel = np.arange(d + 1) if use_bias else np.arange(d)
         start = np.hstack([now.matrix, now.bias_vector[:, None]]) if use_bias else now.matrix

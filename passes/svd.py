@@ -38,6 +38,10 @@ from onnxcomp.decompose import DecompositionPass, LowRankConfig
 from onnxcomp.linear import Layer, Plan, Stage, rank_ladder, round_up
 from onnxcomp.moments import OutputBases, data_basis_generalizes
 
+# A matrix larger than this in float64 is factored from its Gram matrix (lowrank.gram_svd):
+# a full SVD of it would hold several float64 copies at once.
+LEAN_SVD_BYTES = 1 << 28
+
 
 class SVDMethod:
     """Spatial SVD for kxk convs; matrix SVD for 1x1 convs and FC layers."""
@@ -52,7 +56,11 @@ class SVDMethod:
 
     def _weights_svd(self, layer: Layer, rank: int) -> tuple[np.ndarray, np.ndarray, float]:
         """``lowrank.svd_matrix(layer.matrix, rank)`` from one SVD per layer (not per rank)."""
+        n, k = layer.matrix_shape
+        if 8 * n * k > LEAN_SVD_BYTES:
+            return lowrank.gram_svd(layer.weight.reshape(n, k), rank)
         if self._svd is None or self._svd[0] != layer.name:
+            self._svd = None  # the previous layer's factors go before this one's are made
             u, sv, vt = np.linalg.svd(layer.matrix, full_matrices=False)
             self._svd = (layer.name, u, sv, vt)
         _, u, sv, vt = self._svd
@@ -74,7 +82,7 @@ class SVDMethod:
     def _macs(self, layer: Layer, rank: int) -> int:
         kind = self._kind(layer)
         if kind == "fc":
-            n, k = layer.matrix.shape
+            n, k = layer.matrix_shape
             return layer.rows_per_sample * rank * (n + k)
         o, c, kh, kw = layer.weight.shape
         in_hw, out_hw = conv_hw(layer)
@@ -89,7 +97,7 @@ class SVDMethod:
             o, c, kh, kw = layer.weight.shape
             bound = min(c * kh, o * kw)
         else:
-            bound = min(layer.matrix.shape)
+            bound = min(layer.matrix_shape)
         return max(1, min(bound, (layer.macs - 1) // max(per, 1)))
 
     def rank_options(self, layer: Layer, config: LowRankConfig) -> list[tuple[int, ...]]:
@@ -101,7 +109,7 @@ class SVDMethod:
         if isinstance(config.rank, int):
             bound = (min(layer.weight.shape[1] * layer.weight.shape[2],
                          layer.weight.shape[0] * layer.weight.shape[3])
-                     if self._kind(layer) == "spatial" else min(layer.matrix.shape))
+                     if self._kind(layer) == "spatial" else min(layer.matrix_shape))
             return (min(config.rank, bound),)
         assert isinstance(config.rank, float)
         return (round_up(config.rank * self.max_rank(layer), config.rank_multiple),)
@@ -130,7 +138,7 @@ class SVDMethod:
                                                 basis=self._basis.get(layer, -1))
         else:
             u, v, err = self._weights_svd(layer, rank)  # W[y, x] ~ U[y, R] V[R, x]
-        n, k = layer.matrix.shape
+        n, k = layer.matrix_shape
         if kind == "fc":
             stages = [Stage("matmul", v, {}, "proj")]
             last_shape: tuple[int, ...] = (n, rank)
