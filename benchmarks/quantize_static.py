@@ -47,12 +47,14 @@ MODELS = {"fashion_mnist_vgg": 128, "mobilenetv2": 64, "efficientnet_lite0": 64,
 # calibration data, the OCR models the relative output error.
 MAX_DROP = {"fashion_mnist_vgg": (0.01,), "mobilenetv2": (0.1, 0.05),
             "efficientnet_lite0": (0.1,), "ppocrv4_det": (0.1,), "ppocrv4_rec": (0.1,)}
-# The calibrator rows quantize every layer (no --max-drop bound), with bias correction (the
-# default) and, once, without (its own contribution); "default" is what a plain
-# `quantize` does (percentile, --max-drop 0.2); "max-drop" the per-model bound above.
+# The calibrator rows quantize every layer (no --max-drop bound), with output-error rounding
+# and bias correction (the defaults) and, once each, without (their own contributions);
+# "default" is what a plain `quantize` does (percentile, --max-drop 0.2); "max-drop" the
+# per-model bound above.
 UNBOUNDED = {"max_drop": math.inf}
 OURS = [("percentile", UNBOUNDED),
         ("percentile, no bias correction", {"bias_correction": False, **UNBOUNDED}),
+        ("percentile, no rounding", {"rounding": False, **UNBOUNDED}),
         ("percentile, no per-layer speed", {"keep_fast": False, **UNBOUNDED}),
         ("entropy", {"calibrator": "entropy", **UNBOUNDED}),
         ("minmax", {"calibrator": "minmax", **UNBOUNDED}), ("default (max-drop 0.2)", {}),

@@ -106,7 +106,8 @@ class Layer:
         return int(self.weight.size + (0 if self.bias is None else self.bias.size))
 
 
-def _conv_geometry(node: Node, in_hw: Sequence[int], kernel: Sequence[int]) -> ConvGeometry:
+def conv_geometry(node: Node, in_hw: Sequence[int], kernel: Sequence[int]) -> ConvGeometry:
+    """A conv's geometry with explicit pads, for input spatial size ``in_hw``."""
     strides = [int(v) for v in node.attrs.get("strides", [1, 1])]
     dil = [int(v) for v in node.attrs.get("dilations", [1, 1])]
     auto_pad = node.attrs.get("auto_pad", "NOTSET")
@@ -203,7 +204,7 @@ def make_layer(graph: Graph, shapes: dict[str, tuple[int, ...]], node: Node,
             return skip(SkipReason.UNSUPPORTED_ATTRIBUTE, f"{w.ndim - 2}-D conv (2-D only)")
         if int(node.attrs.get("group", 1)) != 1:
             return skip(SkipReason.GROUPED, f"group={node.attrs.get('group')}")
-        geom = _conv_geometry(node, in_shape[1:], w.shape[2:])
+        geom = conv_geometry(node, in_shape[1:], w.shape[2:])
         layer = Layer(node, "Conv", w, b, geom, in_shape, out_shape, w.dtype)
     else:
         fc = _fc_weight(node, w, b)

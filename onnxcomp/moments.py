@@ -37,7 +37,7 @@ class Moments:
         return self.xx / n, None if self.xy is None else self.xy / n, self.yy / n
 
 
-class _Sampler:
+class Sampler:
     """Seeded output positions per (layer, sample), identical across model runs."""
 
     def __init__(self, layer_index: int, layer: Layer, per_sample: int, seed: int) -> None:
@@ -47,6 +47,7 @@ class _Sampler:
         self.seed = seed
 
     def positions(self, sample: int) -> np.ndarray:
+        """The flat output positions sampled for calibration sample ``sample``."""
         if self.count == self.total:
             return np.arange(self.total)
         rng = np.random.default_rng([self.seed, self.layer_index, sample])
@@ -90,7 +91,7 @@ def collect_original(
     for layer in layers:
         names += [layer.node.inputs[0].name, layer.node.outputs[0].name]
     per_sample = max(1, max_rows // max(calib.num_samples, 1))
-    samplers = [_Sampler(i, layer, per_sample, seed) for i, layer in enumerate(layers)]
+    samplers = [Sampler(i, layer, per_sample, seed) for i, layer in enumerate(layers)]
     moments = [Moments(np.zeros((xdim(layer) + 1,) * 2), None, 0.0, 0) for layer in layers]
     second = [Moments(np.zeros((xdim(layer) + 1,) * 2), None, 0.0, 0) for layer in layers]
     # Halves are contiguous, not alternate samples: calibration sets come in runs of related
@@ -133,7 +134,7 @@ def collect_compressed(
     The input comes from ``stream``: only what ``model`` has not computed yet runs.
     """
     per_sample = max(1, max_rows // max(stream.calib.num_samples, 1))
-    sampler = _Sampler(layer_index, layer, per_sample, seed)
+    sampler = Sampler(layer_index, layer, per_sample, seed)
     d = xdim(layer) + 1
     m = Moments(np.zeros((d, d)), np.zeros((d, layer.weight.shape[0])), 0.0, 0)
     sample = 0

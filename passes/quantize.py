@@ -55,7 +55,7 @@ import numpy as np
 import onnx
 
 from onnxcomp import benchmark as bench
-from onnxcomp import bias_correction, fidelity, int8_speed, quant, runtime, search
+from onnxcomp import bias_correction, fidelity, int8_speed, quant, rounding, runtime, search
 from onnxcomp import passbase as pb
 from onnxcomp.calibration import Calibration
 from onnxcomp.graph import Graph
@@ -120,6 +120,11 @@ class QuantizeConfig(pb.PassConfig):
         '(interleaved) and leave in float those int8 makes slower (a first conv with one to '
         'three input channels, narrow stages).',
         flag='--per-layer-speed/--no-per-layer-speed')
+    rounding: bool = pb.option(
+        True,
+        "quantize --mode static: round each int8 conv's weights up or down by its output "
+        "error on the calibration data (AdaRound, layer-wise), not to the nearest value; "
+        "kept when the loss does not grow.")
     bias_correction: bool = pb.option(
         True,
         "quantize --mode static: restore each int8 conv's per-channel output mean on the "
@@ -346,6 +351,8 @@ def _static(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibration |
                                                    notes, ctx.judge, slow)
     if not report.applied:  # not even the equalization or the opset upgrade is kept
         return pb.PassResult(copy_model(original), report)
+    if config.rounding:
+        quantized = rounding.apply(model, quantized, report, calib, ctx.judge, config.seed)
     if config.bias_correction:
         quantized = bias_correction.apply(model, quantized, report, calib, ctx.judge,
                                           BIAS_CORRECTION_SAMPLES)
