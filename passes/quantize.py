@@ -10,8 +10,11 @@ TensorRT", GTC 2017 (entropy calibration); M. Rastegari et al., "XNOR-Net", ECCV
 per tensor) through QuantizeLinear -> DequantizeLinear pairs on every quantized layer's input
 and output (after its Relu/Clip, which the uint8 range [0, c] then replaces). Ranges come from
 the calibration data: ``--calibrator percentile`` (99.99, default), ``minmax`` or ``entropy``
-(KL-optimal clipping). ONNX Runtime fuses the pattern into integer kernels (QLinearConv,
-QGemm). ``--max-drop X`` measures every layer's sensitivity (output error with it alone
+(KL-optimal clipping). Each int8 conv's weights are then rounded up or down by the conv's
+output error on the calibration data (onnxcomp/rounding.py, after M. Nagel et al., "Up or
+Down? Adaptive Rounding for Post-Training Quantization", ICML 2020, arXiv:2004.10568), and
+its per-channel output mean restored (onnxcomp/bias_correction.py). ONNX Runtime fuses the
+pattern into integer kernels (QLinearConv, QGemm). ``--max-drop X`` measures every layer's sensitivity (output error with it alone
 quantized) and leaves the most sensitive in float until the fidelity drop on the calibration
 data (``fidelity.bound``: the worst of decisions changed, score sets lost and the error of the
 outputs beside them; relative output error for a model whose outputs decide nothing) is at
