@@ -122,6 +122,35 @@ def binarize(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray, float]:
     return q, scale.astype(np.float32), err
 
 
+# --calibrator mse: candidate clipping points (quantiles of the tensor's values) and how many
+# of its sampled values each candidate grid is scored on.
+MSE_QUANTILES = (0.99, 0.999, 0.9999, 0.99999, 1.0)
+MSE_VALUES = 200_000
+
+
+def mse_range(values: np.ndarray, signed: bool = False) -> tuple[float, float]:
+    """The clipping range, among quantile pairs, that rounds ``values`` with the least error.
+
+    Clipping the tail is weighed against resolving the bulk. For uint8 (asymmetric) every
+    pair of a low and a high candidate is scored; for int8 (symmetric) only the magnitude.
+    """
+    flat = values.reshape(-1)
+    sample = flat[::max(1, -(-flat.size // MSE_VALUES))].astype(np.float64)
+    highs = sorted({max(float(np.quantile(flat, q)), 0.0) for q in MSE_QUANTILES})
+    lows = sorted({min(float(np.quantile(flat, 1 - q)), 0.0) for q in MSE_QUANTILES})
+    pairs = ([(-a, a) for a in sorted({max(-lo, hi) for lo in lows for hi in highs})]
+             if signed else [(lo, hi) for lo in lows for hi in highs])
+    qmin, qmax = (-127, 127) if signed else (0, 255)
+    best, best_err = pairs[-1], np.inf
+    for lo, hi in pairs:
+        scale, zero = activation_qparams(lo, hi, signed)
+        back = (np.clip(np.rint(sample / scale) + zero, qmin, qmax) - zero) * scale
+        err = float(np.mean((back - sample) ** 2))
+        if err < best_err:
+            best, best_err = (lo, hi), err
+    return best
+
+
 def entropy_range(values: np.ndarray, lo: float, hi: float) -> tuple[float, float]:
     """The range whose 8-bit quantization loses least information (KL divergence).
 
@@ -262,8 +291,8 @@ def clamping_activation(graph: Graph, tensor: Any) -> tuple[Any, float] | None:
 
 
 def activation_ranges(model: onnx.ModelProto, names: list[str], calib: Calibration,
-                      calibrator: str = "percentile", percentile: float = 99.99, seed: int = 0
-                      ) -> dict[str, tuple[float, float]]:
+                      calibrator: str = "percentile", percentile: float = 99.99, seed: int = 0,
+                      signed: bool = False) -> dict[str, tuple[float, float]]:
     """(low, high) of each float tensor on the calibration data, per the calibrator."""
     lows = {n: np.inf for n in names}
     highs = {n: -np.inf for n in names}
@@ -276,7 +305,7 @@ def activation_ranges(model: onnx.ModelProto, names: list[str], calib: Calibrati
                 continue
             lows[n] = min(lows[n], float(x.min()))
             highs[n] = max(highs[n], float(x.max()))
-            if calibrator in ("percentile", "entropy"):
+            if calibrator in ("percentile", "entropy", "mse"):
                 flat = x.reshape(-1)
                 if flat.size > per_batch:
                     flat = flat[rng.choice(flat.size, per_batch, replace=False)]
@@ -292,6 +321,8 @@ def activation_ranges(model: onnx.ModelProto, names: list[str], calib: Calibrati
             hi = float(np.percentile(values, percentile))
         elif calibrator == "entropy" and pools[n]:
             lo, hi = entropy_range(np.concatenate(pools[n]), lo, hi)
+        elif calibrator == "mse" and pools[n]:
+            lo, hi = mse_range(np.concatenate(pools[n]), signed)
         out[n] = (lo, hi)
     return out
 

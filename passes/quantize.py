@@ -9,18 +9,18 @@ TensorRT", GTC 2017 (entropy calibration); M. Rastegari et al., "XNOR-Net", ECCV
 ``--mode static`` (the default): int8 per-channel weights and uint8 activations (asymmetric,
 per tensor) through QuantizeLinear -> DequantizeLinear pairs on every quantized layer's input
 and output (after its Relu/Clip, which the uint8 range [0, c] then replaces). Ranges come from
-the calibration data: ``--calibrator percentile`` (99.99, default), ``minmax`` or ``entropy``
-(KL-optimal clipping). Each int8 conv's weights are then rounded up or down by the conv's
-output error on the calibration data (onnxcomp/rounding.py, after M. Nagel et al., "Up or
-Down? Adaptive Rounding for Post-Training Quantization", ICML 2020, arXiv:2004.10568), and
-its per-channel output mean restored (onnxcomp/bias_correction.py). ONNX Runtime fuses the
-pattern into integer kernels (QLinearConv, QGemm). ``--max-drop X`` measures every layer's sensitivity (output error with it alone
-quantized) and leaves the most sensitive in float until the fidelity drop on the calibration
-data (``fidelity.bound``: the worst of decisions changed, score sets lost and the error of the
-outputs beside them; relative output error for a model whose outputs decide nothing) is at
-most X. Before
-opset 13 weights are per tensor (the only form that stays fusable there), which costs
-fidelity.
+the calibration data: ``--calibrator percentile`` (99.99, default), ``minmax``, ``entropy``
+(KL-optimal clipping) or ``mse`` (per tensor, the quantile pair whose grid rounds the tensor's
+values with the least squared error). Each int8 conv's weights are then rounded up or down by
+the conv's output error on the calibration data (onnxcomp/rounding.py, after M. Nagel et al.,
+"Up or Down? Adaptive Rounding for Post-Training Quantization", ICML 2020, arXiv:2004.10568),
+and its per-channel output mean restored (onnxcomp/bias_correction.py). ONNX Runtime fuses the
+pattern into integer kernels (QLinearConv, QGemm). ``--max-drop X`` measures every layer's
+sensitivity (output error with it alone quantized) and leaves the most sensitive in float until
+the fidelity drop on the calibration data (``fidelity.bound``: the worst of decisions changed,
+score sets lost and the error of the outputs beside them; relative output error for a model
+whose outputs decide nothing) is at most X. Before opset 13 weights are per tensor (the only
+form that stays fusable there), which costs fidelity.
 
 Before / after (``--mode weight``)::
 
@@ -68,7 +68,7 @@ from onnxcomp.model import check_model, copy_model, default_opset
 from onnxcomp.passes import equalize, fold_bn, opset
 
 MODES = ("static", "weight", "kmeans", "binary")
-CALIBRATORS = ("percentile", "minmax", "entropy")
+CALIBRATORS = ("percentile", "minmax", "entropy", "mse")
 # Percentile ranges need enough values to put a tail on; fewer samples is an error.
 MIN_PERCENTILE_SAMPLES = 8
 # --max-drop by default: static int8 that loses more than this on the calibration data (a
@@ -97,7 +97,7 @@ class QuantizeConfig(pb.PassConfig):
     calibrator: str = pb.option(
         'percentile',
         'quantize --mode static: activation ranges.',
-        choices=('percentile', 'minmax', 'entropy'))
+        choices=('percentile', 'minmax', 'entropy', 'mse'))
     percentile: float = 99.99
     max_drop: float = pb.option(
         DEFAULT_MAX_DROP,
@@ -322,7 +322,7 @@ def _static(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibration |
                                                 f"converter), for per-channel int8 weights"))
             model = upgraded
     assert calib is not None  # PassBase gives synthetic inputs to static runs (and says so)
-    if config.calibrator in ("percentile", "entropy") and (
+    if config.calibrator in ("percentile", "entropy", "mse") and (
             calib.num_samples < MIN_PERCENTILE_SAMPLES):
         raise pb.InputError(f"the {config.calibrator} calibrator needs at least "
                          f"{MIN_PERCENTILE_SAMPLES} calibration samples, got "
@@ -342,7 +342,8 @@ def _static(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibration |
     names = [t for n in graph.nodes if n.name in candidates
              for t in _static_tensors(graph, n)]
     ranges = quant.activation_ranges(model, list(dict.fromkeys(names)), calib,
-                                   config.calibrator, config.percentile, config.seed)
+                                   config.calibrator, config.percentile, config.seed,
+                                   signed_activations(config))
     slow = int8_speed.for_pass(
         model, candidates, lambda m, ex: _build_static(m, config, ranges, ex)[0], calib, ranges,
         ctx.timer, config, notes) if config.keep_fast else {}

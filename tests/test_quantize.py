@@ -210,6 +210,29 @@ def test_entropy_range_clips_outliers_but_keeps_the_bulk():
     assert lo == float(relu.min()) and 2.5 < hi < 30
 
 
+def test_mse_range_picks_the_grid_with_the_least_rounding_error():
+    from onnxcomp.quant import activation_qparams, mse_range
+
+    rng = np.random.default_rng(0)
+    x = rng.laplace(size=200_000)  # a long tail: covering all of it costs the bulk resolution
+
+    def err(lo, hi, signed=False):
+        scale, zero = activation_qparams(lo, hi, signed)
+        qmin, qmax = (-127, 127) if signed else (0, 255)
+        back = (np.clip(np.rint(x / scale) + zero, qmin, qmax) - zero) * scale
+        return float(np.mean((back - x) ** 2))
+
+    lo, hi = mse_range(x)
+    assert hi < x.max() and lo > x.min()
+    assert err(lo, hi) < err(float(x.min()), float(x.max()))  # beats min/max
+    assert err(lo, hi) <= err(float(np.quantile(x, 1e-4)), float(np.quantile(x, 1 - 1e-4)))
+    slo, shi = mse_range(x, signed=True)
+    amax = float(np.abs(x).max())
+    assert slo == -shi and err(slo, shi, True) < err(-amax, amax, True)
+    relu = np.abs(x)  # one-sided: the range starts at 0
+    assert mse_range(relu)[0] == 0.0
+
+
 def _sensitive_model():
     """c1 reads an input whose channel 0 is ~1000x the others: quantizing c1 is ruinous."""
     rng = np.random.default_rng(7)
