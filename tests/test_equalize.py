@@ -64,8 +64,8 @@ def test_the_pipeline_runs_it_before_static_int8_and_verifies_it():
     steps = [pipeline.Step("quantize", REGISTRY["quantize"].config_cls.from_options(
         {"calibrator": "minmax", "max_drop": float("inf")}))]
     result = pipeline.run_pipeline(model, steps, calib)
-    assert [s.name for s in result.steps] == ["fold_bn", "equalize", "quantize"]
-    eq = result.steps[1]
+    assert [s.name for s in result.steps] == ["canonicalize", "fold_bn", "equalize", "quantize"]
+    eq = result.steps[2]
     assert eq.lossless and eq.fidelity.rel_l2 < 1e-5 and eq.report.applied
     assert eq.report.notes[0].code == "prerequisite"
-    assert result.steps[2].config.equalize is False  # done once, by the step before
+    assert result.steps[3].config.equalize is False  # done once, by the step before
