@@ -176,25 +176,6 @@ class Calibration:
             left -= size
         return Calibration(out, self.synthetic, f"{self.source} (first {samples})")
 
-    def halves(self) -> tuple[Calibration, Calibration] | None:
-        """The samples in two contiguous halves, or None for fewer than two samples.
-
-        With several batches the cut falls between batches.
-        """
-        if self.num_samples < 2:
-            return None
-        if self.num_batches >= 2:
-            cut = self.num_batches // 2
-            parts = (self.batches[:cut], self.batches[cut:])
-        else:
-            half = self.num_samples // 2
-            only = self.batches[0]
-            parts = ([{k: v[:half] for k, v in only.items()}],
-                     [{k: v[half:] for k, v in only.items()}])
-        first, second = (Calibration(list(b), self.synthetic, f"{self.source} ({which} half)")
-                         for b, which in zip(parts, ("first", "second"), strict=True))
-        return first, second
-
     def all_inputs(self) -> dict[str, np.ndarray]:
         """Every input concatenated over all batches (a new array per input)."""
         return {

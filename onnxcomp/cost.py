@@ -41,7 +41,7 @@ import itertools
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,7 @@ import onnx.helper
 from google.protobuf.message import DecodeError
 
 from onnxcomp import model as model_io
-from onnxcomp import serial
+from onnxcomp import serial, weights
 from onnxcomp.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -248,7 +248,7 @@ def file_size(path: str | os.PathLike[str]) -> int:
     except (DecodeError, RuntimeError, ValueError, OSError) as exc:
         raise InputError(f"{p}: not a valid ONNX model ({exc})") from None
     locations: dict[Path, None] = {}
-    for tensor in _all_tensors(proto.graph):
+    for tensor in weights.graph_tensors(proto.graph):
         if onnx.external_data_helper.uses_external_data(tensor):
             info = onnx.external_data_helper.ExternalDataInfo(tensor)
             locations[(p.parent / info.location).resolve()] = None
@@ -410,24 +410,6 @@ def _param_inputs(node: onnx.NodeProto, consts: Mapping[str, _ConstInfo]) -> lis
     return [t for t in dict.fromkeys(node.input) if t in consts and consts[t].dtype in PARAM_DTYPES]
 
 
-def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    """Every tensor stored in ``graph`` and its subgraphs."""
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield sparse.values
-        yield sparse.indices
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("sparse_tensor"):
-                yield attr.sparse_tensor.values
-                yield attr.sparse_tensor.indices
-            if attr.HasField("g"):
-                yield from _all_tensors(attr.g)
-            for sub in attr.graphs:
-                yield from _all_tensors(sub)
 
 
 def _node_names(graph: onnx.GraphProto) -> list[str]:

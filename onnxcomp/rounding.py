@@ -272,7 +272,7 @@ def apply(model: onnx.ModelProto, quantized: onnx.ModelProto, report: Report,
     layers = [ch.node for ch in report.applied if ch.op_type == "Conv"]
     if not layers:
         return quantized
-    halves = calib.halves()
+    halves = _halves(calib)
     if halves is None or calib.num_samples < MIN_SAMPLES:
         report.note("rounding_skipped",
                     f"no output-error rounding: {calib.num_samples} calibration samples, fewer "
@@ -316,3 +316,20 @@ def apply(model: onnx.ModelProto, quantized: onnx.ModelProto, report: Report,
     if kept and "drop" in report.metrics:
         report.metrics["drop"] = after
     return rounded if kept else quantized
+
+
+def _halves(calib: Calibration) -> tuple[Calibration, Calibration] | None:
+    """The samples in two contiguous halves (cut between batches when there are several)."""
+    if calib.num_samples < 2:
+        return None
+    if calib.num_batches >= 2:
+        cut = calib.num_batches // 2
+        parts = (calib.batches[:cut], calib.batches[cut:])
+    else:
+        half = calib.num_samples // 2
+        only = calib.batches[0]
+        parts = ([{k: v[:half] for k, v in only.items()}],
+                 [{k: v[half:] for k, v in only.items()}])
+    first, second = (Calibration(list(b), calib.synthetic, f"{calib.source} ({which} half)")
+                     for b, which in zip(parts, ("first", "second"), strict=True))
+    return first, second

@@ -54,21 +54,27 @@ def store_dir() -> Path:
 
 def tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
     """Every initializer and constant-node tensor, subgraphs included."""
-    yield from _graph_tensors(model.graph)
+    yield from graph_tensors(model.graph)
 
 
-def _graph_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
+def graph_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
+    """Every tensor stored in ``graph`` and its subgraphs (sparse ones' values and indices)."""
     yield from graph.initializer
-    yield from (s.values for s in graph.sparse_initializer)
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
     for node in graph.node:
         for attr in node.attribute:
             if attr.HasField("t"):
                 yield attr.t
             yield from attr.tensors
+            if attr.HasField("sparse_tensor"):
+                yield attr.sparse_tensor.values
+                yield attr.sparse_tensor.indices
             if attr.HasField("g"):
-                yield from _graph_tensors(attr.g)
+                yield from graph_tensors(attr.g)
             for sub in attr.graphs:
-                yield from _graph_tensors(sub)
+                yield from graph_tensors(sub)
 
 
 def _initializers(graph: onnx.GraphProto) -> Iterator[TensorProto]:

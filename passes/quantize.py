@@ -65,7 +65,8 @@ from onnxcomp.graph import Graph
 from onnxcomp.judge import Judge
 from onnxcomp.linear import own_float_weight
 from onnxcomp.model import check_model, copy_model, default_opset
-from onnxcomp.passes import canonicalize, equalize, fold_bn, opset
+from onnxcomp.passes import canonicalize, equalize, fold_bn
+from onnxcomp.passes import opset as opset_mod
 
 MODES = ("static", "weight", "kmeans", "binary")
 CALIBRATORS = ("percentile", "minmax", "entropy", "mse")
@@ -125,9 +126,8 @@ class QuantizeConfig(pb.PassConfig):
         flag='--per-layer-speed/--no-per-layer-speed')
     rounding: bool = pb.option(
         True,
-        "quantize --mode static: round each int8 conv's weights up or down by its output "
-        "error on the calibration data (AdaRound, layer-wise), not to the nearest value; "
-        "kept when the loss does not grow.")
+        "quantize --mode static: round int8 conv weights up or down by output error on the "
+        "calibration data (AdaRound, layer-wise), not to nearest; kept when it helps.")
     bias_correction: bool = pb.option(
         True,
         "quantize --mode static: restore each int8 conv's per-channel output mean on the "
@@ -218,11 +218,8 @@ class Quantize(pb.PassBase, name="quantize", lossless=False, config=QuantizeConf
         """Lossless passes the pipeline runs (and verifies) first, and the config after them.
 
         Static int8 wants the graph canonicalized (an exporter's four-node HardSwish costs
-        more than int8 convs save: PP-OCRv4 rec went from 1.35x to 1.58x with it fused, see
-        benchmarks/results/quantize_static.md), BatchNormalization folded (see
-        _fold_batchnorms), opset 13 (per-channel weights) and equalized linear pairs; run
-        through the pipeline, each is a step of its own whose outputs are checked like any
-        lossless pass. Called directly, the pass does all but the canonicalization itself.
+        more than int8 saves), BN folded (see _fold_batchnorms), opset 13 and equalized pairs:
+        each a verified step of its own. Called directly, the pass does all but the first.
         """
         assert isinstance(config, QuantizeConfig)
         if config.mode != "static":
@@ -231,7 +228,7 @@ class Quantize(pb.PassBase, name="quantize", lossless=False, config=QuantizeConf
             ("canonicalize", canonicalize.CanonicalizeConfig()),
             ("fold_bn", fold_bn.FoldBNConfig())]
         if (default_opset(model) or 0) < 13:
-            steps.append(("opset", opset.OpsetConfig(target_opset=13)))
+            steps.append(("opset", opset_mod.OpsetConfig(target_opset=13)))
         if config.equalize:
             steps.append(("equalize", equalize.EqualizeConfig(exclude=config.exclude)))
             config = dataclasses.replace(config, equalize=False)
@@ -315,8 +312,8 @@ def _static(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibration |
     original = model  # what a pass that applies nothing hands back
     opset = default_opset(model) or 0
     if opset < 13:
-        upgraded = _to_opset13(model)
-        if upgraded is None:
+        upgraded = opset_mod.convert(model, 13)
+        if isinstance(upgraded, str):  # the converter's reason
             notes.append(pb.Note("per_tensor_weights",
                               f"opset {opset}: static quantization uses per-tensor weight scales "
                               f"(per-channel needs opset 13 to stay fusable, and the onnx version "
@@ -397,12 +394,6 @@ def _fold_batchnorms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     if not result.report.applied:
         return model, 0
     return result.model, len(result.report.applied)
-
-
-def _to_opset13(model: onnx.ModelProto) -> onnx.ModelProto | None:
-    """``model`` at opset 13 (see passes/opset.py), or None when it cannot be converted."""
-    out = opset.convert(model, 13)
-    return None if isinstance(out, str) else out
 
 
 def _static_tensors(graph: Graph, node: Any) -> list[str]:
