@@ -302,12 +302,7 @@ def _weights_only(model: onnx.ModelProto, config: QuantizeConfig) -> pb.PassResu
 # ====================================================================== static int8
 def _static(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibration | None,
             ctx: pb.RunContext) -> pb.PassResult:
-    """``--mode static``: int8 weights and uint8 activations in QDQ form.
-
-    Activation ranges are measured once on the float model for every layer that could be
-    quantized; each candidate model (all layers, or all but the most sensitive ones for
-    ``--max-drop``) is then built from those ranges.
-    """
+    """``--mode static``: int8 weights, uint8 activations (QDQ), from ranges measured once."""
     notes: list[pb.Note] = []
     original = model  # what a pass that applies nothing hands back
     opset = default_opset(model) or 0
