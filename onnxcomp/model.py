@@ -42,7 +42,7 @@ def load(path: str | os.PathLike[str], check: bool = True) -> onnx.ModelProto:
     except (DecodeError, RuntimeError, ValueError, OSError) as exc:
         raise InputError(f"{p}: not a valid ONNX model ({_first_line(exc)})") from None
     try:
-        if weights.external_bytes(model) + model.ByteSize() > PROTOBUF_LIMIT:
+        if over_limit(model):
             # Too large to hold whole (and to copy): its weights stay in their files.
             weights.adopt(model, p.parent, p)
         elif weights.on_disk(model):
@@ -139,9 +139,9 @@ def is_large(model: onnx.ModelProto) -> bool:
     return False
 
 
-def needs_file(model: onnx.ModelProto) -> bool:
-    """True when tools must read ``model`` from a file: too large, or weights in the store."""
-    return is_large(model) or weights.on_disk(model)
+def over_limit(model: onnx.ModelProto) -> bool:
+    """True when the model with its external data would pass the protobuf limit."""
+    return weights.external_bytes(model) + model.ByteSize() > PROTOBUF_LIMIT
 
 
 def check_model(
@@ -195,10 +195,7 @@ def save(
     if target.is_dir():
         raise InputError(f"{target}: is a directory, expected an output file path")
     target.parent.mkdir(parents=True, exist_ok=True)
-    if external_data is None:
-        external_data = (is_large(model) or weights.external_bytes(model) + model.ByteSize()
-                         > PROTOBUF_LIMIT)
-    use_external = external_data
+    use_external = over_limit(model) if external_data is None else external_data
     data_name = target.name + ".data"
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:

@@ -179,10 +179,10 @@ def run_pipeline(
                                else "pipeline_target_reached", note, first=True)
             result.report.metrics["pipeline_speedup_before"] = round(float(so_far or 1.0), 3)
         seconds = time.perf_counter() - start
-        if weights.on_disk(current) and result.model is not current:
-            weights.spill(result.model)  # a large model's new weights go to disk too
         if result.model is current:
             raise PassError(f"pass '{step.name}' returned its input model object")
+        if weights.on_disk(current):
+            weights.spill(result.model)  # a large model's new weights go to disk too
         verify.check_interface(current, result.model)
         if result.modified:
             _, outputs = model_outputs(result.model, calib)

@@ -116,14 +116,16 @@ def _convs(original: onnx.ModelProto, quantized: onnx.ModelProto, names: Sequenc
 
 
 def round_layers(original: onnx.ModelProto, quantized: onnx.ModelProto, calib: Calibration,
-                 names: Sequence[str], seed: int = 0, sweeps: int = SWEEPS
+                 names: Sequence[str], seed: int = 0, sweeps: int = SWEEPS,
+                 found: tuple[list[_Conv], dict[str, str]] | None = None
                  ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """``quantized`` with the int8 weights of the convs ``names`` re-rounded.
 
     Returns the model and, per layer, the output error (relative RMS on the sampled rows)
     with nearest rounding and after, the share of weights moved, or why it was left.
+    ``found``: what :func:`_convs` gave for these models, when the caller has it already.
     """
-    convs, skipped = _convs(original, quantized, names, calib)
+    convs, skipped = found or _convs(original, quantized, names, calib)
     stats: dict[str, Any] = {n: {"left": why} for n, why in skipped.items()}
     if not convs:
         return copy_model(quantized), stats
@@ -279,7 +281,8 @@ def apply(model: onnx.ModelProto, quantized: onnx.ModelProto, report: Report,
                     f"than the {MIN_SAMPLES} it needs not to fit their quirks")
         return quantized
     first, second = halves
-    trial, _ = round_layers(model, quantized, first, layers, seed)
+    found = _convs(model, quantized, layers, calib)  # once: the halves share the layers
+    trial, _ = round_layers(model, quantized, first, layers, seed, found=found)
     unseen = fidelity.Reference.of(model, second, judge)
     near, fitted = unseen.compare(quantized), unseen.compare(trial)
     carried = (fidelity.bound(fitted)[0], fitted.rel_l2) < (fidelity.bound(near)[0],
@@ -295,7 +298,7 @@ def apply(model: onnx.ModelProto, quantized: onnx.ModelProto, report: Report,
                     f"it did not help the other half (rel. L2 error {near.rel_l2:.4g} -> "
                     f"{fitted.rel_l2:.4g})")
         return quantized
-    rounded, stats = round_layers(model, quantized, calib, layers, seed)
+    rounded, stats = round_layers(model, quantized, calib, layers, seed, found=found)
     done = {n: s for n, s in stats.items() if "error" in s}
     reference = fidelity.Reference.of(model, calib, judge)
     fid_before, fid_after = reference.compare(quantized), reference.compare(rounded)
