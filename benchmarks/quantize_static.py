@@ -42,7 +42,7 @@ from onnxruntime.quantization import (
 from onnxcomp import benchmark as bench
 
 MODELS = {"fashion_mnist_vgg": 128, "mobilenetv2": 64, "efficientnet_lite0": 64,
-          "ppocrv4_det": 16, "ppocrv4_rec": 94}
+          "ppocrv4_det": 64, "ppocrv4_rec": 94}
 # --max-drop per model (a row each): classifiers bound the top-1 disagreement on the
 # calibration data, the OCR models the relative output error.
 MAX_DROP = {"fashion_mnist_vgg": (0.01,), "mobilenetv2": (0.1, 0.05),
@@ -56,7 +56,9 @@ OURS = [("percentile", UNBOUNDED),
         ("percentile, no bias correction", {"bias_correction": False, **UNBOUNDED}),
         ("percentile, no rounding", {"rounding": False, **UNBOUNDED}),
         ("percentile, no per-layer speed", {"keep_fast": False, **UNBOUNDED}),
+        ("percentile, CLE through activations", {"through_activations": True, **UNBOUNDED}),
         ("entropy", {"calibrator": "entropy", **UNBOUNDED}),
+        ("mse", {"calibrator": "mse", **UNBOUNDED}),
         ("minmax", {"calibrator": "minmax", **UNBOUNDED}), ("default (max-drop 0.2)", {}),
         ("max-drop", {})]
 
@@ -83,8 +85,13 @@ def main() -> None:
         runs = [(lb, o) for lb, o in OURS if lb != "max-drop"] + [
             (f"max-drop {bound}", {"max_drop": bound}) for bound in MAX_DROP[name]]
         for label, opts in runs:
+            opts = dict(opts)
+            steps = [("fold_bn", {})]
+            if opts.pop("through_activations", False):  # equalize's option, run before
+                steps += [("equalize", {"through_activations": True})]
+                opts["equalize"] = False
             ours, seconds = optimize(
-                model, [("fold_bn", {}), ("quantize", {"mode": "static", **opts})], calib)
+                model, [*steps, ("quantize", {"mode": "static", **opts})], calib)
             metrics = ours.steps[-1].report.metrics
             kept = metrics.get("layers_left_in_float")
             extra = f", {kept} layers left in float" if kept is not None else ""

@@ -122,33 +122,50 @@ def binarize(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray, float]:
     return q, scale.astype(np.float32), err
 
 
-# --calibrator mse: candidate clipping points (quantiles of the tensor's values) and how many
-# of its sampled values each candidate grid is scored on.
-MSE_QUANTILES = (0.99, 0.999, 0.9999, 0.99999, 1.0)
+# --calibrator mse: candidate clipping points, as shares of the largest |value| and as quantiles,
+# and how many sampled values each candidate grid is scored on.
+MSE_SHARES = (1.0, 0.8, 0.64, 0.5, 0.4, 0.32, 0.25, 0.2, 0.16, 0.125, 0.1)
+MSE_QUANTILES = (0.999, 0.9999, 0.99999)
 MSE_VALUES = 200_000
 
 
-def mse_range(values: np.ndarray, signed: bool = False) -> tuple[float, float]:
-    """The clipping range, among quantile pairs, that rounds ``values`` with the least error.
+def mse_range(values: np.ndarray, signed: bool = False, weights: np.ndarray | None = None
+              ) -> tuple[float, float]:
+    """The clipping range whose int8 grid rounds ``values`` with the least weighted error.
 
-    Clipping the tail is weighed against resolving the bulk. For uint8 (asymmetric) every
-    pair of a low and a high candidate is scored; for int8 (symmetric) only the magnitude.
+    Clipping the tail is weighed against resolving the bulk. ``weights`` (one per value) make
+    the error each sample's own relative error: a few samples whose activations run ten times
+    larger than the rest (a blank or overexposed photo) then cannot set the grid that every
+    other sample is rounded on. Searched one side at a time (the high end with the low end
+    at its extreme, then the low end); for int8 (symmetric) only the magnitude.
     """
     flat = values.reshape(-1)
-    sample = flat[::max(1, -(-flat.size // MSE_VALUES))].astype(np.float64)
-    highs = sorted({max(float(np.quantile(flat, q)), 0.0) for q in MSE_QUANTILES})
-    lows = sorted({min(float(np.quantile(flat, 1 - q)), 0.0) for q in MSE_QUANTILES})
-    pairs = ([(-a, a) for a in sorted({max(-lo, hi) for lo in lows for hi in highs})]
-             if signed else [(lo, hi) for lo in lows for hi in highs])
+    step = max(1, -(-flat.size // MSE_VALUES))
+    sample = flat[::step].astype(np.float64)
+    wts = (np.ones_like(sample) if weights is None
+           else weights.reshape(-1)[::step].astype(np.float64))
     qmin, qmax = (-127, 127) if signed else (0, 255)
-    best, best_err = pairs[-1], np.inf
-    for lo, hi in pairs:
+
+    def candidates(side: np.ndarray) -> list[float]:
+        top = float(side.max(initial=0.0))
+        found = {top * f for f in MSE_SHARES}
+        found |= {float(np.quantile(side, q)) for q in MSE_QUANTILES} if side.size else set()
+        return sorted(v for v in found if v > 0) or [0.0]
+
+    def error(lo: float, hi: float) -> float:
         scale, zero = activation_qparams(lo, hi, signed)
         back = (np.clip(np.rint(sample / scale) + zero, qmin, qmax) - zero) * scale
-        err = float(np.mean((back - sample) ** 2))
-        if err < best_err:
-            best, best_err = (lo, hi), err
-    return best
+        return float(np.sum(wts * (back - sample) ** 2))
+
+    if signed:
+        mags = candidates(np.abs(sample))
+        best = min(mags, key=lambda a: error(-a, a))
+        return -best, best
+    lo = min(float(sample.min(initial=0.0)), 0.0)
+    hi = min(candidates(sample[sample > 0]), key=lambda h: error(lo, h))
+    if lo < 0:
+        lo = -min(candidates(-sample[sample < 0]), key=lambda a: error(-a, hi))
+    return lo, hi
 
 
 def entropy_range(values: np.ndarray, lo: float, hi: float) -> tuple[float, float]:
@@ -297,6 +314,7 @@ def activation_ranges(model: onnx.ModelProto, names: list[str], calib: Calibrati
     lows = {n: np.inf for n in names}
     highs = {n: -np.inf for n in names}
     pools: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    weights: dict[str, list[np.ndarray]] = {n: [] for n in names}
     rng = np.random.default_rng(seed)
     per_batch = max(1, PERCENTILE_VALUES // max(len(calib.batches), 1))
     for batch in capture.iter_capture(model, names, calib):
@@ -305,11 +323,20 @@ def activation_ranges(model: onnx.ModelProto, names: list[str], calib: Calibrati
                 continue
             lows[n] = min(lows[n], float(x.min()))
             highs[n] = max(highs[n], float(x.max()))
-            if calibrator in ("percentile", "entropy", "mse"):
+            if calibrator in ("percentile", "entropy"):
                 flat = x.reshape(-1)
                 if flat.size > per_batch:
                     flat = flat[rng.choice(flat.size, per_batch, replace=False)]
                 pools[n].append(flat.astype(np.float32))
+            elif calibrator == "mse":  # per sample, each weighed by its own energy
+                per_sample = max(1, per_batch // max(x.shape[0], 1))
+                for one in x.reshape(x.shape[0], -1) if x.ndim else x.reshape(1, 1):
+                    energy = float(np.mean(np.square(one, dtype=np.float64)))
+                    if one.size > per_sample:
+                        one = one[rng.choice(one.size, per_sample, replace=False)]
+                    pools[n].append(one.astype(np.float32))
+                    weights[n].append(np.full(one.size, 1.0 / max(energy, 1e-30) / one.size,
+                                              np.float32))
     out = {}
     for n in names:
         if not np.isfinite(lows[n]):
@@ -322,7 +349,7 @@ def activation_ranges(model: onnx.ModelProto, names: list[str], calib: Calibrati
         elif calibrator == "entropy" and pools[n]:
             lo, hi = entropy_range(np.concatenate(pools[n]), lo, hi)
         elif calibrator == "mse" and pools[n]:
-            lo, hi = mse_range(np.concatenate(pools[n]), signed)
+            lo, hi = mse_range(np.concatenate(pools[n]), signed, np.concatenate(weights[n]))
         out[n] = (lo, hi)
     return out
 

@@ -285,8 +285,7 @@ def apply(model: onnx.ModelProto, quantized: onnx.ModelProto, report: Report,
     trial, _ = round_layers(model, quantized, first, layers, seed, found=found)
     unseen = fidelity.Reference.of(model, second, judge)
     near, fitted = unseen.compare(quantized), unseen.compare(trial)
-    carried = (fidelity.bound(fitted)[0], fitted.rel_l2) < (fidelity.bound(near)[0],
-                                                             near.rel_l2)
+    carried = _better(fitted, near, second.num_samples, strict=True)
     check = {"unseen_loss_nearest": round(fidelity.bound(near)[0], 6),
              "unseen_loss": round(fidelity.bound(fitted)[0], 6),
              "unseen_rel_l2_nearest": round(near.rel_l2, 6),
@@ -304,7 +303,7 @@ def apply(model: onnx.ModelProto, quantized: onnx.ModelProto, report: Report,
     fid_before, fid_after = reference.compare(quantized), reference.compare(rounded)
     (before, measure), (after, _) = fidelity.bound(fid_before), fidelity.bound(fid_after)
     rel_before, rel_after = fid_before.rel_l2, fid_after.rel_l2
-    kept = bool(done) and (after, rel_after) <= (before, rel_before)
+    kept = bool(done) and _better(fid_after, fid_before, calib.num_samples, strict=False)
     report.metrics["rounding"] = {
         "layers": len(done), "kept": kept, "measure": measure,
         "loss_before": round(before, 6), "loss_after": round(after, 6),
@@ -316,9 +315,25 @@ def apply(model: onnx.ModelProto, quantized: onnx.ModelProto, report: Report,
                 f"-> {rel_after:.4g} (on the unseen half when fitted on the other: "
                 f"{near.rel_l2:.4g} -> {fitted.rel_l2:.4g})"
                 + ("" if kept else " (not kept: it did not help here)"))
-    if kept and "drop" in report.metrics:
-        report.metrics["drop"] = after
     return rounded if kept else quantized
+
+
+def _better(new: Any, old: Any, samples: int, strict: bool) -> bool:
+    """Whether fidelity ``new`` beats (or, not ``strict``, matches) ``old``.
+
+    By the loss that bounds the model (fidelity.bound) first, then by the relative output
+    error. A loss counted in samples (changed decisions) is a noisy count: a difference
+    within one standard deviation of what two draws of ``samples`` give at those rates
+    (``sqrt((a + b) / n)``, at least one sample) is a tie, decided by the error, which a
+    few dozen samples resolve far better.
+    """
+    (a, measure), (b, _) = fidelity.bound(new), fidelity.bound(old)
+    n = max(samples, 1)
+    counted = measure in ("decisions", "top1", "labels")
+    tie = max(1.0 / n, float(np.sqrt((a + b) / n))) + 1e-9 if counted else 0.0
+    if abs(a - b) > tie:
+        return a < b
+    return new.rel_l2 < old.rel_l2 if strict else new.rel_l2 <= old.rel_l2
 
 
 def _halves(calib: Calibration) -> tuple[Calibration, Calibration] | None:

@@ -6,11 +6,22 @@ equalization), applied here to activation ranges measured on the calibration dat
 
 Before::
 
-    x -> Conv A (W_a, b_a) -> t -> Conv B (W_b) -> y          (nothing else reads t)
+    x -> Conv A (W_a, b_a) -> t [-> act] -> Conv B (W_b) -> y     (nothing else reads t)
 
 After::
 
-    x -> Conv A (s * W_a, s * b_a) -> t' = s * t -> Conv B (W_b / s) -> y
+    x -> Conv A (s * W_a, s * b_a) -> t' = s * t [-> act] -> Conv B (W_b / s) -> y
+
+``act`` (only with ``--through-activations``): Relu or LeakyRelu (positively homogeneous,
+``act(s t) = s act(t)``: exact), or a Clip(0, m) such as MobileNet's Relu6. A clip is not
+homogeneous (the exact rewrite would clip channel c at ``s_c m``): it stays at m and ``s_c``
+is capped at ``m / r_c``, so no calibration value crosses it (exact on the calibration data;
+unseen values above ``m / s_c``, at least the channel's calibration maximum, are clipped).
+Off by default, for static int8 too: equalized, each channel's int8 range ends near its own
+calibration maximum (the tensor's range R clips channel c at ``R / s_c``), so unseen inputs
+that run past it are clipped where they had the headroom of the widest channel; measured, it
+cost held-out fidelity on EfficientNet-Lite0 and MobileNetV2 (both Relu6) and changed nothing
+on PP-OCRv4 det and Fashion-MNIST (see benchmarks/results/quantize_static.md).
 
 with, per channel c of t, ``s_c = (R / r_c)^alpha``: ``r_c`` the channel's largest |value| on
 the calibration data, ``R`` the largest over channels, ``alpha`` 1 when B is depthwise (its
@@ -19,8 +30,8 @@ columns change size). The pair computes the same function; one activation scale 
 then wastes less of the int8 grid on channels far smaller than the largest (a CP chain's
 middle tensors span orders of magnitude). ``quantize --mode static`` runs it first.
 
-Supported: Conv -> Conv (dense, or depthwise with one input channel per group) with constant
-float weights read by those nodes only. Skipped, with a reason: pairs whose channels are
+Supported: Conv -> [act ->] Conv (dense, or depthwise with one input channel per group) with
+constant float weights read by those nodes only. Skipped, with a reason: pairs whose channels are
 already within a factor 2 of each other, or that never fire on the calibration data.
 """
 
@@ -49,6 +60,9 @@ class EqualizeConfig(pb.PassConfig):
     """Options of ``equalize``."""
 
     exclude: tuple[str, ...] = pb.exclude_option()
+    through_activations: bool = pb.option(
+        False, help="also equalize conv pairs with a Relu, LeakyRelu or Clip(0, m) between "
+                    "(a clip: exact on the calibration data only)")
 
 
 class Equalize(GraphPass, name="equalize", lossless=True, config=EqualizeConfig,
@@ -61,14 +75,15 @@ class Equalize(GraphPass, name="equalize", lossless=True, config=EqualizeConfig,
                 report: pb.Report) -> None:
         """Equalize every linear conv pair of ``graph``."""
         assert isinstance(config, EqualizeConfig)
-        pairs = linear_pairs(graph, config.exclude)
+        pairs = linear_pairs(graph, config.exclude, config.through_activations)
         if not pairs:
             report.note(pb.NOTHING_TO_DO, "no Conv -> Conv pair with nothing between")
             return
         assert calib is not None  # PassBase gives synthetic inputs without --calib
-        amax = _channel_ranges(graph.source, [a.outputs[0].name for a, _, _ in pairs], calib)
-        for a, b, depthwise in pairs:
-            r = amax[a.outputs[0].name]
+        amax = _channel_ranges(graph.source, [p.b.inputs[0].name for p in pairs], calib)
+        for pair in pairs:
+            a, b, depthwise = pair.a, pair.b, pair.depthwise
+            r = amax[b.inputs[0].name]
             live = r > 0
             if not live.any():
                 report.add_skip(pb.Skip(a.name, a.op, pb.SkipReason.NOT_NEEDED,
@@ -81,10 +96,14 @@ class Equalize(GraphPass, name="equalize", lossless=True, config=EqualizeConfig,
             alpha = 1.0 if depthwise else 0.5
             scale = np.ones_like(r)
             scale[live] = np.clip((r.max() / r[live]) ** alpha, 1.0, MAX_SCALE)
+            if pair.clip is not None:  # no calibration value crosses the kept clip
+                scale[live] = np.minimum(scale[live], np.maximum(pair.clip / r[live], 1.0))
             _rescale(graph, a, b, depthwise, scale)
+            between = f" through {pair.act.op}" if pair.act is not None else ""
             report.apply(pb.Change(
-                node=a.name, op_type=a.op, what=f"equalized with {b.name}", error=0.0,
+                node=a.name, op_type=a.op, what=f"equalized with {b.name}{between}", error=0.0,
                 details={"partner": b.name, "depthwise_partner": depthwise,
+                         "through": pair.act.op if pair.act is not None else None,
                          "range_spread_before": round(float(r.max() / r[live].min()), 3),
                          "largest_scale": round(float(scale.max()), 3)}))
 
@@ -92,21 +111,64 @@ class Equalize(GraphPass, name="equalize", lossless=True, config=EqualizeConfig,
 PASS = Equalize()
 
 
-def linear_pairs(graph: Graph, exclude: tuple[str, ...] = ()) -> list[tuple[Any, Any, bool]]:
-    """(A, B, B is depthwise) for Conv A whose output only Conv B reads, nothing between.
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """Conv ``a`` -> [``act``] -> Conv ``b``; ``clip`` is the upper bound of a Clip ``act``."""
+
+    a: Any
+    act: Any
+    b: Any
+    depthwise: bool
+    clip: float | None = None
+
+
+def _sole_reader(graph: Graph, t: Any) -> Any:
+    """The one node that reads ``t``, or None (several readers, or a graph output)."""
+    if len(t.outputs) != 1 or graph.is_graph_output(t):
+        return None
+    return t.outputs[0]
+
+
+def _homogeneous(graph: Graph, node: Any) -> tuple[bool, float | None]:
+    """(whether positive channel scales pass through ``node``, its clip bound if a Clip)."""
+    if node.op in ("Relu", "LeakyRelu"):
+        return True, None
+    if node.op != "Clip":
+        return False, None
+    if "min" in node.attrs or "max" in node.attrs:  # opset < 11
+        lo, hi = node.attrs.get("min"), node.attrs.get("max")
+    else:
+        bounds = [graph.input(node, i) for i in (1, 2)]
+        lo_v, hi_v = (graph.const_value(t) for t in bounds)
+        if any(t is not None and v is None for t, v in zip(bounds, (lo_v, hi_v), strict=True)):
+            return False, None  # computed bounds
+        lo = None if lo_v is None else float(lo_v)
+        hi = None if hi_v is None else float(hi_v)
+    if lo is None or lo != 0.0 or hi is None or not hi > 0:
+        return False, None
+    return True, float(hi)
+
+
+def linear_pairs(graph: Graph, exclude: tuple[str, ...] = (), through: bool = False
+                 ) -> list[Pair]:
+    """Conv A whose output only Conv B reads: directly, or (``through``) via one activation.
 
     A's output channel c can be scaled by s_c if B's input channel c is scaled by 1/s_c:
-    the pair computes the same. Decomposed chains (CP, Tucker, SVD) are made of such pairs.
+    the pair computes the same. Decomposed chains (CP, Tucker, SVD) are made of such pairs;
+    conv -> Relu / Relu6 -> conv of most CNNs with ``through``.
     """
     pairs = []
     for a in graph.nodes:
         if a.op != "Conv" or isinstance(own_float_weight(graph, a, exclude), pb.Skip):
             continue
-        t = a.outputs[0]
-        if len(t.outputs) != 1 or graph.is_graph_output(t):
-            continue
-        b = t.outputs[0]
-        if (b.op != "Conv" or b.inputs[0] is not t
+        b = _sole_reader(graph, a.outputs[0])
+        act, clip = None, None
+        if b is not None and b.op != "Conv" and through:
+            ok, clip = _homogeneous(graph, b)
+            act = b if ok and b.inputs[0] is a.outputs[0] else None
+            b = _sole_reader(graph, act.outputs[0]) if act is not None else None
+        read = (act if act is not None else a).outputs[0]
+        if (b is None or b.op != "Conv" or b.inputs[0] is not read
                 or isinstance(own_float_weight(graph, b, exclude), pb.Skip)):
             continue
         if len(a.inputs) > 2 and graph.const_value(graph.input(a, 2)) is None:
@@ -116,9 +178,9 @@ def linear_pairs(graph: Graph, exclude: tuple[str, ...] = ()) -> list[tuple[Any,
         assert wa is not None and wb is not None
         group = int(b.attrs.get("group", 1))
         if group == 1 and wb.shape[1] == wa.shape[0]:
-            pairs.append((a, b, False))
+            pairs.append(Pair(a, act, b, False, clip))
         elif group == wa.shape[0] == wb.shape[0] and wb.shape[1] == 1:
-            pairs.append((a, b, True))
+            pairs.append(Pair(a, act, b, True, clip))
     return pairs
 
 

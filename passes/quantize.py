@@ -58,11 +58,10 @@ import numpy as np
 import onnx
 
 from onnxcomp import benchmark as bench
-from onnxcomp import bias_correction, fidelity, int8_speed, quant, rounding, runtime, search
+from onnxcomp import bias_correction, int8_fallback, int8_speed, quant, rounding, runtime
 from onnxcomp import passbase as pb
 from onnxcomp.calibration import Calibration
 from onnxcomp.graph import Graph
-from onnxcomp.judge import Judge
 from onnxcomp.linear import own_float_weight
 from onnxcomp.model import check_model, copy_model, default_opset
 from onnxcomp.passes import canonicalize, equalize, fold_bn
@@ -78,8 +77,6 @@ MIN_PERCENTILE_SAMPLES = 8
 DEFAULT_MAX_DROP = 0.2
 # Bias correction estimates each channel's output mean: with fewer samples it fits them.
 BIAS_CORRECTION_SAMPLES = 32
-# --max-drop: samples each candidate model is judged on, and samples per layer sensitivity.
-DROP_SAMPLES, SENSITIVITY_SAMPLES = 256, 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -346,13 +343,19 @@ def _static(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibration |
     quantized, report = _build_static(model, config, ranges, set(slow), slow=slow)
     report.notes[:0] = notes
     report.metrics["left_in_float_for_speed"] = len(slow)
-    if math.isfinite(config.max_drop) and report.applied:
-        quantized, report = _float_layers_for_drop(model, config, calib, ranges, quantized, report,
-                                                   notes, ctx.judge, slow)
     if not report.applied:  # not even the equalization or the opset upgrade is kept
         return pb.PassResult(copy_model(original), report)
-    if config.rounding:
+    codes: dict[str, np.ndarray] = {}
+    if config.rounding:  # first: --max-drop then judges the layers as they will be rounded
         quantized = rounding.apply(model, quantized, report, calib, ctx.judge, config.seed)
+        codes = int8_fallback.int8_codes(quantized, report)
+    if math.isfinite(config.max_drop):
+        def build(excluded: set[str], sensitivity: dict[str, float] | None = None
+                  ) -> tuple[onnx.ModelProto, pb.Report]:
+            return _build_static(model, config, ranges, excluded, sensitivity, slow, codes)
+
+        quantized, report = int8_fallback.float_layers_for_drop(
+            model, build, calib, quantized, report, config.max_drop, ctx.judge)
     if config.bias_correction:
         quantized = bias_correction.apply(model, quantized, report, calib, ctx.judge,
                                           BIAS_CORRECTION_SAMPLES)
@@ -406,12 +409,14 @@ def _static_tensors(graph: Graph, node: Any) -> list[str]:
 def _build_static(model: onnx.ModelProto, config: QuantizeConfig,
                   all_ranges: dict[str, tuple[float, float]], excluded: set[str],
                   sensitivity: dict[str, float] | None = None,
-                  slow: Mapping[str, float] | None = None
+                  slow: Mapping[str, float] | None = None,
+                  codes: Mapping[str, np.ndarray] | None = None
                   ) -> tuple[onnx.ModelProto, pb.Report]:
     """The QDQ model with every candidate layer quantized except ``excluded`` (and ``slow``).
 
     ``sensitivity`` (layer -> output error with it alone quantized) goes into the report;
-    ``slow`` (layer -> int8's measured speedup alone, < 1) too.
+    ``slow`` (layer -> int8's measured speedup alone, < 1) too. ``codes``: int8 weights that
+    rounding chose (on the same per-channel grid), used instead of nearest rounding.
     """
     slow = slow or {}
     excluded = excluded | set(slow)
@@ -434,6 +439,11 @@ def _build_static(model: onnx.ModelProto, config: QuantizeConfig,
         if act is not None and not signed:  # int8 has no [0, c] grid to clamp with
             folded[act[0].outputs[0].name] = (node.outputs[0].name, act[0], act[1])
         q, scale, err = quant.quantize_symmetric(w, wbits, None if per_tensor else axis)
+        if codes is not None and node.name in codes and codes[node.name].shape == q.shape:
+            q = codes[node.name]
+            shape = [-1 if i == axis else 1 for i in range(w.ndim)]
+            err = float(np.linalg.norm(q * scale.reshape(shape) - w)
+                        / max(float(np.linalg.norm(w)), 1e-30))
         if per_tensor:
             scale = np.full(w.shape[axis], float(scale), dtype=np.float32)
         quant.insert_dq(graph, node, q, scale, axis, w.dtype, int4=False, int4_names=set(),
@@ -468,86 +478,6 @@ def _build_static(model: onnx.ModelProto, config: QuantizeConfig,
     report.metrics["activation_type"] = "int8" if signed else "uint8"
     report.metrics["weight_bits"] = wbits
     return graph.export(), report
-
-
-def _float_layers_for_drop(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibration,
-                           ranges: dict[str, tuple[float, float]], quantized: onnx.ModelProto,
-                           report: pb.Report, notes: list[pb.Note], judge: Judge,
-                           slow: Mapping[str, float]) -> tuple[onnx.ModelProto, pb.Report]:
-    """Leave the most sensitive layers in float until the drop is within ``--max-drop``.
-
-    Sensitivity of a layer: the output error with that layer alone quantized (on at most
-    ``SENSITIVITY_SAMPLES`` calibration samples). The count left in float is found by
-    doubling, then bisection; each count is judged on up to ``DROP_SAMPLES`` samples.
-    """
-    first = calib.first(DROP_SAMPLES)
-    reference = fidelity.Reference.of(model, first, judge.first(first.num_samples))
-    drop, metric = fidelity.bound(reference.compare(quantized))
-    report.metrics["drop_all_layers"] = round(drop, 5)
-    report.metrics["drop_metric"] = metric
-    if drop <= config.max_drop:
-        report.metrics["drop"] = round(drop, 5)
-        report.metrics["layers_left_in_float"] = 0
-        return quantized, report
-    probe = reference.first(SENSITIVITY_SAMPLES)
-    layers = [c.node for c in report.applied]
-    sensitivity = {}
-    for name in layers:
-        alone, _ = _build_static(model, config, ranges, {n for n in layers if n != name},
-                                 slow=slow)
-        sensitivity[name] = probe.compare(alone).rel_l2
-    ranked = sorted(layers, key=lambda n: -sensitivity[n])
-    tried: dict[int, tuple[onnx.ModelProto, pb.Report, float]] = {}
-
-    def attempt(k: int) -> float:
-        if k not in tried:
-            m, r = _build_static(model, config, ranges, set(ranked[:k]), sensitivity, slow)
-            tried[k] = (m, r, fidelity.drop(reference.compare(m)) if r.applied else 0.0)
-        return tried[k][2]
-
-    # 0 layers in float is known to miss the bound; all of them in float meets it.
-    good = search.first_true_doubling(lambda k: attempt(k) <= config.max_drop, len(ranked))
-    attempt(good)
-    best, best_report, best_drop = tried[good]
-    best_report.notes[:0] = notes
-    best_report.metrics["drop_all_layers"] = round(drop, 5)
-    best_report.metrics["drop_metric"] = metric
-    best_report.metrics["drop"] = round(best_drop, 5)
-    best_report.metrics["layers_left_in_float"] = good
-    best_report.metrics["models_tried"] = len(tried)
-    worst = ", ".join(f"{n} ({sensitivity[n]:.3g})" for n in ranked[:3])
-    lost = (f"static int8 of every layer drops fidelity by {drop:.3g} on the calibration data "
-            f"(measured as {_DROP_METRICS[metric]})")
-    if good == len(ranked):
-        best_report.warn("quantize.max_drop_unmet",
-                         f"{lost}, and no layer can be quantized within --max-drop "
-                         f"{config.max_drop}: the model is left in float (most sensitive "
-                         f"layers, output error alone: {worst})")
-    else:
-        best_report.warn("quantize.layers_in_float",
-                         f"{lost}, above --max-drop {config.max_drop}: {good} most sensitive "
-                         f"layer(s) left in float, drop now {best_drop:.3g} (most sensitive, "
-                         f"output error alone: {worst})")
-    if good == len(ranked):
-        best_report.note("max_drop", f"--max-drop {config.max_drop}: not met with any layer "
-                                     f"quantized; the model is left in float")
-    else:
-        best_report.note(
-            "max_drop",
-            f"--max-drop {config.max_drop}: {good} most sensitive layer(s) left in float; "
-            f"drop {best_drop:.4f} on {reference.calib.num_samples} calibration samples "
-            f"(all layers: {drop:.4f})")
-    return best, best_report
-
-
-# What fidelity.bound's metric names mean, for the report.
-_DROP_METRICS = {
-    "decisions": "the share of samples with an argmax decision changed",
-    "scores": "1 - the F1 of the score outputs' above-threshold sets",
-    "regression": "the relative error of the outputs beside the decisions",
-    "top1": "1 - top-1 agreement",
-    "rel_l2": "the relative output error",
-}
 
 
 def _layers(graph: Graph, config: QuantizeConfig, report: pb.Report,

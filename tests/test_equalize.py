@@ -1,8 +1,8 @@
 from __future__ import annotations
 
 import numpy as np
-from builders import assert_equivalent, calibration, make_model, tensor
-from onnx import helper
+from builders import assert_equivalent, calibration, make_model, relative_error, tensor
+from onnx import helper, numpy_helper
 
 from onnxcomp import pipeline
 from onnxcomp.passbase import SkipReason
@@ -69,3 +69,45 @@ def test_the_pipeline_runs_it_before_static_int8_and_verifies_it():
     assert eq.lossless and eq.fidelity.rel_l2 < 1e-5 and eq.report.applied
     assert eq.report.notes[0].code == "prerequisite"
     assert result.steps[3].config.equalize is False  # done once, by the step before
+
+
+def _pair_through(act: str, depthwise: bool):
+    """The pair of :func:`_pair` with ``act`` (Relu, or Clip(0, 6)) between A and B."""
+    model = _pair(np.logspace(-2, 0, 8).astype(np.float32), depthwise)
+    b = next(n for n in model.graph.node if n.name == "b")
+    b.input[0] = "t_act"
+    inputs = ["t", "lo", "hi"] if act == "Clip" else ["t"]
+    model.graph.node.insert(1, helper.make_node(act, inputs, ["t_act"], name="act"))
+    if act == "Clip":
+        model.graph.initializer.extend([numpy_helper.from_array(np.array(0, np.float32), "lo"),
+                                        numpy_helper.from_array(np.array(6, np.float32), "hi")])
+    return model
+
+
+def test_pairs_through_an_activation_only_when_asked():
+    for act in ("Relu", "Clip"):
+        for depthwise in (False, True):
+            model = _pair_through(act, depthwise)
+            calib = calibration(model)
+            assert not equalize(model, EqualizeConfig(), calib).report.applied
+            result = equalize(model, EqualizeConfig(through_activations=True), calib)
+            (change,) = result.report.applied
+            assert change.details["through"] == act and change.details["largest_scale"] > 2
+            # exact where the calibration data goes (a Clip's bound is kept, see the pass)
+            assert relative_error(model, result.model, calib) < 1e-5
+
+
+def test_a_clip_keeps_saturated_channels_unscaled():
+    """A channel that reaches the clip on the calibration data cannot be scaled up: the kept
+    bound would cut it. Its scale stays 1 and the model still computes the same there."""
+    model = _pair_through("Clip", depthwise=True)
+    wa = next(t for t in model.graph.initializer if t.name == "WA")
+    w = numpy_helper.to_array(wa).copy()
+    w[0] *= 1e3  # channel 0 saturates at 6
+    wa.CopyFrom(numpy_helper.from_array(w, "WA"))
+    calib = calibration(model)
+    result = equalize(model, EqualizeConfig(through_activations=True), calib)
+    new = numpy_helper.to_array(next(t for t in result.model.graph.initializer
+                                      if t.name == "WA"))
+    assert np.allclose(new[0], w[0])
+    assert relative_error(model, result.model, calib) < 1e-5

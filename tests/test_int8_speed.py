@@ -123,3 +123,19 @@ def test_layer_model_holds_the_layer_and_its_relu():
     onnx.checker.check_model(micro, full_check=True)
     # a shape not known: not a layer to time alone
     assert int8_speed.layer_model(model, "narrow", {"x": (1, 1, 12, 12)}) is None
+
+
+def test_faster_is_a_sign_test_beyond_noise():
+    from onnxcomp.int8_speed import NOISE, faster
+
+    rng = np.random.default_rng(0)
+    # a real 8 % gain under +-15 % round-to-round noise: most, not 9 in 10, rounds gain
+    noisy_gain = 1.08 * np.exp(rng.normal(0, 0.1, 80))
+    assert np.mean(noisy_gain > 1) < 0.9 and faster(noisy_gain)
+    # the same noise around no gain, and a gain within NOISE, are not faster
+    assert not faster(np.exp(rng.normal(0, 0.1, 80)))
+    assert not faster(np.full(80, 1.0 + NOISE / 2))
+    # a median gain carried by a few rounds is not a win either
+    few = np.concatenate([np.full(44, 0.99), np.full(36, 1.3)])
+    assert not faster(few)
+    assert not faster(np.array([]))

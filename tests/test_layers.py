@@ -21,7 +21,7 @@ LAYERS: dict[str, int] = {
     **dict.fromkeys(["allocate", "sensitivity", "search", "measure", "stream", "moments",
                      "refit", "chain", "linear", "cp_als", "lowrank", "depgraph", "verify", "quant",
                      "fidelity", "ops", "importance", "outputs", "graphpass",
-                     "bias_correction", "int8_speed", "rounding"], 1),
+                     "bias_correction", "int8_fallback", "int8_speed", "rounding"], 1),
     **dict.fromkeys(["graph", "model", "weights", "runtime", "calibration", "capture", "synthetic",
                      "cost", "benchmark", "latency_cache", "errors", "passbase", "timing", "judge",
                      "serial", "executor", "provenance"], 0),

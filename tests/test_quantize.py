@@ -538,3 +538,47 @@ def test_only_static_runs_get_synthetic_calibration_and_say_so():
     assert "synthetic_calibration" in static.report.codes
     weights = quantize(model, QuantizeConfig(mode="weight"))
     assert "synthetic_calibration" not in weights.report.metrics
+
+
+def _per_sample_error(samples, lo, hi):
+    """Mean over samples of each one's own relative squared rounding error on (lo, hi)."""
+    from onnxcomp.quant import activation_qparams
+
+    scale, zero = activation_qparams(lo, hi, False)
+    errs = [np.mean(((np.clip(np.rint(x / scale) + zero, 0, 255) - zero) * scale - x) ** 2)
+            / np.mean(x * x) for x in samples]
+    return float(np.mean(errs))
+
+
+def test_weighted_mse_range_is_not_set_by_a_few_loud_samples():
+    """Weights that make each sample's error relative to its own size: three samples whose
+    values run 20x larger than the other sixty-one stretch the grid less, and each sample's
+    own error is lower on average."""
+    from onnxcomp.quant import mse_range
+
+    rng = np.random.default_rng(1)
+    samples = ([np.abs(rng.standard_normal(2000)) for _ in range(61)]
+               + [20 * np.abs(rng.standard_normal(2000)) for _ in range(3)])
+    values = np.concatenate(samples)
+    weights = np.concatenate([np.full(s.size, 1.0 / np.mean(s * s) / s.size) for s in samples])
+    lo, plain = mse_range(values)
+    wlo, weighted = mse_range(values, weights=weights)
+    assert lo == wlo == 0.0 and weighted < 0.75 * plain
+    assert _per_sample_error(samples, 0.0, weighted) < 0.8 * _per_sample_error(samples, 0.0, plain)
+
+
+def test_mse_calibrator_weighs_samples_in_activation_ranges():
+    from onnxcomp.calibration import Calibration
+    from onnxcomp.quant import activation_ranges
+
+    model = conv_model(np.ones([1, 1, 1, 1], np.float32), size=4, bias=False, batch="N")
+    rng = np.random.default_rng(2)
+    x = np.abs(rng.standard_normal([32, 1, 4, 4])).astype(np.float32)
+    x[:2] *= 30  # two loud samples of 32
+    calib = Calibration([{"x": x[i:i + 8]} for i in range(0, 32, 8)], False, "test")
+    y = model.graph.output[0].name
+    samples = [s.reshape(-1).astype(np.float64) for s in x]
+    _, hi_pct = activation_ranges(model, [y], calib, "percentile")[y]
+    lo, hi_mse = activation_ranges(model, [y], calib, "mse")[y]
+    assert lo == 0.0 and hi_mse < hi_pct
+    assert _per_sample_error(samples, 0.0, hi_mse) < _per_sample_error(samples, 0.0, hi_pct)

@@ -122,3 +122,20 @@ def test_too_few_samples_leave_nearest_rounding_and_the_report_says_so():
     plain = QUANTIZE(model, _config(rounding=False), few).model
     for name in ("W1_q", "DW_q", "W3_q"):
         np.testing.assert_array_equal(_q(result.model, name), _q(plain, name))
+
+
+def test_max_drop_judges_and_keeps_the_rounded_weights():
+    """Rounding comes before --max-drop: the layers that stay int8 keep the codes rounding
+    chose (not nearest ones), and the report keeps the rounding's metrics."""
+    model, calib, _ = _random_model()
+    everything = QUANTIZE(model, _config(), calib)
+    assert everything.report.metrics["rounding"]["kept"] is True
+    drop = everything.report.metrics["rounding"]["rel_l2_before"]
+    bound = QUANTIZE(model, _config(max_drop=0.9 * drop), calib)  # some layers float, not all
+    report = bound.report
+    assert report.metrics["layers_left_in_float"] >= 1 and len(report.applied) >= 1
+    assert report.metrics["rounding"]["kept"] is True and "rounded" in report.codes
+    int8 = {c.node for c in report.applied}
+    names = {"c1": "W1_q", "dw": "DW_q", "c3": "W3_q"}
+    for layer in int8:
+        assert np.array_equal(_q(bound.model, names[layer]), _q(everything.model, names[layer]))
