@@ -12,6 +12,13 @@ After::
 
     x -> Conv A (s * W_a, s * b_a) -> t' = s * t [-> act] -> Conv B (W_b / s) -> y
 
+with, per channel c of t, ``s_c = (R / r_c)^alpha``: ``r_c`` the channel's largest |value| on
+the calibration data, ``R`` the largest over channels, ``alpha`` 1 when B is depthwise (its
+per-channel weight scales absorb ``1 / s_c`` exactly) and 1/2 when B is dense (its input
+columns change size). The pair computes the same function; one activation scale per tensor
+then wastes less of the int8 grid on channels far smaller than the largest (a CP chain's
+middle tensors span orders of magnitude). ``quantize --mode static`` runs it first.
+
 ``act`` (only with ``--through-activations``): Relu or LeakyRelu (positively homogeneous,
 ``act(s t) = s act(t)``: exact), or a Clip(0, m) such as MobileNet's Relu6. A clip is not
 homogeneous (the exact rewrite would clip channel c at ``s_c m``): it stays at m and ``s_c``
@@ -20,15 +27,8 @@ unseen values above ``m / s_c``, at least the channel's calibration maximum, are
 Off by default, for static int8 too: equalized, each channel's int8 range ends near its own
 calibration maximum (the tensor's range R clips channel c at ``R / s_c``), so unseen inputs
 that run past it are clipped where they had the headroom of the widest channel; measured, it
-cost held-out fidelity on EfficientNet-Lite0 and MobileNetV2 (both Relu6) and changed nothing
-on PP-OCRv4 det and Fashion-MNIST (see benchmarks/results/quantize_static.md).
-
-with, per channel c of t, ``s_c = (R / r_c)^alpha``: ``r_c`` the channel's largest |value| on
-the calibration data, ``R`` the largest over channels, ``alpha`` 1 when B is depthwise (its
-per-channel weight scales absorb ``1 / s_c`` exactly) and 1/2 when B is dense (its input
-columns change size). The pair computes the same function; one activation scale per tensor
-then wastes less of the int8 grid on channels far smaller than the largest (a CP chain's
-middle tensors span orders of magnitude). ``quantize --mode static`` runs it first.
+cost held-out fidelity on EfficientNet-Lite0 and MobileNetV2 (both Relu6), changed nothing on
+PP-OCRv4 det and Fashion-MNIST (see benchmarks/results/quantize_static.md).
 
 Supported: Conv -> [act ->] Conv (dense, or depthwise with one input channel per group) with
 constant float weights read by those nodes only. Skipped, with a reason: pairs whose channels are
