@@ -98,7 +98,6 @@ def float_layers_for_drop(model: onnx.ModelProto, build: Build, calib: Calibrati
     return best, best_report
 
 
-
 def int8_codes(quantized: onnx.ModelProto, report: Report) -> dict[str, np.ndarray]:
     """The int8 weight of each layer ``report`` quantized, as it is in ``quantized``."""
     inits = {t.name: t for t in quantized.graph.initializer}
