@@ -300,8 +300,11 @@ def clamping_activation(graph: Graph, tensor: Any) -> tuple[Any, float] | None:
         return act, float("inf")
     if act.op != "Clip":
         return None
-    lo = graph.const_value(graph.input(act, 1)) if len(act.inputs) > 1 else act.attrs.get("min")
-    hi = graph.const_value(graph.input(act, 2)) if len(act.inputs) > 2 else act.attrs.get("max")
+    bounds = [graph.input(act, i) for i in (1, 2)]
+    if any(t is not None and graph.const_value(t) is None for t in bounds):
+        return None  # a bound computed at run time
+    lo = graph.const_value(bounds[0]) if len(act.inputs) > 1 else act.attrs.get("min")
+    hi = graph.const_value(bounds[1]) if len(act.inputs) > 2 else act.attrs.get("max")
     if lo is None or float(np.asarray(lo)) != 0.0:
         return None
     return act, float(np.asarray(hi)) if hi is not None else float("inf")

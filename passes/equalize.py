@@ -19,7 +19,7 @@ columns change size). The pair computes the same function; one activation scale 
 then wastes less of the int8 grid on channels far smaller than the largest (a CP chain's
 middle tensors span orders of magnitude). ``quantize --mode static`` runs it first.
 
-``act`` (only with ``--through-activations``): Relu or LeakyRelu (positively homogeneous,
+``act`` (only with ``--through-activations``): Relu (positively homogeneous,
 ``act(s t) = s act(t)``: exact), or a Clip(0, m) such as MobileNet's Relu6. A clip is not
 homogeneous (the exact rewrite would clip channel c at ``s_c m``): it stays at m and ``s_c``
 is capped at ``m / r_c``, so no calibration value crosses it (exact on the calibration data;
@@ -38,12 +38,13 @@ already within a factor 2 of each other, or that never fire on the calibration d
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import numpy as np
 import onnx
 
-from onnxcomp import capture
+from onnxcomp import capture, quant
 from onnxcomp import passbase as pb
 from onnxcomp.calibration import Calibration
 from onnxcomp.graph import Graph
@@ -61,7 +62,7 @@ class EqualizeConfig(pb.PassConfig):
 
     exclude: tuple[str, ...] = pb.exclude_option()
     through_activations: bool = pb.option(
-        False, help="also equalize conv pairs with a Relu, LeakyRelu or Clip(0, m) between "
+        False, help="also equalize conv pairs with a Relu or Clip(0, m) between "
                     "(a clip: exact on the calibration data only)")
 
 
@@ -129,26 +130,6 @@ def _sole_reader(graph: Graph, t: Any) -> Any:
     return t.outputs[0]
 
 
-def _homogeneous(graph: Graph, node: Any) -> tuple[bool, float | None]:
-    """(whether positive channel scales pass through ``node``, its clip bound if a Clip)."""
-    if node.op in ("Relu", "LeakyRelu"):
-        return True, None
-    if node.op != "Clip":
-        return False, None
-    if "min" in node.attrs or "max" in node.attrs:  # opset < 11
-        lo, hi = node.attrs.get("min"), node.attrs.get("max")
-    else:
-        bounds = [graph.input(node, i) for i in (1, 2)]
-        lo_v, hi_v = (graph.const_value(t) for t in bounds)
-        if any(t is not None and v is None for t, v in zip(bounds, (lo_v, hi_v), strict=True)):
-            return False, None  # computed bounds
-        lo = None if lo_v is None else float(lo_v)
-        hi = None if hi_v is None else float(hi_v)
-    if lo is None or lo != 0.0 or hi is None or not hi > 0:
-        return False, None
-    return True, float(hi)
-
-
 def linear_pairs(graph: Graph, exclude: tuple[str, ...] = (), through: bool = False
                  ) -> list[Pair]:
     """Conv A whose output only Conv B reads: directly, or (``through``) via one activation.
@@ -163,9 +144,10 @@ def linear_pairs(graph: Graph, exclude: tuple[str, ...] = (), through: bool = Fa
             continue
         b = _sole_reader(graph, a.outputs[0])
         act, clip = None, None
-        if b is not None and b.op != "Conv" and through:
-            ok, clip = _homogeneous(graph, b)
-            act = b if ok and b.inputs[0] is a.outputs[0] else None
+        if b is not None and b.op != "Conv" and through:  # Relu, or Clip(0, m) such as Relu6
+            found = quant.clamping_activation(graph, a.outputs[0])
+            act = found[0] if found is not None and b.inputs[0] is a.outputs[0] else None
+            clip = found[1] if found is not None and math.isfinite(found[1]) else None
             b = _sole_reader(graph, act.outputs[0]) if act is not None else None
         read = (act if act is not None else a).outputs[0]
         if (b is None or b.op != "Conv" or b.inputs[0] is not read

@@ -582,3 +582,16 @@ def test_mse_calibrator_weighs_samples_in_activation_ranges():
     lo, hi_mse = activation_ranges(model, [y], calib, "mse")[y]
     assert lo == 0.0 and hi_mse < hi_pct
     assert _per_sample_error(samples, 0.0, hi_mse) < _per_sample_error(samples, 0.0, hi_pct)
+
+
+def test_a_clip_with_a_bound_computed_at_run_time_is_not_folded():
+    from onnxcomp.graph import Graph
+    from onnxcomp.quant import clamping_activation
+
+    nodes = [helper.make_node("Relu", ["x"], ["t"], name="r"),
+             helper.make_node("Clip", ["t", "lo", "hi"], ["y"], name="clip")]
+    model = make_model(nodes, [tensor("x", ["N", 4]), tensor("hi", [])], [tensor("y", ["N", 4])],
+                       {"lo": np.array(0, np.float32)})
+    graph = Graph(model)
+    t = next(n for n in graph.nodes if n.name == "r").outputs[0]
+    assert clamping_activation(graph, t) is None  # its upper bound is an input, not a constant
