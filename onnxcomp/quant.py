@@ -53,6 +53,52 @@ def share_ranges(graph: Graph, ranges: dict[str, tuple[float, float]]) -> int:
     return shared
 
 
+# Ops ONNX Runtime runs as integer kernels (QLinearSigmoid, QLinearMul, QLinearAdd,
+# QLinearConcat) when each input comes through a DequantizeLinear and the output goes to a
+# QuantizeLinear. Split, MaxPool and Resize pass values on within the source's range, so
+# their outputs keep its grid (ONNX Runtime runs them on uint8).
+ELEMENTWISE = ("Sigmoid", "Mul", "Add", "Concat")
+PASS_ON = ("Split", "MaxPool", "Resize")
+
+
+def elementwise_tensors(graph: Graph, quantized: set[str]) -> list[str]:
+    """Tensors to quantize so the elementwise ops between int8 layers run on integers.
+
+    In graph order, an op of ELEMENTWISE whose every input is in ``quantized`` or already
+    taken (never a constant: a Mul by a weight stays float), or one of PASS_ON whose data
+    input is, gets its outputs taken: a SiLU (Sigmoid and Mul) between two int8 convs, a
+    residual Add of two of their outputs, the Split and Concat of a C2f block, the MaxPools
+    of an SPPF, an upsampling Resize. A graph output is never taken: boxes and scores keep
+    their float resolution.
+    """
+    have = set(quantized)
+    taken: list[str] = []
+    for node in graph.nodes:
+        if node.op not in ELEMENTWISE and node.op not in PASS_ON:
+            continue
+        data = node.inputs[:1] if node.op in PASS_ON else node.inputs
+        if not data or any(t.name not in have for t in data):
+            continue
+        outs = [t for t in node.outputs if not graph.is_graph_output(t) and t.outputs]
+        if len(outs) != len(node.outputs):
+            continue
+        for t in outs:
+            if t.name not in have:
+                have.add(t.name)
+                taken.append(t.name)
+    return taken
+
+
+def share_pass_on_ranges(graph: Graph, ranges: dict[str, tuple[float, float]]) -> None:
+    """Outputs of a PASS_ON op whose input is quantized take its range (one grid on all)."""
+    for node in graph.nodes_of(*PASS_ON):
+        src = node.inputs[0].name
+        if src in ranges:
+            for t in node.outputs:
+                if t.name in ranges:
+                    ranges[t.name] = ranges[src]
+
+
 def out_axis(node: Any) -> int:
     """The output-channel axis of a layer's weight (per-channel scales go along it)."""
     if node.op == "Gemm":

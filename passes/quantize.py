@@ -19,8 +19,12 @@ pattern into integer kernels (QLinearConv, QGemm). ``--max-drop X`` measures eve
 sensitivity (output error with it alone quantized) and leaves the most sensitive in float until
 the fidelity drop on the calibration data (``fidelity.bound``: the worst of decisions changed,
 score sets lost and the error of the outputs beside them; relative output error for a model
-whose outputs decide nothing) is at most X. Before opset 13 weights are per tensor (the only
-form that stays fusable there), which costs fidelity.
+whose outputs decide nothing) is at most X. ``--float-budget F`` first leaves in float the
+1, 2, 4, ... most sensitive layers that lower the output error most while the model keeps
+1 - F of the all-int8 speed (onnxcomp/int8_fallback.py). The Sigmoid / Mul / Add / Concat
+(and Split, MaxPool, Resize) between int8 layers are quantized too (``--int8-elementwise``),
+so ONNX Runtime runs a SiLU or a C2f block's Concat on integers. Before opset 13 weights are
+per tensor (the only form that stays fusable there), which costs fidelity.
 
 Before / after (``--mode weight``)::
 
@@ -104,6 +108,12 @@ class QuantizeConfig(pb.PassConfig):
         "decision changed, 1 - the F1 of a sigmoid output's above-threshold set, the relative "
         'error of outputs beside them, or the relative output error when the outputs decide '
         'nothing (inf: no bound).')
+    float_budget: float = pb.option(
+        0.0,
+        'quantize --mode static: share of the int8 model\'s measured speed to spend on '
+        'fidelity: of the 1, 2, 4, ... most sensitive layers left in float while the model '
+        'keeps at least 1 - this of the all-int8 speed, the count with the least output '
+        'error on the calibration data (0: off).')
     activations: str = pb.option(
         'auto',
         'quantize --mode static: activation type; auto = uint8 on cpu, int8 (symmetric) on '
@@ -115,6 +125,12 @@ class QuantizeConfig(pb.PassConfig):
         ' products saturate in ONNX Runtime).',
         flag='--reduce-range/--full-range')
     equalize: bool = True
+    elementwise: bool = pb.option(
+        True,
+        'quantize --mode static: also quantize the Sigmoid / Mul / Add / Concat (and Split, '
+        'MaxPool, Resize) between int8 layers, so ONNX Runtime runs a SiLU, a residual Add '
+        'or a Concat on integers (as its own quantizer does).',
+        flag='--int8-elementwise/--no-int8-elementwise')
     keep_fast: bool = pb.option(
         True,
         'quantize --mode static: time each layer alone in int8 and in float on the provider '
@@ -147,6 +163,10 @@ class QuantizeConfig(pb.PassConfig):
             raise pb.ConfigError("--max-drop applies to --mode static")
         if not self.max_drop >= 0:  # also refuses NaN
             raise pb.ConfigError(f"--max-drop must be >= 0 (inf: no bound), got {self.max_drop}")
+        if not 0.0 <= self.float_budget < 1.0:
+            raise pb.ConfigError(f"--float-budget must be in [0, 1), got {self.float_budget}")
+        if self.float_budget and self.mode != "static":
+            raise pb.ConfigError("--float-budget applies to --mode static")
         if self.mode == "static" and self.bits != 8:
             raise pb.ConfigError(f"static quantization is 8-bit, got --bits {self.bits}")
         if not 50 < self.percentile <= 100:
@@ -334,6 +354,8 @@ def _static(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibration |
                   if n.op in quant.OPS and _check(graph, n, config) is None]
     names = [t for n in graph.nodes if n.name in candidates
              for t in _static_tensors(graph, n)]
+    if config.elementwise:
+        names += quant.elementwise_tensors(graph, set(names))
     ranges = quant.activation_ranges(model, list(dict.fromkeys(names)), calib,
                                    config.calibrator, config.percentile, config.seed,
                                    signed_activations(config))
@@ -342,23 +364,32 @@ def _static(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibration |
         ctx.timer, config, notes) if config.keep_fast else {}
     quantized, report = _build_static(model, config, ranges, set(slow), slow=slow)
     report.notes[:0] = notes
-    report.metrics["left_in_float_for_speed"] = len(slow)
     if not report.applied:  # not even the equalization or the opset upgrade is kept
         return pb.PassResult(copy_model(original), report)
     codes: dict[str, np.ndarray] = {}
     if config.rounding:  # first: --max-drop then judges the layers as they will be rounded
         quantized = rounding.apply(model, quantized, report, calib, ctx.judge, config.seed)
         codes = int8_fallback.int8_codes(quantized, report)
-    if math.isfinite(config.max_drop):
-        def build(excluded: set[str], sensitivity: dict[str, float] | None = None
-                  ) -> tuple[onnx.ModelProto, pb.Report]:
-            return _build_static(model, config, ranges, excluded, sensitivity, slow, codes)
+    budget: set[str] = set()
 
+    def build(excluded: set[str], sensitivity: dict[str, float] | None = None,
+              for_budget: set[str] | None = None) -> tuple[onnx.ModelProto, pb.Report]:
+        floats = budget if for_budget is None else for_budget  # float for --float-budget
+        return _build_static(model, config, ranges, excluded | floats, sensitivity, slow,
+                             codes, floats)
+
+    if config.float_budget > 0:
+        quantized, report, budget = int8_fallback.float_layers_for_budget(
+            model, build, calib, quantized, report, config.float_budget, ctx.judge,
+            ctx.timer, bench.BenchConfig(provider=config.provider, threads=config.threads,
+                                         runs=20, warmup=3))
+    if math.isfinite(config.max_drop):
         quantized, report = int8_fallback.float_layers_for_drop(
             model, build, calib, quantized, report, config.max_drop, ctx.judge)
     if config.bias_correction:
         quantized = bias_correction.apply(model, quantized, report, calib, ctx.judge,
                                           BIAS_CORRECTION_SAMPLES)
+    report.metrics["left_in_float_for_speed"] = len(slow)
     report.metrics["tensors_equalized"] = equalized
     report.metrics["batchnorms_folded"] = bn_folded
     feeds = {k: v[:1] for k, v in calib.batches[0].items()}
@@ -410,13 +441,14 @@ def _build_static(model: onnx.ModelProto, config: QuantizeConfig,
                   all_ranges: dict[str, tuple[float, float]], excluded: set[str],
                   sensitivity: dict[str, float] | None = None,
                   slow: Mapping[str, float] | None = None,
-                  codes: Mapping[str, np.ndarray] | None = None
-                  ) -> tuple[onnx.ModelProto, pb.Report]:
+                  codes: Mapping[str, np.ndarray] | None = None,
+                  budget: Collection[str] = ()) -> tuple[onnx.ModelProto, pb.Report]:
     """The QDQ model with every candidate layer quantized except ``excluded`` (and ``slow``).
 
     ``sensitivity`` (layer -> output error with it alone quantized) goes into the report;
     ``slow`` (layer -> int8's measured speedup alone, < 1) too. ``codes``: int8 weights that
     rounding chose (on the same per-channel grid), used instead of nearest rounding.
+    ``budget``: the excluded layers that ``--float-budget`` left in float.
     """
     slow = slow or {}
     excluded = excluded | set(slow)
@@ -431,7 +463,7 @@ def _build_static(model: onnx.ModelProto, config: QuantizeConfig,
     gemm_bias: list[tuple[Any, str]] = []  # (Gemm, its input) for int32 biases
     # activation output -> (layer output, the Relu/Clip node, its upper bound)
     folded: dict[str, tuple[str, Any, float]] = {}
-    for node, w, axis in _layers(graph, config, report, excluded, sensitivity, slow):
+    for node, w, axis in _layers(graph, config, report, excluded, sensitivity, slow, budget):
         activations.extend(_static_tensors(graph, node))
         if node.op == "Gemm" and graph.input(node, 2) is not None:
             gemm_bias.append((node, node.inputs[0].name))
@@ -459,6 +491,8 @@ def _build_static(model: onnx.ModelProto, config: QuantizeConfig,
                         if node.name in sensitivity else {})}))
     if not report.applied:
         return copy_model(model), report
+    if config.elementwise:
+        activations += quant.elementwise_tensors(graph, set(activations))
     ranges = {n: all_ranges[n] for n in dict.fromkeys(activations) if n in all_ranges}
     for name in list(ranges):
         if name in folded:  # quantize the layer output, [0, bound]: the Relu/Clip goes
@@ -468,6 +502,7 @@ def _build_static(model: onnx.ModelProto, config: QuantizeConfig,
             ranges[layer_out] = (0.0, min(hi, bound))
     report.metrics["activations_folded"] = len(folded)
     report.metrics["ranges_shared"] = quant.share_ranges(graph, ranges)
+    quant.share_pass_on_ranges(graph, ranges)
     for node, x_name in gemm_bias:
         if x_name in ranges:
             quant.quantize_bias(graph, node, *ranges[x_name], signed=signed)
@@ -482,7 +517,7 @@ def _build_static(model: onnx.ModelProto, config: QuantizeConfig,
 
 def _layers(graph: Graph, config: QuantizeConfig, report: pb.Report,
             excluded: Collection[str] = (), sensitivity: Mapping[str, float] | None = None,
-            slow: Mapping[str, float] | None = None
+            slow: Mapping[str, float] | None = None, budget: Collection[str] = ()
             ) -> Iterator[tuple[Any, np.ndarray, int]]:
     """Every layer to quantize, with its weight and output-channel axis; the others are skips.
 
@@ -499,6 +534,11 @@ def _layers(graph: Graph, config: QuantizeConfig, report: pb.Report,
                            f"left in float: int8 measured {slow[node.name]:.2f}x of float for "
                            f"this layer alone on {config.provider} (--no-per-layer-speed "
                            f"quantizes it anyway)")
+        elif skip is None and node.name in budget:
+            skip = pb.Skip(node.name, node.op, pb.SkipReason.ERROR_TOO_HIGH,
+                           f"left in float for --float-budget {config.float_budget}: output "
+                           f"error {(sensitivity or {}).get(node.name, float('nan')):.3g} "
+                           "with this layer alone quantized")
         elif skip is None and node.name in excluded:
             skip = pb.Skip(node.name, node.op, pb.SkipReason.ERROR_TOO_HIGH,
                            f"left in float for --max-drop {config.max_drop}: output error "

@@ -1,0 +1,61 @@
+"""quantize --float-budget: the most sensitive layers stay in float within a speed budget."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+from test_quantize import _sensitive_model, quantize, static_config
+
+from onnxcomp import fidelity
+from onnxcomp.passbase import ConfigError, SkipReason
+from onnxcomp.passes.quantize import QuantizeConfig
+from onnxcomp.timing import Timer
+
+
+def test_the_sensitive_layer_stays_in_float_and_the_error_falls():
+    model, calib = _sensitive_model()
+    base = static_config(calibrator="minmax", min_params=0, max_drop=math.inf)
+    everything = quantize(model, base, calib)
+    # a budget of 0.9: any measured cost fits, so the error alone decides
+    result = quantize(model, static_config(calibrator="minmax", min_params=0,
+                                           max_drop=math.inf, float_budget=0.9), calib)
+    assert [c.node for c in result.report.applied] == ["c2"]
+    ((node, reason, detail),) = [(s.node, s.reason, s.detail) for s in result.report.skipped]
+    assert (node, reason) == ("c1", SkipReason.ERROR_TOO_HIGH)
+    assert "--float-budget 0.9" in detail
+    metrics = result.report.metrics
+    assert metrics["float_budget_layers"] == 1
+    assert metrics["float_budget_error"] < metrics["float_budget_error_all_int8"]
+    assert "float_budget" in result.report.codes
+    ref = fidelity.Reference.of(model, calib)
+    assert ref.compare(result.model).rel_l2 < 0.5 * ref.compare(everything.model).rel_l2
+
+
+def test_nothing_stays_in_float_when_it_costs_more_than_the_budget(monkeypatch):
+    model, calib = _sensitive_model()
+    slower = SimpleNamespace(speedups=[SimpleNamespace(median=0.8, p10=0.8, p90=0.8)])
+    monkeypatch.setattr(Timer, "compare", lambda self, *a, **k: slower)
+    result = quantize(model, static_config(calibrator="minmax", min_params=0,
+                                           max_drop=math.inf, float_budget=0.1), calib)
+    assert sorted(c.node for c in result.report.applied) == ["c1", "c2"]
+    assert result.report.metrics["float_budget_layers"] == 0
+    (note,) = [n for n in result.report.notes if n.code == "float_budget"]
+    assert "0 layer(s) left in float" in note
+
+
+def test_float_budget_then_max_drop_keeps_both_choices():
+    model, calib = _sensitive_model()
+    result = quantize(model, static_config(calibrator="minmax", min_params=0, max_drop=0.05,
+                                           float_budget=0.9), calib)
+    assert [s.node for s in result.report.skipped] == ["c1"]
+    assert result.report.metrics["float_budget_layers"] == 1
+    assert result.report.metrics["drop"] <= 0.05
+
+
+@pytest.mark.parametrize(("kwargs", "needle"), [
+    ({"float_budget": 1.0}, r"\[0, 1\)"), ({"float_budget": -0.1}, r"\[0, 1\)"),
+    ({"mode": "weight", "float_budget": 0.05}, "static")])
+def test_float_budget_validation(kwargs, needle):
+    with pytest.raises(ConfigError, match=needle):
+        QuantizeConfig(**kwargs)
