@@ -138,7 +138,7 @@ def main() -> None:
            "\n\n")
     headers = ["model", "run", "setting", "speedup (p10-p90)", "loss on calibration (metric)",
                "held-out fidelity", "outcome", "compile s"]
-    path = write("auto_partial" if args.only else "auto", headers, [row(d) for d in docs],
+    path = write("_".join(["auto", *(args.only or [])]), headers, [row(d) for d in docs],
                  docs, pre)
     print(path.read_text())
 

@@ -14,11 +14,13 @@ pipeline of passes that stands on the engine's own searches:
   which int8 speeds up) aimed at the target (plus 3 % noise) divided by what int8 measured,
   within the part of
   the budget int8 alone did not need (at least half), then int8 within what the factorization
-  left (measured against the original); aimed higher (up to twice, past the target by the
-  noise) when it falls short;
+  left (measured against the original); aimed higher (up to three times, past the target by
+  the noise, or halfway to an aim that lost too much) when it falls short;
 - ``prune``: channel pruning to the target (kept only if it lands within the budget);
 - ``prune+int8``: channel pruning to what int8 leaves of the target (aimed the same way),
-  then int8 within what the pruning left of the budget.
+  then int8 within what the pruning left of the budget;
+- ``layers``: whole-layer removal (residual branches, identity-shaped convs) to the target
+  (kept only if it lands within the budget).
 
 Every plan's output is then judged the same way: its fidelity against the original (as
 deployed) on calibration samples held back from compiling (every 4th, when there are at
@@ -67,7 +69,7 @@ MIN_AIM = 1.05
 # Decompositions whose chains stay dense convs, which int8 speeds up.
 INT8_FRIENDLY = ("svd", "tucker", "kernel_sharing")
 # Times a combined plan's first step aims higher when the plan falls short of the target.
-RETRIES = 2
+RETRIES = 3
 # Rounds of the final interleaved measurement of every plan against the original.
 FINAL_RUNS = 60
 
@@ -80,7 +82,8 @@ class AutoConfig:
     max_drop: float = DEFAULT_MAX_DROP
     provider: str = "cpu"
     threads: int = 1
-    plans: tuple[str, ...] = ("int8", "factorize", "factorize+int8", "prune", "prune+int8")
+    plans: tuple[str, ...] = ("int8", "factorize", "factorize+int8", "prune", "prune+int8",
+                              "layers")
     latency_cache: str | None = None
 
     def __post_init__(self) -> None:
@@ -143,7 +146,7 @@ class AutoResult:
                 "plans": [p.to_dict() for p in self.plans]}
 
 
-PLANS = ("int8", "factorize", "factorize+int8", "prune", "prune+int8")
+PLANS = ("int8", "factorize", "factorize+int8", "prune", "prune+int8", "layers")
 # Every CHECK_EVERY-th calibration sample is held back to judge the plans (refits and
 # sensitivities fit the samples they see), when there are at least MIN_CHECK_SAMPLES.
 CHECK_EVERY = 4
@@ -211,7 +214,7 @@ def run_auto(model: onnx.ModelProto, calib: Calibration, config: AutoConfig,
     auto = _Auto(model, fit, config, registry, ctx, reference, judged, beside)
     executor = outer.executor
     single = [n for n in config.plans if n in ("int8", "factorize")
-              or (n == "prune" and config.target_speedup is not None)]
+              or (n in ("prune", "layers") and config.target_speedup is not None)]
     if on_step is not None:
         on_step(f"auto: plans {', '.join(single)} ({_where(executor)})")
     first = dict(zip([*single, "cleanup"], executor.map(
@@ -305,6 +308,9 @@ class _Auto:
         if name == "prune":  # toward a target only (no bound)
             return self.compile(name, [*self.cleanup, Step("prune_channels", self.make(
                 "prune_channels", target_speedup=target))])
+        if name == "layers":  # toward a target only (no bound)
+            return self.compile(name, [*self.cleanup, Step("prune_layers", self.make(
+                "prune_layers", target_speedup=target))])
         return self.combined(name, int8)
 
     def structural(self, share: float, aim: float | None,
@@ -368,7 +374,8 @@ class _Auto:
         measured and may spend the budget int8 alone did not need (at least half of it).
         Int8 then gets what the first step left, measured against the original. When the
         result misses the target, the first step aims higher by the shortfall (and the
-        noise), up to RETRIES times, while that stays within the budget and measures faster.
+        noise), up to RETRIES times, while that measures faster; an aim that loses more than
+        the budget is not kept, and the next aims halfway between it and the last kept one.
         """
         budget, target = self.config.max_drop, self.config.target_speedup
         s8 = int8.speedup if int8 is not None and int8.within(budget) else 1.0
@@ -403,18 +410,24 @@ class _Auto:
         if target is None or aim is None or plan.result is None or not plan.within(budget):
             return plan
         self.measure([plan])
+        good, bad = aim, None  # the highest aim kept, the lowest that lost too much
         for _ in range(RETRIES):
             if plan.speedup >= target:
                 break
-            # aim past the target by the noise: a plan that lands on it is a coin flip
-            aim *= target * (1 + NOISE) / max(plan.speedup, 1e-6)
-            again = attempt(aim)
-            if again.result is None or not again.within(budget):
+            # aim past the target by the noise: a plan that lands on it is a coin flip;
+            # below an aim that lost too much, halfway to it
+            want = good * target * (1 + NOISE) / max(plan.speedup, 1e-6)
+            now = want if bad is None else min(want, (good + bad) / 2)
+            again = attempt(now)
+            if again.result is None:
                 break
+            if not again.within(budget):
+                bad = now
+                continue
             self.measure([again])
             if again.speedup <= plan.speedup:
                 break
-            plan = again
+            plan, good = again, now
         return plan
 
 

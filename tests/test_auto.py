@@ -54,7 +54,8 @@ def test_the_winner_meets_the_target_within_the_budget():
     chosen = run_auto(model, calib, AutoConfig(target_speedup=1.5, max_drop=0.1),
                       context=_modelled_context())
     names = [p.name for p in chosen.plans]
-    assert names == ["cleanup", "int8", "factorize", "factorize+int8", "prune", "prune+int8"]
+    assert names == ["cleanup", "int8", "factorize", "factorize+int8", "prune", "prune+int8",
+                     "layers"]
     assert chosen.code == "target_met", chosen.why
     winner = next(p for p in chosen.plans if p.name == chosen.chosen)
     assert winner.speedup >= 1.5 and winner.drop <= 0.1
@@ -65,6 +66,19 @@ def test_the_winner_meets_the_target_within_the_budget():
               and p.speedup >= 1.5]
     assert winner.drop == min(p.drop for p in rivals)
     assert [s.name for s in chosen.steps][:3] == ["canonicalize", "fold_bn", "fold_affine"]
+
+
+def test_a_residual_branch_that_adds_nothing_is_removed_by_the_layers_plan():
+    from test_prune_layers import _residual_net
+
+    model = _residual_net(zero_branch=True)
+    calib = calibration(model, n=8, batch=4)
+    chosen = run_auto(model, calib, AutoConfig(target_speedup=1.5, max_drop=0.01,
+                                               plans=("layers", "prune")),
+                      context=_modelled_context())
+    assert chosen.chosen == "layers" and chosen.code == "target_met", chosen.why
+    assert "prune_layers" in [s.name for s in chosen.steps]
+    assert fidelity.bound(chosen.result.fidelity)[0] < 1e-4
 
 
 def test_a_budget_nothing_fits_keeps_the_cleanup():
