@@ -19,8 +19,8 @@ pipeline of passes that stands on the engine's own searches:
 - ``prune``: channel pruning to the target (kept only if it lands within the budget);
 - ``prune+int8``: channel pruning to what int8 leaves of the target (aimed the same way),
   then int8 within what the pruning left of the budget;
-- ``layers``: whole-layer removal (residual branches, identity-shaped convs) to the target
-  (kept only if it lands within the budget).
+- ``layers``: whole-layer removal (residual branches, identity-shaped convs) to the target;
+  when that loses more than the budget, half as many layers, and so on down to one.
 
 Every plan's output is then judged the same way: its fidelity against the original (as
 deployed) on calibration samples held back from compiling (every 4th, when there are at
@@ -308,10 +308,25 @@ class _Auto:
         if name == "prune":  # toward a target only (no bound)
             return self.compile(name, [*self.cleanup, Step("prune_channels", self.make(
                 "prune_channels", target_speedup=target))])
-        if name == "layers":  # toward a target only (no bound)
-            return self.compile(name, [*self.cleanup, Step("prune_layers", self.make(
-                "prune_layers", target_speedup=target))])
+        if name == "layers":
+            return self.layers()
         return self.combined(name, int8)
+
+    def layers(self) -> Plan:
+        """Whole layers removed toward the target; halved while that loses too much."""
+        budget, target = self.config.max_drop, self.config.target_speedup
+
+        def with_layers(**options: Any) -> Plan:
+            return self.compile("layers", [*self.cleanup, Step("prune_layers", self.make(
+                "prune_layers", **options))])
+
+        plan = with_layers(target_speedup=target)
+        removed = (len(plan.result.steps[-1].report.applied) if plan.result is not None
+                   else 0)
+        while plan.result is not None and not plan.within(budget) and removed > 1:
+            removed //= 2
+            plan = with_layers(layers=removed)
+        return plan
 
     def structural(self, share: float, aim: float | None,
                    methods: tuple[str, ...] | None = None) -> PassConfig:
@@ -376,6 +391,8 @@ class _Auto:
         result misses the target, the first step aims higher by the shortfall (and the
         noise), up to RETRIES times, while that measures faster; an aim that loses more than
         the budget is not kept, and the next aims halfway between it and the last kept one.
+        A first step that alone loses more than the budget (pruning is not bound by it)
+        aims halfway down once.
         """
         budget, target = self.config.max_drop, self.config.target_speedup
         s8 = int8.speedup if int8 is not None and int8.within(budget) else 1.0
@@ -407,6 +424,9 @@ class _Auto:
             return first
 
         plan = attempt(aim)
+        if aim is not None and plan.result is not None and not plan.within(budget):
+            # the first step alone lost too much: aim it halfway down, once
+            plan = attempt(max(MIN_AIM, (1.0 + aim) / 2))
         if target is None or aim is None or plan.result is None or not plan.within(budget):
             return plan
         self.measure([plan])
