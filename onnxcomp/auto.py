@@ -237,6 +237,14 @@ def run_auto(model: onnx.ModelProto, calib: Calibration, config: AutoConfig,
     chosen = _choose(floor, plans, config.max_drop, config.target_speedup)
     chosen.checked_on = reference.calib.num_samples
     chosen.fit_samples = fit.num_samples
+    step = 1.0 / max(chosen.checked_on, 1)
+    if judged and 0 < config.max_drop < step:
+        # a loss in decisions moves by whole samples: one changed sample breaks this budget
+        chosen.why += (f"; note: one sample of the {chosen.checked_on} the losses are measured "
+                       f"on is {step:.3g}, over --max-drop {config.max_drop:g}, so any plan "
+                       f"that changes one decision is out: at least "
+                       f"{math.ceil(CHECK_EVERY / config.max_drop)} calibration samples give "
+                       f"the budget room for one")
     if check is not None:
         chosen.why += (f" (losses on {check.num_samples} calibration samples held back from "
                        f"compiling on {fit.num_samples})")

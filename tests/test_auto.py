@@ -92,6 +92,18 @@ def test_a_budget_nothing_fits_keeps_the_cleanup():
         assert fidelity.bound(chosen.result.fidelity)[0] == 0.0
 
 
+@pytest.mark.parametrize(("budget", "said"), [(0.05, True), (0.2, False)])
+def test_a_budget_under_one_held_back_sample_is_said(budget, said):
+    model = _classifier()
+    calib = calibration(model, n=8, batch=4)  # 32 samples: every 4th (8) held back
+    chosen = run_auto(model, calib, AutoConfig(max_drop=budget, plans=("int8",)),
+                      context=_modelled_context())
+    assert chosen.checked_on == 8
+    assert ("one sample of the 8 the losses are measured on is 0.125" in chosen.why) == said
+    if said:
+        assert "at least 80 calibration samples" in chosen.why
+
+
 @pytest.mark.parametrize("kwargs", [{"target_speedup": 1.0}, {"max_drop": -0.1},
                                     {"plans": ("magic",)}, {"plans": ()}])
 def test_auto_config_validation(kwargs):
