@@ -5,8 +5,8 @@ A user gives a speed target (``--target-speedup``), a fidelity budget (``--max-d
 both. The lossless clean-up runs first in every plan; then a few plans are compiled, each a
 pipeline of passes that stands on the engine's own searches:
 
-- ``int8``: static int8, layers left in float until the budget holds (``quantize
-  --max-drop``);
+- ``int8``: static int8 of every layer; when that loses more than the budget, layers left
+  in float until it holds (``quantize --max-drop``);
 - ``factorize``: per layer the best of svd / cp / tucker / kernel sharing /
   depthwise-separable (passes/factorize.py), ranks allocated to the target within the budget
   (``--min-agreement`` for models whose outputs decide something, ``--max-error`` otherwise);
@@ -308,6 +308,12 @@ class _Auto:
         if name == "cleanup":
             return self.compile(name, self.cleanup)
         if name == "int8":
+            # every layer first: the in-pass bound judges the samples rounding was fitted
+            # on, where this plan is judged on held-back ones; bound only when that misses
+            every = self.compile(name, [*self.cleanup, Step("quantize", self.make(
+                "quantize", mode="static", max_drop=math.inf))])
+            if every.within(budget):
+                return every
             return self.compile(name, [*self.cleanup, Step("quantize", self.make(
                 "quantize", mode="static", max_drop=budget))])
         if name == "factorize":

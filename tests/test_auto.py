@@ -92,6 +92,18 @@ def test_a_budget_nothing_fits_keeps_the_cleanup():
         assert fidelity.bound(chosen.result.fidelity)[0] == 0.0
 
 
+def test_the_int8_plan_quantizes_every_layer_when_that_is_within_the_budget():
+    import math
+
+    model = _classifier()
+    calib = calibration(model, n=8, batch=4)
+    chosen = run_auto(model, calib, AutoConfig(max_drop=0.5, plans=("int8",)),
+                      context=_modelled_context())
+    assert chosen.chosen == "int8", chosen.why
+    (step,) = [s for s in chosen.steps if s.name == "quantize"]
+    assert math.isinf(step.config.max_drop)
+
+
 @pytest.mark.parametrize(("budget", "said"), [(0.05, True), (0.2, False)])
 def test_a_budget_under_one_held_back_sample_is_said(budget, said):
     model = _classifier()
