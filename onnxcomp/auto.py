@@ -243,7 +243,8 @@ def run_auto(model: onnx.ModelProto, calib: Calibration, config: AutoConfig,
         chosen.why += (f"; note: one sample of the {chosen.checked_on} the losses are measured "
                        f"on is {step:.3g}, over --max-drop {config.max_drop:g}, so any plan "
                        f"that changes one decision is out: at least "
-                       f"{math.ceil(CHECK_EVERY / config.max_drop)} calibration samples give "
+                       f"{CHECK_EVERY * math.ceil(1 / config.max_drop)} calibration samples "
+                       f"give "
                        f"the budget room for one")
     if check is not None:
         chosen.why += (f" (losses on {check.num_samples} calibration samples held back from "
@@ -438,13 +439,15 @@ class _Auto:
             return first
 
         plan = attempt(aim)
-        if aim is not None and plan.result is not None and not plan.within(budget):
+        good, bad = aim, None  # the highest aim kept, the lowest that lost too much
+        lower = None if aim is None else max(MIN_AIM, (1.0 + aim) / 2)
+        if (lower is not None and lower < aim and plan.result is not None
+                and not plan.within(budget)):
             # the first step alone lost too much: aim it halfway down, once
-            plan = attempt(max(MIN_AIM, (1.0 + aim) / 2))
+            plan, good, bad = attempt(lower), lower, aim
         if target is None or aim is None or plan.result is None or not plan.within(budget):
             return plan
         self.measure([plan])
-        good, bad = aim, None  # the highest aim kept, the lowest that lost too much
         for _ in range(RETRIES):
             if plan.speedup >= target:
                 break

@@ -41,11 +41,13 @@ Build = Callable[..., tuple[onnx.ModelProto, Report]]
 
 def float_layers_for_drop(model: onnx.ModelProto, build: Build, calib: Calibration,
                           quantized: onnx.ModelProto, report: Report, max_drop: float,
-                          judge: Judge) -> tuple[onnx.ModelProto, Report]:
+                          judge: Judge, start: str = "static int8 of every layer"
+                          ) -> tuple[onnx.ModelProto, Report]:
     """Leave the most sensitive layers in float until the drop is within ``max_drop``.
 
     ``quantized`` / ``report``: every layer in int8, as the pass built it (its rounding
-    included); ``build(excluded, sensitivity)`` builds the same with ``excluded`` in float.
+    included; ``start`` names it in the warning, when some layers are in float already);
+    ``build(excluded, sensitivity)`` builds the same with ``excluded`` in float.
     Sensitivity of a layer: the output error with that layer alone quantized (on at most
     ``SENSITIVITY_SAMPLES`` calibration samples). The count left in float is found by
     doubling, then bisection; each count is judged on up to ``DROP_SAMPLES`` samples.
@@ -74,15 +76,16 @@ def float_layers_for_drop(model: onnx.ModelProto, build: Build, calib: Calibrati
     attempt(good)
     best, best_report, best_drop = tried[good]
     best_report.notes[:0] = [n for n in report.notes if n not in best_report.notes]
-    if "rounding" in report.metrics:
-        best_report.metrics["rounding"] = report.metrics["rounding"]
+    for key, value in report.metrics.items():  # what earlier steps of the pass measured
+        if key == "rounding" or key.startswith("float_budget"):
+            best_report.metrics[key] = value
     best_report.metrics["drop_all_layers"] = round(drop, 5)
     best_report.metrics["drop_metric"] = metric
     best_report.metrics["drop"] = round(best_drop, 5)
     best_report.metrics["layers_left_in_float"] = good
     best_report.metrics["models_tried"] = len(tried)
     worst = ", ".join(f"{n} ({sensitivity[n]:.3g})" for n in ranked[:3])
-    lost = (f"static int8 of every layer drops fidelity by {drop:.3g} on the calibration data "
+    lost = (f"{start} drops fidelity by {drop:.3g} on the calibration data "
             f"(measured as {DROP_METRICS[metric]})")
     if good == len(ranked):
         best_report.warn("quantize.max_drop_unmet",

@@ -68,8 +68,9 @@ def elementwise_tensors(graph: Graph, quantized: set[str]) -> list[str]:
     taken (never a constant: a Mul by a weight stays float), or one of PASS_ON whose data
     input is, gets its outputs taken: a SiLU (Sigmoid and Mul) between two int8 convs, a
     residual Add of two of their outputs, the Split and Concat of a C2f block, the MaxPools
-    of an SPPF, an upsampling Resize. A graph output is never taken: boxes and scores keep
-    their float resolution.
+    of an SPPF, an upsampling Resize. A node that writes a graph output is never taken:
+    boxes and scores keep their float resolution (one hop away they may be quantized, as
+    the next op's input).
     """
     have = set(quantized)
     taken: list[str] = []
@@ -79,9 +80,9 @@ def elementwise_tensors(graph: Graph, quantized: set[str]) -> list[str]:
         data = node.inputs[:1] if node.op in PASS_ON else node.inputs
         if not data or any(t.name not in have for t in data):
             continue
-        outs = [t for t in node.outputs if not graph.is_graph_output(t) and t.outputs]
-        if len(outs) != len(node.outputs):
+        if any(graph.is_graph_output(t) for t in node.outputs):
             continue
+        outs = [t for t in node.outputs if t.outputs]  # a MaxPool's unread indices: not data
         for t in outs:
             if t.name not in have:
                 have.add(t.name)
@@ -90,8 +91,14 @@ def elementwise_tensors(graph: Graph, quantized: set[str]) -> list[str]:
 
 
 def share_pass_on_ranges(graph: Graph, ranges: dict[str, tuple[float, float]]) -> None:
-    """Outputs of a PASS_ON op whose input is quantized take its range (one grid on all)."""
+    """Outputs of a PASS_ON op whose input is quantized take its range (one grid on all).
+
+    Not a cubic Resize: it overshoots its input's range (nearest and linear stay inside).
+    """
     for node in graph.nodes_of(*PASS_ON):
+        mode = node.attrs.get("mode", "nearest")
+        if node.op == "Resize" and (mode.decode() if isinstance(mode, bytes) else mode) == "cubic":
+            continue
         src = node.inputs[0].name
         if src in ranges:
             for t in node.outputs:

@@ -385,7 +385,9 @@ def _static(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibration |
                                          runs=20, warmup=3))
     if math.isfinite(config.max_drop):
         quantized, report = int8_fallback.float_layers_for_drop(
-            model, build, calib, quantized, report, config.max_drop, ctx.judge)
+            model, build, calib, quantized, report, config.max_drop, ctx.judge,
+            "static int8 of every layer" + (f" but the {len(budget)} --float-budget left in "
+                                            f"float" if budget else ""))
     if config.bias_correction:
         quantized = bias_correction.apply(model, quantized, report, calib, ctx.judge,
                                           BIAS_CORRECTION_SAMPLES)
@@ -501,8 +503,8 @@ def _build_static(model: onnx.ModelProto, config: QuantizeConfig,
             graph.bypass(act_node)
             ranges[layer_out] = (0.0, min(hi, bound))
     report.metrics["activations_folded"] = len(folded)
-    report.metrics["ranges_shared"] = quant.share_ranges(graph, ranges)
-    quant.share_pass_on_ranges(graph, ranges)
+    quant.share_pass_on_ranges(graph, ranges)  # first: a Transpose after a Split then
+    report.metrics["ranges_shared"] = quant.share_ranges(graph, ranges)  # takes the same grid
     for node, x_name in gemm_bias:
         if x_name in ranges:
             quant.quantize_bias(graph, node, *ranges[x_name], signed=signed)
@@ -535,10 +537,11 @@ def _layers(graph: Graph, config: QuantizeConfig, report: pb.Report,
                            f"this layer alone on {config.provider} (--no-per-layer-speed "
                            f"quantizes it anyway)")
         elif skip is None and node.name in budget:
+            alone = (sensitivity or {}).get(node.name)
             skip = pb.Skip(node.name, node.op, pb.SkipReason.ERROR_TOO_HIGH,
-                           f"left in float for --float-budget {config.float_budget}: output "
-                           f"error {(sensitivity or {}).get(node.name, float('nan')):.3g} "
-                           "with this layer alone quantized")
+                           f"left in float for --float-budget {config.float_budget}"
+                           + (f": output error {alone:.3g} with this layer alone quantized"
+                              if alone is not None else ""))
         elif skip is None and node.name in excluded:
             skip = pb.Skip(node.name, node.op, pb.SkipReason.ERROR_TOO_HIGH,
                            f"left in float for --max-drop {config.max_drop}: output error "

@@ -51,6 +51,17 @@ def test_float_budget_then_max_drop_keeps_both_choices():
     assert [s.node for s in result.report.skipped] == ["c1"]
     assert result.report.metrics["float_budget_layers"] == 1
     assert result.report.metrics["drop"] <= 0.05
+    # a bound the budget's model misses: the drop search runs on top and keeps its figures
+    result = quantize(model, static_config(calibrator="minmax", min_params=0, max_drop=0.0,
+                                           float_budget=0.9), calib)
+    assert result.report.metrics["drop_all_layers"] > 0.0  # c2 in int8 still changes outputs
+    metrics = result.report.metrics
+    assert metrics["float_budget_layers"] == 1 and "float_budget_error" in metrics
+    skipped = {s.node: s.detail for s in result.report.skipped}
+    assert set(skipped) == {"c1", "c2"} and "--float-budget" in skipped["c1"]
+    assert not any("nan" in d for d in skipped.values())
+    (warning,) = result.report.warnings
+    assert "but the 1 --float-budget left in float" in warning.text
 
 
 @pytest.mark.parametrize(("kwargs", "needle"), [

@@ -112,3 +112,49 @@ def test_split_maxpool_and_resize_keep_their_source_grid():
 
     assert grid("p") == grid("a_m")  # Split parts: the source's grid
     assert grid("up") == grid("mp") == grid("cat")  # Resize and MaxPool pass it on
+
+
+def _split_then(op: str, **attrs):
+    """conv -> Split -> (op on one part) -> conv, the other part -> conv; Concat of both."""
+    rng = np.random.default_rng(1)
+    w = {k: (rng.standard_normal(s) / 6).astype(np.float32)
+         for k, s in (("W1", [8, 4, 3, 3]), ("W2", [4, 4, 1, 1]), ("W3", [4, 4, 1, 1]))}
+    extra = {"scales": np.array([1, 1, 2, 2], np.float32)} if op == "Resize" else {}
+    inputs = ["p", "", "scales"] if op == "Resize" else ["p"]
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["a"], name="c1", pads=[1] * 4),
+             helper.make_node("Split", ["a"], ["p", "q"], name="split", axis=1, num_outputs=2),
+             helper.make_node(op, inputs, ["t"], name="op", **attrs),
+             helper.make_node("Conv", ["t", "W2"], ["y1"], name="c2"),
+             helper.make_node("Conv", ["q", "W3"], ["y2"], name="c3")]
+    out_hw = 16 if op == "Resize" else 8
+    model = make_model(nodes, [tensor("x", [1, 4, 8, 8])],
+                       [tensor("y1", [1, 4, out_hw, out_hw]), tensor("y2", [1, 4, 8, 8])],
+                       {**w, **extra}, opset=18)
+    x = rng.standard_normal([16, 4, 8, 8]).astype(np.float32)
+    return model, Calibration([{"x": x[i:i + 1]} for i in range(16)], False, "test")
+
+
+def _grid(model: onnx.ModelProto, name: str) -> tuple[float, int]:
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    (q,) = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == name]
+    return float(inits[q.input[1]]), int(inits[q.input[2]])
+
+
+def test_a_transpose_after_a_split_keeps_the_source_grid():
+    model, calib = _split_then("Transpose", perm=[0, 1, 3, 2])
+    result = quantize(model, static_config(calibrator="minmax", min_params=0,
+                                           max_drop=math.inf, rounding=False,
+                                           bias_correction=False), calib)
+    assert _grid(result.model, "t") == _grid(result.model, "p") == _grid(result.model, "a")
+
+
+def test_a_cubic_resize_gets_its_own_range():
+    grids = {}
+    for mode in ("nearest", "cubic"):
+        model, calib = _split_then("Resize", mode=mode)
+        result = quantize(model, static_config(calibrator="minmax", min_params=0,
+                                               max_drop=math.inf, rounding=False,
+                                               bias_correction=False), calib)
+        grids[mode] = (_grid(result.model, "t"), _grid(result.model, "p"))
+    assert grids["nearest"][0] == grids["nearest"][1]
+    assert grids["cubic"][0] != grids["cubic"][1]  # it overshoots: calibrated on its own
