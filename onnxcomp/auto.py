@@ -439,13 +439,14 @@ class _Auto:
             return first
 
         plan = attempt(aim)
+        if target is None or aim is None or plan.result is None:
+            return plan
         good, bad = aim, None  # the highest aim kept, the lowest that lost too much
-        lower = None if aim is None else max(MIN_AIM, (1.0 + aim) / 2)
-        if (lower is not None and lower < aim and plan.result is not None
-                and not plan.within(budget)):
+        lower = max(MIN_AIM, (1.0 + aim) / 2)
+        if lower < aim and not plan.within(budget):
             # the first step alone lost too much: aim it halfway down, once
             plan, good, bad = attempt(lower), lower, aim
-        if target is None or aim is None or plan.result is None or not plan.within(budget):
+        if plan.result is None or not plan.within(budget):
             return plan
         self.measure([plan])
         for _ in range(RETRIES):

@@ -90,11 +90,12 @@ def elementwise_tensors(graph: Graph, quantized: set[str]) -> list[str]:
     return taken
 
 
-def share_pass_on_ranges(graph: Graph, ranges: dict[str, tuple[float, float]]) -> None:
-    """Outputs of a PASS_ON op whose input is quantized take its range (one grid on all).
+def share_pass_on_ranges(graph: Graph, ranges: dict[str, tuple[float, float]]) -> int:
+    """Outputs of a PASS_ON op whose input is quantized take its range: how many changed.
 
     Not a cubic Resize: it overshoots its input's range (nearest and linear stay inside).
     """
+    shared = 0
     for node in graph.nodes_of(*PASS_ON):
         mode = node.attrs.get("mode", "nearest")
         if node.op == "Resize" and (mode.decode() if isinstance(mode, bytes) else mode) == "cubic":
@@ -102,8 +103,10 @@ def share_pass_on_ranges(graph: Graph, ranges: dict[str, tuple[float, float]]) -
         src = node.inputs[0].name
         if src in ranges:
             for t in node.outputs:
-                if t.name in ranges:
+                if t.name in ranges and ranges[t.name] != ranges[src]:
                     ranges[t.name] = ranges[src]
+                    shared += 1
+    return shared
 
 
 def out_axis(node: Any) -> int:

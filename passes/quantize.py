@@ -503,8 +503,9 @@ def _build_static(model: onnx.ModelProto, config: QuantizeConfig,
             graph.bypass(act_node)
             ranges[layer_out] = (0.0, min(hi, bound))
     report.metrics["activations_folded"] = len(folded)
-    quant.share_pass_on_ranges(graph, ranges)  # first: a Transpose after a Split then
-    report.metrics["ranges_shared"] = quant.share_ranges(graph, ranges)  # takes the same grid
+    # Split / MaxPool / Resize first: a Transpose after a Split then takes the same grid
+    shared = quant.share_pass_on_ranges(graph, ranges)
+    report.metrics["ranges_shared"] = shared + quant.share_ranges(graph, ranges)
     for node, x_name in gemm_bias:
         if x_name in ranges:
             quant.quantize_bias(graph, node, *ranges[x_name], signed=signed)
