@@ -87,8 +87,8 @@ def main() -> None:
     for label, opts in (("onnxcomp static int8 (every layer)", {"max_drop": float("inf")}),
                         ("onnxcomp static int8, --no-per-layer-speed",
                          {"max_drop": float("inf"), "keep_fast": False}),
-                        ("onnxcomp static int8, --int8-elementwise",
-                         {"max_drop": float("inf"), "elementwise": True}),
+                        ("onnxcomp static int8, --no-int8-elementwise (as before)",
+                         {"max_drop": float("inf"), "elementwise": False}),
                         ("onnxcomp static int8, --activations int8 (s8 x s8)",
                          {"max_drop": float("inf"), "activations": "int8"})):
         res, _ = optimize(model, [("quantize", {"mode": "static", **opts})], calib)
