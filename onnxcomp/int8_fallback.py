@@ -127,13 +127,15 @@ def float_layers_for_budget(model: onnx.ModelProto, build: Build, calib: Calibra
     """Leave the most sensitive layers in float, within ``budget`` of int8's speed.
 
     Layers are ranked by sensitivity, as :func:`float_layers_for_drop` ranks them (the
-    output error with each alone in int8). Ranking by what leaving each one alone in float
-    takes off the all-int8 error was tried: on MobileNetV2 those gains are 0.003-0.01 against
-    errors of 0.03-0.06 alone (on 32 samples, near their noise), and the ranking picked wide
-    1x1 convs that cost 20 % of the speed for four layers. The top 1, 2, 4, ... are tried until the
-    whole model, timed interleaved with the all-int8 one on ``config``'s provider, runs
-    under ``1 - budget`` of its speed; of the counts within it, the one with the least
-    error wins (none, when none lowers it). Returns (model, report, layers left in float).
+    output error with each alone in int8). The top 1, 2, 4, ... are tried until the whole
+    model, timed interleaved with the all-int8 one on ``config``'s provider, runs under
+    ``1 - budget`` of its speed; of the counts within it, the one with the least error wins
+    (none, when none lowers it). Returns (model, report, layers left in float).
+
+    Ranking by what leaving each layer alone in float takes off the all-int8 error was
+    tried: on MobileNetV2 those gains are 0.003-0.01 against errors of 0.03-0.06 alone (on
+    32 samples, near their noise), and it picked wide 1x1 convs that cost 20 % of the
+    speed for four layers.
     """
     first = calib.first(SENSITIVITY_SAMPLES)
     probe = fidelity.Reference.of(model, first, judge.first(first.num_samples))

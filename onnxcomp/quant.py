@@ -31,26 +31,39 @@ OPS = {"Conv": 0, "ConvTranspose": 1, "Gemm": None, "MatMul": 1}  # output-chann
 
 
 def share_ranges(graph: Graph, ranges: dict[str, tuple[float, float]]) -> int:
-    """Give a tensor behind MaxPool / Reshape / Flatten / ... its source's range: how many.
+    """Give a tensor behind MaxPool / Reshape / Split / Resize / ... its source's range: how many.
 
-    These ops only move or pick values, so the source's uint8 grid holds their output too;
-    with equal scale and zero point on both sides ONNX Runtime drops the DequantizeLinear /
-    QuantizeLinear pair around them and runs them on uint8 (as its own quantizer arranges).
+    These ops only move, pick or interpolate values, so the source's uint8 grid holds their
+    outputs too; with equal scale and zero point on both sides ONNX Runtime drops the
+    DequantizeLinear / QuantizeLinear pair around them and runs them on uint8 (as its own
+    quantizer arranges). In graph order, so a Transpose after a Split takes the grid the
+    Split's parts took. Not a cubic Resize: it overshoots its input's range.
     """
     shared = 0
     for node in graph.nodes:
-        if node.op not in RANGE_KEEPING or node.outputs[0].name not in ranges:
+        if not _keeps_range(node):
             continue
-        t = node.inputs[0]
-        while t.name not in ranges:
-            prod = graph.producer(t)
-            if prod is None or prod.op not in RANGE_KEEPING or len(t.outputs) != 1:
-                break
-            t = prod.inputs[0]
-        if t.name in ranges and ranges[node.outputs[0].name] != ranges[t.name]:
-            ranges[node.outputs[0].name] = ranges[t.name]
-            shared += 1
+        for out in node.outputs:
+            if out.name not in ranges:
+                continue
+            t = node.inputs[0]
+            while t.name not in ranges:
+                prod = graph.producer(t)
+                if prod is None or not _keeps_range(prod) or len(t.outputs) != 1:
+                    break
+                t = prod.inputs[0]
+            if t.name in ranges and ranges[out.name] != ranges[t.name]:
+                ranges[out.name] = ranges[t.name]
+                shared += 1
     return shared
+
+
+def _keeps_range(node: Any) -> bool:
+    """``node``'s outputs stay within its data input's range."""
+    if node.op == "Resize":
+        mode = node.attrs.get("mode", "nearest")
+        return (mode.decode() if isinstance(mode, bytes) else mode) != "cubic"
+    return node.op in RANGE_KEEPING or node.op == "Split"
 
 
 # Ops ONNX Runtime runs as integer kernels (QLinearSigmoid, QLinearMul, QLinearAdd,
@@ -88,25 +101,6 @@ def elementwise_tensors(graph: Graph, quantized: set[str]) -> list[str]:
                 have.add(t.name)
                 taken.append(t.name)
     return taken
-
-
-def share_pass_on_ranges(graph: Graph, ranges: dict[str, tuple[float, float]]) -> int:
-    """Outputs of a PASS_ON op whose input is quantized take its range: how many changed.
-
-    Not a cubic Resize: it overshoots its input's range (nearest and linear stay inside).
-    """
-    shared = 0
-    for node in graph.nodes_of(*PASS_ON):
-        mode = node.attrs.get("mode", "nearest")
-        if node.op == "Resize" and (mode.decode() if isinstance(mode, bytes) else mode) == "cubic":
-            continue
-        src = node.inputs[0].name
-        if src in ranges:
-            for t in node.outputs:
-                if t.name in ranges and ranges[t.name] != ranges[src]:
-                    ranges[t.name] = ranges[src]
-                    shared += 1
-    return shared
 
 
 def out_axis(node: Any) -> int:

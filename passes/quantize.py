@@ -503,9 +503,7 @@ def _build_static(model: onnx.ModelProto, config: QuantizeConfig,
             graph.bypass(act_node)
             ranges[layer_out] = (0.0, min(hi, bound))
     report.metrics["activations_folded"] = len(folded)
-    # Split / MaxPool / Resize first: a Transpose after a Split then takes the same grid
-    shared = quant.share_pass_on_ranges(graph, ranges)
-    report.metrics["ranges_shared"] = shared + quant.share_ranges(graph, ranges)
+    report.metrics["ranges_shared"] = quant.share_ranges(graph, ranges)
     for node, x_name in gemm_bias:
         if x_name in ranges:
             quant.quantize_bias(graph, node, *ranges[x_name], signed=signed)
