@@ -244,8 +244,7 @@ def run_auto(model: onnx.ModelProto, calib: Calibration, config: AutoConfig,
                        f"on is {step:.3g}, over --max-drop {config.max_drop:g}, so any plan "
                        f"that changes one decision is out: at least "
                        f"{CHECK_EVERY * math.ceil(1 / config.max_drop)} calibration samples "
-                       f"give "
-                       f"the budget room for one")
+                       f"give the budget room for one")
     if check is not None:
         chosen.why += (f" (losses on {check.num_samples} calibration samples held back from "
                        f"compiling on {fit.num_samples})")

@@ -75,10 +75,7 @@ def float_layers_for_drop(model: onnx.ModelProto, build: Build, calib: Calibrati
     good = search.first_true_doubling(lambda k: attempt(k) <= max_drop, len(ranked))
     attempt(good)
     best, best_report, best_drop = tried[good]
-    best_report.notes[:0] = [n for n in report.notes if n not in best_report.notes]
-    for key, value in report.metrics.items():  # what earlier steps of the pass measured
-        if key == "rounding" or key.startswith("float_budget"):
-            best_report.metrics[key] = value
+    _carry(report, best_report)
     best_report.metrics["drop_all_layers"] = round(drop, 5)
     best_report.metrics["drop_metric"] = metric
     best_report.metrics["drop"] = round(best_drop, 5)
@@ -107,6 +104,14 @@ def float_layers_for_drop(model: onnx.ModelProto, build: Build, calib: Calibrati
             f"drop {best_drop:.4f} on {reference.calib.num_samples} calibration samples "
             f"(all layers: {drop:.4f})")
     return best, best_report
+
+
+def _carry(report: Report, rebuilt: Report) -> None:
+    """What earlier steps of the pass said and measured, into a rebuilt model's report."""
+    rebuilt.notes[:0] = [n for n in report.notes if n not in rebuilt.notes]
+    for key, value in report.metrics.items():
+        if key == "rounding" or key.startswith("float_budget"):
+            rebuilt.metrics[key] = value
 
 
 def _sensitivity(build: Build, report: Report, probe: fidelity.Reference
@@ -167,10 +172,7 @@ def float_layers_for_budget(model: onnx.ModelProto, build: Build, calib: Calibra
         k *= 2
     out, out_report, kept = best
     if kept:
-        out_report.notes[:0] = [n for n in report.notes if n not in out_report.notes]
-        for key_ in ("rounding", "float_budget_error_all_int8"):
-            if key_ in report.metrics:
-                out_report.metrics[key_] = report.metrics[key_]
+        _carry(report, out_report)
     out_report.metrics["float_budget_layers"] = len(kept)
     out_report.metrics["float_budget_speed"] = round(cost, 3)
     out_report.metrics["float_budget_error"] = round(best_error, 5)

@@ -19,9 +19,9 @@ pattern into integer kernels (QLinearConv, QGemm). ``--max-drop X`` measures eve
 sensitivity (output error with it alone quantized) and leaves the most sensitive in float until
 the fidelity drop on the calibration data (``fidelity.bound``: the worst of decisions changed,
 score sets lost and the error of the outputs beside them; relative output error for a model
-whose outputs decide nothing) is at most X. ``--float-budget F`` first leaves in float the
-1, 2, 4, ... most sensitive layers that lower the output error most while the model keeps
-1 - F of the all-int8 speed (onnxcomp/int8_fallback.py). The Sigmoid / Mul / Add / Concat
+whose outputs decide nothing) is at most X. ``--float-budget F`` first tries the 1, 2, 4, ...
+most sensitive layers in float while the model keeps 1 - F of the all-int8 speed, and keeps
+the count with the least output error (onnxcomp/int8_fallback.py). The Sigmoid / Mul / Add / Concat
 (and Split, MaxPool, Resize) between int8 layers are quantized too (``--int8-elementwise``),
 so ONNX Runtime runs a SiLU or a C2f block's Concat on integers. Before opset 13 weights are
 per tensor (the only form that stays fusable there), which costs fidelity.
