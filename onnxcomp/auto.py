@@ -27,7 +27,10 @@ deployed) on calibration samples held back from compiling (every 4th, when there
 least 16: refits and sensitivities fit the samples they see), and its speed, all plans timed
 interleaved in one measurement. A plan counts only when it is faster than the clean-up alone
 beyond noise (3 %) and within the budget. The winner is then compiled again on every
-calibration sample, and that model is kept when its loss on them stays within the budget.
+calibration sample, and that model is kept when its loss on them stays within the budget and
+it measures as fast as the winner. The model handed back is timed afresh against the
+original, and the outcome (target met, within noise, short) rests on that measurement, not
+on the best of several noisy ones that picked it.
 The winner meets the target with the least loss (equal losses: the outputs closest to the
 original); else one whose p10-p90 reaches the target (said: within noise); else the fastest;
 when no plan counts, the clean-up alone. The result says which bound decided and keeps every
@@ -138,12 +141,17 @@ class AutoResult:
     code: str  # "target_met", "target_within_noise", "fastest_within_budget", "budget_unmet"
     checked_on: int = 0  # samples the losses were measured on (held back from compiling)
     fit_samples: int = 0  # samples the plans were compiled on
+    # the model handed back, timed afresh after the choice (0: not timed again)
+    speedup: float = 0.0
+    p10: float = 0.0
+    p90: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serializable form."""
         return {"chosen": self.chosen, "why": self.why, "outcome": self.code,
                 "fit_samples": self.fit_samples, "checked_on": self.checked_on,
-                "plans": [p.to_dict() for p in self.plans]}
+                "speedup": round(self.speedup, 3), "speedup_p10": round(self.p10, 3),
+                "speedup_p90": round(self.p90, 3), "plans": [p.to_dict() for p in self.plans]}
 
 
 PLANS = ("int8", "factorize", "factorize+int8", "prune", "prune+int8", "layers")
@@ -253,16 +261,67 @@ def run_auto(model: onnx.ModelProto, calib: Calibration, config: AutoConfig,
         # own searches see other samples now and may land elsewhere).
         if on_step is not None:
             on_step(f"auto: {chosen.chosen} on every calibration sample")
-        again = run_pipeline(model, chosen.steps, calib, registry,
-                             context=dataclasses.replace(outer, executor=Serial()))
-        if fidelity.bound(again.fidelity)[0] <= config.max_drop:
-            chosen.result = again
-            chosen.fit_samples = calib.num_samples
-        else:
+        again: PipelineResult | None = run_pipeline(
+            model, chosen.steps, calib, registry,
+            context=dataclasses.replace(outer, executor=Serial()))
+        if again is not None and fidelity.bound(again.fidelity)[0] > config.max_drop:
             chosen.why += ("; compiled again on every sample it lost more than the budget, so "
                            "the model compiled on the 3 in 4 is kept")
+            again = None
+        _confirm(model, chosen, again, calib, config, outer)
+    else:
+        _confirm(model, chosen, None, calib, config, outer)
     outer.timer.save()
     return chosen
+
+
+def _confirm(model: onnx.ModelProto, chosen: AutoResult, again: PipelineResult | None,
+             calib: Calibration, config: AutoConfig, ctx: RunContext) -> None:
+    """Hand back the winner compiled on every sample if as fast; time what is handed back.
+
+    ``again``: the winner compiled on every sample (None: it lost more than the budget).
+    Compiled on other samples, the passes' own searches (ranks, ratios, layers left in
+    float) may land elsewhere, so ``again`` is timed, interleaved with the original and the
+    model that won. And the winner's own figure is the best of several noisy measurements,
+    which overstates it (on Fashion-MNIST 3x: 2.80-3.06x measured by auto, 2.44-2.64x when
+    the benchmark timed the same model again); the fresh measurement of the model handed
+    back is the figure the outcome rests on.
+    """
+    if chosen.code == "budget_unmet":  # the clean-up alone: nothing was chosen to confirm
+        if again is not None:
+            chosen.result = again
+            chosen.fit_samples = calib.num_samples
+        return
+    feeds = {k: v[:1] for k, v in calib.batches[0].items()}
+    cfg = bench.BenchConfig(provider=config.provider, threads=config.threads, warmup=5,
+                            runs=FINAL_RUNS)
+    models = [model, chosen.result.model, *([again.model] if again is not None else [])]
+    res = ctx.timer.compare(models, cfg, feeds, around=config.target_speedup)
+    won = res.speedups[0]
+    redo = res.speedups[1] if again is not None else None
+    if again is None or redo is None:
+        final = won
+    elif redo.median >= won.median * (1 - NOISE):
+        chosen.result, final = again, redo
+        chosen.fit_samples = calib.num_samples
+    else:
+        final = won
+        chosen.why += (f"; compiled again on every sample it measured {redo.median:.2f}x "
+                       f"against {won.median:.2f}x, so the model compiled on the 3 in 4 is "
+                       f"kept")
+    chosen.speedup, chosen.p10, chosen.p90 = final.median, final.p10, final.p90
+    target = config.target_speedup
+    if target is None or chosen.code not in ("target_met", "target_within_noise"):
+        return
+    if final.median >= target:
+        chosen.code = "target_met"
+    elif final.p90 >= target:
+        chosen.code = "target_within_noise"
+    else:
+        chosen.code = "fastest_within_budget"
+    short = "" if chosen.code == "target_met" else f", short of {target:g}x"
+    chosen.why += (f"; timed again after the choice: {final.median:.2f}x "
+                   f"({final.p10:.2f}-{final.p90:.2f}){short}")
 
 
 def _where(executor: Any) -> str:
@@ -392,9 +451,13 @@ class _Auto:
         plan.drop, plan.metric = fidelity.bound(fid)
         plan.rel_l2 = fid.rel_l2
 
-    def measure(self, plans: Sequence[Plan]) -> None:
-        """Every plan's speedup over the original, interleaved in one measurement."""
-        _measure(self.model, plans, self.calib, self.config, self.ctx)
+    def measure(self, plans: Sequence[Plan], around: float | None = None) -> None:
+        """Every plan's speedup over the original, interleaved in one measurement.
+
+        ``around``: a target a decision compares with; a wide measurement that straddles it
+        is repeated.
+        """
+        _measure(self.model, plans, self.calib, self.config, self.ctx, around)
 
     def combined(self, name: str, int8: Plan | None) -> Plan:
         """A structural step, then int8 within what it left of the budget.
@@ -447,7 +510,7 @@ class _Auto:
             plan, good, bad = attempt(lower), lower, aim
         if plan.result is None or not plan.within(budget):
             return plan
-        self.measure([plan])
+        self.measure([plan], around=target)
         for _ in range(RETRIES):
             if plan.speedup >= target:
                 break
@@ -461,7 +524,7 @@ class _Auto:
             if not again.within(budget):
                 bad = now
                 continue
-            self.measure([again])
+            self.measure([again], around=target)
             if again.speedup <= plan.speedup:
                 break
             plan, good = again, now
@@ -469,13 +532,13 @@ class _Auto:
 
 
 def _measure(model: onnx.ModelProto, plans: Sequence[Plan], calib: Calibration,
-             config: AutoConfig, ctx: RunContext) -> None:
+             config: AutoConfig, ctx: RunContext, around: float | None = None) -> None:
     """Every plan's speedup over the original, interleaved in one measurement."""
     feeds = {k: v[:1] for k, v in calib.batches[0].items()}
     cfg = bench.BenchConfig(provider=config.provider, threads=config.threads, warmup=5,
                             runs=FINAL_RUNS)
     models = [model, *(p.result.model for p in plans if p.result is not None)]
-    res = ctx.timer.compare(models, cfg, feeds)
+    res = ctx.timer.compare(models, cfg, feeds, around=around)
     for plan, s in zip([p for p in plans if p.result is not None], res.speedups, strict=True):
         plan.speedup, plan.p10, plan.p90 = s.median, s.p10, s.p90
 

@@ -14,6 +14,14 @@ output is shifted by its correction, so what later layers read is the corrected 
 Correcting every layer from one measurement instead over-corrects: a layer's measured shift
 includes what flowed in from upstream layers whose own correction already removes it (on
 MobileNetV2 that made the output error 13x worse).
+
+The shift is the per-channel *median* over calibration samples of each sample's own mean
+shift, not the shift of the pooled means. Clipping to the calibrated ranges moves the
+outputs of the few loud samples (on MobileNetV2, one photo in 64 has late activations ten
+times the others') far more than rounding moves anyone's; the pooled mean puts that loss on
+every sample's bias. Measured on MobileNetV2 (64 calibration photos, 512 held-out crops):
+pooled means matched every layer's mean and doubled the output error (rel. L2 0.124 ->
+0.267, top-1 agreement 81.6 % -> 79.1 %); medians gave 0.119 and 83.6 %.
 """
 
 from __future__ import annotations
@@ -44,27 +52,25 @@ def correct(original: onnx.ModelProto, quantized: onnx.ModelProto, calib: Calibr
     order = [n.name for n in quantized.graph.node if n.name in wanted]  # graph order
     if not order:
         return copy_model(quantized), {}
-    reference = _channel_means(original, [float_out[n] for n in order], calib)
+    reference = _sample_means(original, [float_out[n] for n in order], calib)
     model = copy_model(quantized)
     sizes: dict[str, float] = {}
     with LayerStream(calib) as stream:
         for name in order:
             out = quant_out[name]
-            got = _means(stream.batches(model, out))
-            shift = reference[float_out[name]] - got
+            got = np.concatenate([_per_sample(b) for b in stream.batches(model, out)])
+            shift = np.median(reference[float_out[name]] - got, axis=0)
             if _add_to_bias(model, name, shift):
                 stream.shift(out, shift)  # what the layers after it read is corrected too
-                spread = float(np.abs(reference[float_out[name]]).mean()) or 1.0
+                spread = float(np.abs(reference[float_out[name]].mean(axis=0)).mean()) or 1.0
                 sizes[name] = float(np.abs(shift).mean() / spread)
     return model, sizes
 
 
-def _means(batches: Sequence[np.ndarray]) -> np.ndarray:
-    """Per-channel (axis 1) mean over every batch."""
-    total = sum(b.astype(np.float64).sum(axis=tuple(i for i in range(b.ndim) if i != 1))
-                for b in batches)
-    count = sum(b.size // max(b.shape[1], 1) for b in batches)
-    return np.asarray(total) / max(count, 1)
+def _per_sample(x: np.ndarray) -> np.ndarray:
+    """Each sample's per-channel (axis 1) mean: [N, C]."""
+    x = x.astype(np.float64)
+    return x.mean(axis=tuple(range(2, x.ndim))) if x.ndim > 2 else x.reshape(len(x), -1)
 
 
 def _outputs(model: onnx.ModelProto, layers: Sequence[str]) -> dict[str, str]:
@@ -72,17 +78,14 @@ def _outputs(model: onnx.ModelProto, layers: Sequence[str]) -> dict[str, str]:
     return {n.name: n.output[0] for n in model.graph.node if n.name in wanted and n.output}
 
 
-def _channel_means(model: onnx.ModelProto, names: list[str], calib: Calibration
-                   ) -> dict[str, np.ndarray]:
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
+def _sample_means(model: onnx.ModelProto, names: list[str], calib: Calibration
+                  ) -> dict[str, np.ndarray]:
+    """Per tensor, every calibration sample's per-channel mean: [N, C]."""
+    parts: dict[str, list[np.ndarray]] = {}
     for batch in capture.iter_capture(model, names, calib):
         for name, x in batch.items():
-            axes = tuple(i for i in range(x.ndim) if i != 1)
-            s = x.astype(np.float64).sum(axis=axes)
-            sums[name] = sums[name] + s if name in sums else s
-            counts[name] = counts.get(name, 0) + x.size // max(x.shape[1], 1)
-    return {n: s / max(counts[n], 1) for n, s in sums.items()}
+            parts.setdefault(name, []).append(_per_sample(x))
+    return {n: np.concatenate(p) for n, p in parts.items()}
 
 
 def _add_to_bias(model: onnx.ModelProto, layer: str, shift: np.ndarray) -> bool:

@@ -18,6 +18,14 @@ row update of the gradient), a few sweeps over the weights. The paper relaxes th
 continuous variable and anneals it with gradient steps; the quadratic here needs no training
 loop and never does worse than nearest rounding on the data it is given.
 
+Each sample's error counts relative to its own size: its rows are weighted by the inverse RMS
+of its float output at that layer. Unweighted, the few loud samples (on MobileNetV2 one photo
+in 64 has late activations ten times the others') own the second moments, and the rounding
+suits them, not the typical input. Measured (64 calibration samples, every layer int8, held
+out): MobileNetV2 top-1 agreement 81.6 % -> 83.6 % on 512 crops (rel. L2 error 0.124 ->
+0.122), EfficientNet-Lite0 96.1 % -> 96.9 %, PP-OCRv4 rec rel. error 0.100 -> 0.094 with the
+same strings, Fashion-MNIST unchanged.
+
 Layers are rounded one after the other in graph order, each on the inputs the already-rounded
 layers before it produce (onnxcomp/stream.py). Convs with group 1 and depthwise convs are
 rounded (a depthwise channel is a 9-weight problem of its own); FC layers, which see one row
@@ -179,7 +187,8 @@ def _moments(stream: LayerStream, model: onnx.ModelProto, conv: _Conv, sampler: 
     """``A = E[x x^T]``, ``C = E[x (y - b)^T]``, ``E[(y - b)^2]`` per channel, and the rows.
 
     ``x``: the conv's input rows in the quantized network. Group 1: A [D, D], C [D, O].
-    Depthwise: per channel, A [O, k, k], C [O, k].
+    Depthwise: per channel, A [O, k, k], C [O, k]. Each sample's rows count relative to the
+    size of that sample's float output at this layer (see the module docstring).
     """
     layer = conv.layer
     o = layer.weight.shape[0]
@@ -196,6 +205,10 @@ def _moments(stream: LayerStream, model: onnx.ModelProto, conv: _Conv, sampler: 
         xr = np.vstack([im2col_rows(x[s], layer, sampler.positions(sample + s))
                         for s in range(count)])  # [P, C*k] (c, a, b order)
         yr = np.vstack(target[sample:sample + count]).astype(np.float64) - bias[None, :]
+        # each sample's rows weighted by the inverse RMS of its own float output here
+        weight = np.concatenate([np.full(len(t), 1.0 / _rms(t))
+                                 for t in target[sample:sample + count]])
+        xr, yr = xr * weight[:, None], yr * weight[:, None]
         if depthwise:  # per channel: its k taps against themselves and its output
             per = np.ascontiguousarray(xr.reshape(len(xr), o, k).transpose(1, 2, 0),
                                        dtype=np.float32)  # [O, k, P]
@@ -210,6 +223,12 @@ def _moments(stream: LayerStream, model: onnx.ModelProto, conv: _Conv, sampler: 
         sample += count
     n = max(rows, 1)
     return a / n, c / n, yy / n, rows
+
+
+def _rms(rows: np.ndarray) -> float:
+    """Root mean square of one sample's output rows (1 when they are all zero)."""
+    value = float(np.sqrt(np.mean(np.square(rows, dtype=np.float64))))
+    return value if value > 0 else 1.0
 
 
 def _round(conv: _Conv, q: np.ndarray, a: np.ndarray, c: np.ndarray, sweeps: int

@@ -88,3 +88,25 @@ def test_too_few_samples_skip_the_correction_and_say_so():
                                             max_drop=float("inf")), few)
     assert "bias_correction_skipped" in result.report.codes
     assert "bias_correction" not in result.report.metrics
+
+
+def test_a_few_loud_samples_the_ranges_clip_do_not_set_every_samples_bias():
+    # Two of 32 samples ten times louder than the rest, clipped by the activation ranges: the
+    # pooled mean would put their clipping loss on every sample's bias; each sample's own
+    # shift, median over samples, is the rounding shift the typical sample has.
+    model, calib = _biased_model()
+    x = np.concatenate([b["x"] for b in calib.batches])
+    x[:2] *= 10.0
+    loud = Calibration([{"x": x[i:i + 8]} for i in range(0, 32, 8)], False, "test")
+    config = static_config(calibrator="percentile", percentile=99.0, min_params=0,
+                           bias_correction=False, max_drop=float("inf"))
+    plain = QUANTIZE(model, config, loud).model
+    corrected, _ = bias_correction.correct(model, plain, loud, ["c1", "c2"])
+    typical = Calibration([{"x": x[2:]}], False, "test")
+
+    def err(m):
+        got = np.concatenate([b["y"] for b in capture.iter_capture(m, ["y"], typical)])
+        ref = np.concatenate([b["y"] for b in capture.iter_capture(model, ["y"], typical)])
+        return float(np.abs((got - ref).mean(axis=(0, 2, 3))).mean())
+
+    assert err(corrected) < 0.25 * err(plain)

@@ -139,3 +139,24 @@ def test_max_drop_judges_and_keeps_the_rounded_weights():
     names = {"c1": "W1_q", "dw": "DW_q", "c3": "W3_q"}
     for layer in int8:
         assert np.array_equal(_q(bound.model, names[layer]), _q(everything.model, names[layer]))
+
+
+def test_each_sample_counts_relative_to_its_own_size():
+    """Two small weights (0.4 of a step each) read inputs that move together in 62 samples and
+    against each other, ten times louder, in 2. For the 62 the best rounding takes one small
+    weight up (their sum matters); for the loud 2 both the same way (their difference does).
+    Weighted by each sample's own size, the 62 decide; unweighted, the loud two would."""
+    w = np.array([[127, 0.4, 0.4]], np.float32) * STEP
+    nodes = [helper.make_node("Conv", ["x", "W"], ["y"], name="c")]
+    model = make_model(nodes, [tensor("x", ["N", 3, 6, 6])], [tensor("y", ["N", 1, 6, 6])],
+                       {"W": w.reshape(1, 3, 1, 1)})
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.5, 1.0, [64, 3, 6, 6])
+    x[:, 2] = x[:, 1]  # together
+    x[:2, :2] *= 10.0
+    x[:2, 2] = -x[:2, 1]  # the loud two: against each other
+    calib = _calib(x.astype(np.float32))
+    plain = QUANTIZE(model, _config(rounding=False), calib).model
+    rounded, _ = rounding.round_layers(model, plain, calib, ["c"])
+    q = _q(rounded).reshape(3)
+    assert q[0] == 127 and sorted(q[1:].tolist()) == [0, 1]  # unweighted: [0, 0]
