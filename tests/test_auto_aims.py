@@ -138,3 +138,25 @@ def test_the_winner_compiled_again_is_handed_back_only_when_as_fast():
     _confirm(chosen, again, {"won": 3.2, "again": 3.15})  # within the noise: handed back
     assert chosen.result.model == "again" and chosen.fit_samples == 64
     assert chosen.speedup == pytest.approx(3.15)
+
+
+def _plan(name, speedup, p90, drop):
+    plan = auto.Plan(name, [])
+    plan.result = types.SimpleNamespace(model=name)
+    plan.speedup, plan.p10, plan.p90 = speedup, 0.9 * speedup, p90
+    plan.drop = plan.rel_l2 = drop
+    plan.metric = "decisions"
+    return plan
+
+
+def test_of_plans_only_within_noise_of_the_target_the_fastest_wins():
+    floor = _plan("cleanup", 1.0, 1.05, 0.0)
+    slow = _plan("factorize+int8", 2.84, 3.1, 0.0)
+    fast = _plan("prune+int8", 2.98, 3.3, 0.0156)
+    chosen = auto._choose(floor, [slow, fast], 0.02, 3.0)
+    assert chosen.chosen == "prune+int8" and chosen.code == "target_within_noise"
+    # plans that meet the target: the least loss wins, not the fastest
+    met_slow = _plan("factorize+int8", 3.05, 3.3, 0.0)
+    met_fast = _plan("prune+int8", 3.2, 3.5, 0.0156)
+    chosen = auto._choose(floor, [met_slow, met_fast], 0.02, 3.0)
+    assert chosen.chosen == "factorize+int8" and chosen.code == "target_met"
