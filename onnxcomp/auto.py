@@ -260,14 +260,13 @@ def run_auto(model: onnx.ModelProto, calib: Calibration, config: AutoConfig,
         # own searches see other samples now and may land elsewhere).
         if on_step is not None:
             on_step(f"auto: {chosen.chosen} on every calibration sample")
-        again: PipelineResult | None = run_pipeline(
-            model, chosen.steps, calib, registry,
-            context=dataclasses.replace(outer, executor=Serial()))
-        if again is not None and fidelity.bound(again.fidelity)[0] > config.max_drop:
+        again = run_pipeline(model, chosen.steps, calib, registry,
+                             context=dataclasses.replace(outer, executor=Serial()))
+        within = fidelity.bound(again.fidelity)[0] <= config.max_drop
+        if not within:
             chosen.why += ("; compiled again on every sample it lost more than the budget, so "
                            "the model compiled on the 3 in 4 is kept")
-            again = None
-        _confirm(model, chosen, again, calib, config, outer)
+        _confirm(model, chosen, again if within else None, calib, config, outer)
     else:
         _confirm(model, chosen, None, calib, config, outer)
     outer.timer.save()
@@ -295,9 +294,8 @@ def _confirm(model: onnx.ModelProto, chosen: AutoResult, again: PipelineResult |
                             runs=FINAL_RUNS)
     models = [model, chosen.result.model, *([again.model] if again is not None else [])]
     res = ctx.timer.compare(models, cfg, feeds, around=config.target_speedup)
-    won = res.speedups[0]
-    redo = res.speedups[1] if again is not None else None
-    if again is None or redo is None:
+    won, redo = res.speedups[0], res.speedups[-1]  # redo: again's (won's when no again)
+    if again is None:
         final = won
     elif redo.median >= won.median * (1 - NOISE):
         chosen.result, final = again, redo
