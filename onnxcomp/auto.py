@@ -31,9 +31,10 @@ on every calibration sample, and that model is kept when its loss on them stays 
 budget and it measures as fast as the winner. The model handed back is timed afresh against
 the original, and the outcome (target met, within noise, short) rests on that measurement,
 not on the best of several noisy ones that picked it. The winner meets the target with the
-least loss (equal losses: the outputs closest to the original); else the fastest whose
-p10-p90 reaches the target (said: within noise); else the fastest; when no plan counts, the
-clean-up alone. The result says which bound decided and keeps every plan's figures.
+least loss (equal losses: the one whose p10 reaches the target, then the outputs closest
+to the original); else the fastest whose p10-p90 reaches the target (said: within noise);
+else the fastest; when no plan counts, the clean-up alone. The result says which bound
+decided and keeps every plan's figures.
 """
 
 from __future__ import annotations
@@ -554,8 +555,9 @@ def _choose(floor: Plan, plans: list[Plan], budget: float, target: float | None
         meets = [p for p in within if p.speedup >= target]
         noisy = [p for p in within if p.speedup < target <= p.p90]
         if meets:
-            # least loss; between equal losses, the outputs closest to the original
-            best = min(meets, key=lambda p: (p.drop, p.rel_l2, -p.speedup))
+            # least loss; between equal losses, the surer to meet it (its p10 there), then
+            # the outputs closest to the original
+            best = min(meets, key=lambda p: (p.drop, p.p10 < target, p.rel_l2, -p.speedup))
             return _result(best, everything, "target_met",
                            f"meets {target:g}x ({best.speedup:.2f}x) within --max-drop "
                            f"{budget:g} ({best.metric} {best.drop:.4g}) with the least loss of "
