@@ -12,10 +12,10 @@ pipeline of passes that stands on the engine's own searches:
   (``--min-agreement`` for models whose outputs decide something, ``--max-error`` otherwise);
 - ``factorize+int8``: the factorization (svd / tucker / kernel sharing: chains of dense convs,
   which int8 speeds up) aimed at the target (plus 3 % noise) divided by what int8 measured,
-  within the part of
-  the budget int8 alone did not need (at least half), then int8 within what the factorization
-  left (measured against the original); aimed higher (up to three times, past the target by
-  the noise, or halfway to an aim that lost too much) when it falls short;
+  within the part of the budget int8 alone did not need (at least half), then int8 within
+  what the factorization left (measured against the original); aimed higher (up to three
+  times, past the target by the noise, or halfway to an aim that lost too much) while it
+  does not clear the target by the noise;
 - ``prune``: channel pruning to the target (kept only if it lands within the budget);
 - ``prune+int8``: channel pruning to what int8 leaves of the target (aimed the same way),
   then int8 within what the pruning left of the budget;
@@ -71,7 +71,8 @@ NOISE = 0.03
 MIN_AIM = 1.05
 # Decompositions whose chains stay dense convs, which int8 speeds up.
 INT8_FRIENDLY = ("svd", "tucker", "kernel_sharing")
-# Times a combined plan's first step aims higher when the plan falls short of the target.
+# Times a combined plan's first step aims higher while the plan does not clear the target
+# by the noise.
 RETRIES = 3
 # Rounds of the final interleaved measurement of every plan against the original.
 FINAL_RUNS = 60
@@ -256,6 +257,12 @@ def run_auto(model: onnx.ModelProto, calib: Calibration, config: AutoConfig,
     if check is not None:
         chosen.why += (f" (losses on {check.num_samples} calibration samples held back from "
                        f"compiling on {fit.num_samples})")
+    won = next(p for p in chosen.plans if p.name == chosen.chosen)
+    doubt = "" if chosen.code == "budget_unmet" else fidelity.unconfirmed(
+        won.drop, won.metric, chosen.checked_on, config.max_drop,
+        CHECK_EVERY if check is not None else 1)
+    chosen.why += f"; {doubt}" if doubt else ""
+    if check is not None:
         # Chosen on held-back samples; compiled again on all of them for the final model,
         # kept only when its loss on every sample is still within the budget (the passes'
         # own searches see other samples now and may land elsewhere).
@@ -462,9 +469,11 @@ class _Auto:
         The structural step aims at the target (plus the noise) divided by what int8
         measured and may spend the budget int8 alone did not need (at least half of it).
         Int8 then gets what the first step left, measured against the original. When the
-        result misses the target, the first step aims higher by the shortfall (and the
-        noise), up to RETRIES times, while that measures faster; an aim that loses more than
-        the budget is not kept, and the next aims halfway between it and the last kept one.
+        result does not clear the target by the noise (a fresh timing of a plan measured
+        just at it lands under it half the time), the first step aims higher by the
+        shortfall (and the noise), up to RETRIES times, while that measures faster; an aim
+        that loses more than the budget is not kept, and the next aims halfway between it
+        and the last kept one.
         A first step that alone loses more than the budget (pruning is not bound by it)
         aims halfway down once.
         """
@@ -509,7 +518,9 @@ class _Auto:
             return plan
         self.measure([plan], around=target)
         for _ in range(RETRIES):
-            if plan.speedup >= target:
+            # measured just at the target, the winner of several noisy measurements re-times
+            # under it half the time (Fashion-MNIST 3x: 3.09x, then 3.00x): clear it by the noise
+            if plan.speedup >= target * (1 + NOISE):
                 break
             # aim past the target by the noise: a plan that lands on it is a coin flip;
             # below an aim that lost too much, halfway to it

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import onnx
@@ -108,7 +109,7 @@ def test_the_int8_plan_quantizes_every_layer_when_that_is_within_the_budget():
                                                       (0.2, False, None)])
 def test_a_budget_under_one_held_back_sample_is_said(budget, said, needed):
     model = _classifier()
-    calib = calibration(model, n=8, batch=4)  # 32 samples: every 4th (8) held back
+    calib = calibration(model, n=8, batch=4)  # 8 samples (the model's batch is 1): all judged
     chosen = run_auto(model, calib, AutoConfig(max_drop=budget, plans=("int8",)),
                       context=_modelled_context())
     assert chosen.checked_on == 8
@@ -214,3 +215,33 @@ def test_a_latency_cache_makes_jobs_2_replay_the_serial_choice(tmp_path):
     assert [(p.name, p.speedup) for p in serial.plans] == [
         (p.name, p.speedup) for p in replay.plans]
     assert serial.result.model.SerializeToString() == replay.result.model.SerializeToString()
+
+
+def test_a_budget_the_samples_judged_cannot_confirm_is_said():
+    model = _classifier()
+    calib = calibration(model, n=32, batch=1)  # every 4th (8) held back
+    chosen = run_auto(model, calib, AutoConfig(max_drop=0.2, plans=("int8",)),
+                      context=_modelled_context())
+    assert chosen.chosen == "int8" and chosen.checked_on == 8, chosen.why
+    # none of 8 changed still allows 1 - 0.05^(1/8) = 0.31; none of 14 would allow 0.19
+    assert ("0 of the 8 samples judged changed: on new data the loss may be up to 0.31 (95% "
+            "confidence), which does not confirm --max-drop 0.2 (56 calibration samples, none "
+            "of the 14 judged changed, would)") in chosen.why
+    chosen = run_auto(model, calib, AutoConfig(max_drop=0.4, plans=("int8",)),
+                      context=_modelled_context())
+    assert "samples judged changed" not in chosen.why
+
+
+@pytest.mark.parametrize(("changed", "samples"), [(0, 16), (3, 23), (1, 64), (0, 59)])
+def test_the_loss_bound_is_where_so_few_changes_become_unlikely(changed, samples):
+    upper = fidelity.loss_upper_bound(changed, samples)
+    if changed == 0:
+        assert upper == pytest.approx(1 - 0.05 ** (1 / samples))
+
+    def at_most(p):
+        return sum(math.comb(samples, i) * p ** i * (1 - p) ** (samples - i)
+                   for i in range(changed + 1))
+    assert at_most(upper) == pytest.approx(0.05, abs=1e-6)
+    assert at_most(0.9 * upper) > 0.05  # a lower rate would make the count likely enough
+    assert fidelity.samples_to_confirm(0.05) == 59
+    assert fidelity.loss_upper_bound(0, 59) <= 0.05 < fidelity.loss_upper_bound(0, 58)

@@ -80,6 +80,18 @@ def test_a_plan_short_of_the_target_aims_higher(monkeypatch):
     assert plan.speedup >= 1.5
 
 
+def test_a_plan_measured_just_at_the_target_aims_past_it_by_the_noise(monkeypatch):
+    _patch(monkeypatch)
+    monkeypatch.setattr(auto.Plan, "within", lambda self, budget: True)
+    planner = _Modelled(target=1.5)
+    planner.measure = lambda plans, around=None: [  # type: ignore[method-assign]
+        setattr(p, "speedup", 0.99 * p.aim) for p in plans]
+    plan = planner.combined("factorize+int8", None)
+    # 1.545 runs at 1.53x: it meets 1.5x, but by less than the 3 % a fresh timing moves
+    assert len(planner.aims) == 2 and planner.aims[1] > planner.aims[0]
+    assert plan.speedup >= 1.5 * 1.03
+
+
 class _Timer:
     """Speedups by model: what a fresh interleaved measurement gives."""
 
