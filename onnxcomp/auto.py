@@ -31,10 +31,11 @@ on every calibration sample, and that model is kept when its loss on them stays 
 budget and it measures as fast as the winner. The model handed back is timed afresh against
 the original, and the outcome (target met, within noise, short) rests on that measurement,
 not on the best of several noisy ones that picked it. The winner meets the target with the
-least loss (equal losses: the one whose p10 reaches the target, then the outputs closest
-to the original); else the fastest whose p10-p90 reaches the target (said: within noise);
-else the fastest; when no plan counts, the clean-up alone. The result says which bound
-decided and keeps every plan's figures.
+least loss, of the plans past it by the noise when there are any (equal losses: the one
+whose p10 reaches the target, then the outputs closest to the original); else the fastest
+whose p10-p90 reaches the target (said: within noise); else the fastest; when no plan
+counts, the clean-up alone. The result says which bound decided and keeps every plan's
+figures.
 """
 
 from __future__ import annotations
@@ -566,11 +567,17 @@ def _choose(floor: Plan, plans: list[Plan], budget: float, target: float | None
         meets = [p for p in within if p.speedup >= target]
         noisy = [p for p in within if p.speedup < target <= p.p90]
         if meets:
-            # least loss; between equal losses, the surer to meet it (its p10 there), then
-            # the outputs closest to the original
-            best = min(meets, key=lambda p: (p.drop, p.p10 < target, p.rel_l2, -p.speedup))
+            # Plans past the target by the noise first: measured just at it, the winner of
+            # several noisy measurements re-times under it half the time (PP-OCRv4 det 1.6x:
+            # factorize 1.61x won on the least loss, then timed 1.58x; int8 measured 1.70x).
+            # Least loss; between equal losses the surer (its p10 there), then the outputs
+            # closest to the original.
+            clear = [p for p in meets if p.speedup >= target * (1 + NOISE)]
+            best = min(clear or meets,
+                       key=lambda p: (p.drop, p.p10 < target, p.rel_l2, -p.speedup))
             return _result(best, everything, "target_met",
-                           f"meets {target:g}x ({best.speedup:.2f}x) within --max-drop "
+                           f"meets {target:g}x ({best.speedup:.2f}x"
+                           f"{', past it by the noise' if clear else ''}) within --max-drop "
                            f"{budget:g} ({best.metric} {best.drop:.4g}) with the least loss of "
                            f"the plans that do")
         if noisy:
