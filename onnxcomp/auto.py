@@ -46,7 +46,6 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import onnx
 
 from onnxcomp import benchmark as bench
@@ -55,7 +54,6 @@ from onnxcomp import outputs as kinds
 from onnxcomp.calibration import Calibration
 from onnxcomp.errors import ConfigError, OnnxcompError
 from onnxcomp.executor import Serial
-from onnxcomp.judge import Judge
 from onnxcomp.passbase import PassConfig, RunContext
 from onnxcomp.pipeline import PipelineResult, Step, run_pipeline
 
@@ -157,39 +155,6 @@ class AutoResult:
 
 
 PLANS = ("int8", "factorize", "factorize+int8", "prune", "prune+int8", "layers")
-# Every CHECK_EVERY-th calibration sample is held back to judge the plans (refits and
-# sensitivities fit the samples they see), when there are at least MIN_CHECK_SAMPLES.
-CHECK_EVERY = 4
-MIN_CHECK_SAMPLES = 16
-
-
-def split_check(calib: Calibration, judge: Judge) -> tuple[Calibration, Calibration | None,
-                                                          Judge, Judge]:
-    """(fit, check, fit judge, check judge): every CHECK_EVERY-th sample held back.
-
-    Too few samples, or synthetic ones: everything is fit, nothing held back (check None).
-    """
-    n = calib.num_samples
-    if calib.synthetic or n < MIN_CHECK_SAMPLES:
-        return calib, None, judge, judge
-    arrays = {k: np.concatenate([b[k] for b in calib.batches]) for k in calib.input_names}
-    held = np.arange(n) % CHECK_EVERY == CHECK_EVERY - 1
-    size = max(calib.batch_sizes())
-
-    def part(mask: np.ndarray, what: str) -> Calibration:
-        sel = {k: v[mask] for k, v in arrays.items()}
-        m = int(mask.sum())
-        return Calibration([{k: v[i:i + size] for k, v in sel.items()} for i in range(0, m, size)],
-                           False, f"{calib.source} ({what})")
-
-    def labels(mask: np.ndarray) -> Judge:
-        return judge if judge.labels is None else dataclasses.replace(
-            judge, labels=judge.labels[mask])
-
-    return (part(~held, "compile samples"), part(held, "held-back samples"), labels(~held),
-            labels(held))
-
-
 def _finite(x: float) -> float | None:
     return round(x, 5) if math.isfinite(x) else None
 
@@ -209,7 +174,7 @@ def run_auto(model: onnx.ModelProto, calib: Calibration, config: AutoConfig,
     outer = context or RunContext()
     outer = dataclasses.replace(outer, timer=outer.timer.with_cache_file(
         config.latency_cache, config.provider, config.threads))
-    fit, check, fit_judge, check_judge = split_check(calib, outer.judge)
+    fit, check, fit_judge, check_judge = fidelity.split_check(calib, outer.judge)
     # the plans' context: the same timer, the fit samples' labels, compiled here or in a worker
     ctx = dataclasses.replace(outer, judge=fit_judge, executor=Serial())
     with runtime.input_model():
@@ -253,15 +218,15 @@ def run_auto(model: onnx.ModelProto, calib: Calibration, config: AutoConfig,
         chosen.why += (f"; note: one sample of the {chosen.checked_on} the losses are measured "
                        f"on is {step:.3g}, over --max-drop {config.max_drop:g}, so any plan "
                        f"that changes one decision is out: at least "
-                       f"{CHECK_EVERY * math.ceil(1 / config.max_drop)} calibration samples "
-                       f"give the budget room for one")
+                       f"{fidelity.CHECK_EVERY * math.ceil(1 / config.max_drop)} calibration "
+                       f"samples give the budget room for one")
     if check is not None:
         chosen.why += (f" (losses on {check.num_samples} calibration samples held back from "
                        f"compiling on {fit.num_samples})")
     won = next(p for p in chosen.plans if p.name == chosen.chosen)
     doubt = "" if chosen.code == "budget_unmet" else fidelity.unconfirmed(
         won.drop, won.metric, chosen.checked_on, config.max_drop,
-        CHECK_EVERY if check is not None else 1)
+        fidelity.CHECK_EVERY if check is not None else 1)
     chosen.why += f"; {doubt}" if doubt else ""
     if check is not None:
         # Chosen on held-back samples; compiled again on all of them for the final model,

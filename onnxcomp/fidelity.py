@@ -171,8 +171,10 @@ def loss_upper_bound(changed: int, samples: int, confidence: float = CONFIDENCE)
     if samples <= 0 or changed >= samples:
         return 1.0
 
-    def at_most(p: float) -> float:  # P(X <= changed), X ~ Binomial(samples, p)
-        return sum(math.comb(samples, i) * p ** i * (1 - p) ** (samples - i)
+    def at_most(p: float) -> float:  # P(X <= changed), X ~ Binomial(samples, p), in logs
+        whole = math.lgamma(samples + 1)
+        return sum(math.exp(whole - math.lgamma(i + 1) - math.lgamma(samples - i + 1)
+                            + i * math.log(p) + (samples - i) * math.log1p(-p))
                    for i in range(changed + 1))
 
     lo, hi = changed / samples, 1.0
@@ -208,3 +210,37 @@ def unconfirmed(loss: float, metric: str, samples: int, budget: float, held_back
             f"up to {upper:.2g} ({CONFIDENCE:.0%} confidence), which does not confirm "
             f"--max-drop {budget:g} ({need * held_back} calibration samples, none of the "
             f"{need} judged changed, would)")
+
+
+# Every CHECK_EVERY-th calibration sample is held back to judge what was compiled on the
+# others (refits and sensitivities fit the samples they see: --auto's plans), when there are
+# at least MIN_CHECK_SAMPLES.
+CHECK_EVERY = 4
+MIN_CHECK_SAMPLES = 16
+
+
+def split_check(calib: Calibration, judge: Judge) -> tuple[Calibration, Calibration | None,
+                                                          Judge, Judge]:
+    """(fit, check, fit judge, check judge): every CHECK_EVERY-th sample held back.
+
+    Too few samples, or synthetic ones: everything is fit, nothing held back (check None).
+    """
+    n = calib.num_samples
+    if calib.synthetic or n < MIN_CHECK_SAMPLES:
+        return calib, None, judge, judge
+    arrays = {k: np.concatenate([b[k] for b in calib.batches]) for k in calib.input_names}
+    held = np.arange(n) % CHECK_EVERY == CHECK_EVERY - 1
+    size = max(calib.batch_sizes())
+
+    def part(mask: np.ndarray, what: str) -> Calibration:
+        sel = {k: v[mask] for k, v in arrays.items()}
+        m = int(mask.sum())
+        return Calibration([{k: v[i:i + size] for k, v in sel.items()} for i in range(0, m, size)],
+                           False, f"{calib.source} ({what})")
+
+    def labels(mask: np.ndarray) -> Judge:
+        return judge if judge.labels is None else dataclasses.replace(
+            judge, labels=judge.labels[mask])
+
+    return (part(~held, "compile samples"), part(held, "held-back samples"), labels(~held),
+            labels(held))
