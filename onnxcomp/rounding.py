@@ -286,9 +286,14 @@ def apply(model: onnx.ModelProto, quantized: onnx.ModelProto, report: Report,
     """Re-round the int8 convs of ``quantized`` (:func:`round_layers`) when that generalizes.
 
     A choice of up or down per weight can fit a few samples' quirks, so it needs MIN_SAMPLES
-    samples, and is first fitted on one half of them and judged on the other. Only when it
-    helps the unseen half is it fitted on every sample, and kept when the loss on the
-    calibration data does not grow. The report says what it did.
+    samples, and is judged on samples it was not fitted on: fitted on one half, judged on the
+    other, both ways round (every sample is judged once, unseen). Only when that helps is it
+    fitted on every sample, and kept when the loss on the calibration data does not grow.
+    The report says what it did.
+
+    Judged one way round only (half the samples), the check was a coin toss on MobileNetV2:
+    4 against 5 of 32 decisions changed dropped a rounding that took its held-out agreement
+    from 80.5 % to 83.6 % on 512 crops (rel. L2 error 0.132 -> 0.122).
     """
     layers = [ch.node for ch in report.applied if ch.op_type == "Conv"]
     if not layers:
@@ -301,9 +306,8 @@ def apply(model: onnx.ModelProto, quantized: onnx.ModelProto, report: Report,
         return quantized
     first, second = halves
     found = _convs(model, quantized, layers, calib)  # once: the halves share the layers
-    trial, _ = round_layers(model, quantized, first, layers, seed, found=found)
-    unseen = fidelity.Reference.of(model, second, judge)
-    near, fitted = unseen.compare(quantized), unseen.compare(trial)
+    reference = fidelity.Reference.of(model, calib, judge)
+    near, fitted = _unseen(model, quantized, reference, first, second, layers, seed, found)
     carried = _better(fitted, near, strict=True)
     check = {"unseen_loss_nearest": round(fidelity.bound(near)[0], 6),
              "unseen_loss": round(fidelity.bound(fitted)[0], 6),
@@ -318,7 +322,6 @@ def apply(model: onnx.ModelProto, quantized: onnx.ModelProto, report: Report,
         return quantized
     rounded, stats = round_layers(model, quantized, calib, layers, seed, found=found)
     done = {n: s for n, s in stats.items() if "error" in s}
-    reference = fidelity.Reference.of(model, calib, judge)
     fid_before, fid_after = reference.compare(quantized), reference.compare(rounded)
     (before, measure), (after, _) = fidelity.bound(fid_before), fidelity.bound(fid_after)
     rel_before, rel_after = fid_before.rel_l2, fid_after.rel_l2
@@ -335,6 +338,31 @@ def apply(model: onnx.ModelProto, quantized: onnx.ModelProto, report: Report,
                 f"{near.rel_l2:.4g} -> {fitted.rel_l2:.4g})"
                 + ("" if kept else " (not kept: it did not help here)"))
     return rounded if kept else quantized
+
+
+def _unseen(model: onnx.ModelProto, quantized: onnx.ModelProto, reference: fidelity.Reference,
+            first: Calibration, second: Calibration, layers: Sequence[str], seed: int,
+            found: tuple[list[_Conv], dict[str, str]]
+            ) -> tuple[Any, Any]:
+    """The fidelity of nearest rounding and of rounding judged on samples it was not fitted on.
+
+    Fitted on each half and run on the other; the two unseen halves make up the calibration
+    samples in order, so every sample is judged once. Outputs that are not batch-first
+    cannot be put together: then the rounding fitted on the first half is judged on the
+    second alone.
+    """
+    on_first, _ = round_layers(model, quantized, first, layers, seed, found=found)
+    if not all(o.ndim and o.shape[0] == reference.calib.num_samples
+               for o in reference.outputs):
+        judge = reference.judge
+        if judge.labels is not None:
+            judge = dataclasses.replace(judge, labels=judge.labels[first.num_samples:])
+        half = fidelity.Reference.of(model, second, judge)
+        return half.compare(quantized), half.compare(on_first)
+    on_second, _ = round_layers(model, quantized, second, layers, seed, found=found)
+    cross = [np.concatenate([a, b]) for a, b in zip(
+        fidelity.run(on_second, first), fidelity.run(on_first, second), strict=True)]
+    return reference.compare(quantized), reference.compare_outputs(cross)
 
 
 def _better(new: Any, old: Any, strict: bool) -> bool:

@@ -160,3 +160,24 @@ def test_each_sample_counts_relative_to_its_own_size():
     rounded, _ = rounding.round_layers(model, plain, calib, ["c"])
     q = _q(rounded).reshape(3)
     assert q[0] == 127 and sorted(q[1:].tolist()) == [0, 1]  # unweighted: [0, 0]
+
+
+def test_the_check_judges_every_sample_on_a_rounding_fitted_without_it():
+    """Fitted on each half and run on the other: the unseen outputs are, sample by sample,
+    those of the rounding fitted on the other half, and all the samples are judged."""
+    from onnxcomp import fidelity
+
+    model, calib, _ = _random_model()
+    plain = QUANTIZE(model, _config(rounding=False), calib).model
+    first, second = rounding._halves(calib)
+    found = rounding._convs(model, plain, ["c1", "dw", "c3"], calib)
+    reference = fidelity.Reference.of(model, calib)
+    near, unseen = rounding._unseen(model, plain, reference, first, second,
+                                    ["c1", "dw", "c3"], 0, found)
+    assert near.num_samples == unseen.num_samples == calib.num_samples == 64
+    on_first, _ = rounding.round_layers(model, plain, first, ["c1", "dw", "c3"], found=found)
+    on_second, _ = rounding.round_layers(model, plain, second, ["c1", "dw", "c3"], found=found)
+    cross = [np.concatenate([a, b]) for a, b in zip(
+        fidelity.run(on_second, first), fidelity.run(on_first, second), strict=True)]
+    assert unseen.rel_l2 == reference.compare_outputs(cross).rel_l2
+    assert near.rel_l2 == reference.compare(plain).rel_l2
