@@ -13,9 +13,9 @@ So the layers are found in two steps, on the provider, interleaved:
    layer quantized as the pass quantizes it) and float (the layer alone). Inside an int8
    network a float layer costs ``DQ -> float kernel -> Q`` against the integer kernel, so a
    layer whose int8 model is not slower than the float one even with the quantize and
-   dequantize at its edges counted against it is never worth leaving in float. (A float
-   layer between QDQ pairs cannot be timed alone: ONNX Runtime fuses it into an integer
-   kernel itself.)
+   dequantize at its edges counted against it is never worth leaving in float. (Alone
+   between QDQ pairs, a float layer would be quantized by ONNX Runtime itself, per tensor;
+   in the model, quant.keep_float keeps it float.)
 2. Confirm: the whole int8 model against the same model with the screened layers in float;
    they stay in float only when that measures faster beyond noise: the median over
    1 + NOISE, and faster in more rounds than chance explains (a sign test at two sigma:

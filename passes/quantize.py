@@ -21,8 +21,11 @@ the fidelity drop on the calibration data (``fidelity.bound``: the worst of deci
 score sets lost and the error of the outputs beside them; relative output error for a model
 whose outputs decide nothing) is at most X. ``--float-budget F`` first tries the 1, 2, 4, ...
 most sensitive layers in float while the model keeps 1 - F of the all-int8 speed, and keeps
-the count with the least output error (onnxcomp/int8_fallback.py). The Sigmoid / Mul / Add / Concat
-(and Split, MaxPool, Resize) between int8 layers are quantized too (``--int8-elementwise``),
+the count with the least output error (onnxcomp/int8_fallback.py). A layer left in float
+between int8 layers reads its input through a DequantizeLinear of its own, per channel
+(quant.keep_float): ONNX Runtime would otherwise quantize it itself, per tensor. The Sigmoid /
+Mul / Add / Concat / GlobalAveragePool / AveragePool (and Split, MaxPool, Resize) between int8
+layers are quantized too (``--int8-elementwise``),
 so ONNX Runtime runs a SiLU or a C2f block's Concat on integers. Before opset 13 weights are
 per tensor (the only form that stays fusable there), which costs fidelity.
 
@@ -127,8 +130,8 @@ class QuantizeConfig(pb.PassConfig):
     equalize: bool = True
     elementwise: bool = pb.option(
         True,
-        'quantize --mode static: also quantize the Sigmoid / Mul / Add / Concat (and Split, '
-        'MaxPool, Resize) between int8 layers, so ONNX Runtime runs a SiLU, a residual Add '
+        'quantize --mode static: also quantize the Sigmoid / Mul / Add / Concat / average '
+        'pools (and Split, MaxPool, Resize) between int8 layers, so ONNX Runtime runs a SiLU, a residual Add '
         'or a Concat on integers (as its own quantizer does).',
         flag='--int8-elementwise/--no-int8-elementwise')
     keep_fast: bool = pb.option(
@@ -513,6 +516,7 @@ def _build_static(model: onnx.ModelProto, config: QuantizeConfig,
     report.metrics["calibrator"] = config.calibrator
     report.metrics["activation_type"] = "int8" if signed else "uint8"
     report.metrics["weight_bits"] = wbits
+    quant.keep_float(graph)  # else ONNX Runtime quantizes the float layers per tensor itself
     return graph.export(), report
 
 

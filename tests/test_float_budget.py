@@ -70,3 +70,63 @@ def test_float_budget_then_max_drop_keeps_both_choices():
 def test_float_budget_validation(kwargs, needle):
     with pytest.raises(ConfigError, match=needle):
         QuantizeConfig(**kwargs)
+
+
+
+def _three_convs():
+    """c1 -> Relu -> c2 -> Relu -> c3, c2's output channels in two groups: 0-3 read c1's
+    tiny channels 0-3 with weights 100x, 4-7 its normal channels with weights near 1. Per
+    channel, int8 keeps both; one scale for the tensor rounds group 4-7's weights to 0."""
+    import numpy as np
+    from builders import make_model, tensor
+    from onnx import helper
+
+    from onnxcomp.calibration import Calibration
+
+    rng = np.random.default_rng(3)
+    w1 = rng.standard_normal([8, 4, 3, 3]).astype(np.float32) * 0.3
+    w1[:4] *= 0.01
+    w2 = np.zeros([8, 8, 3, 3], np.float32)
+    w2[:4, :4] = rng.standard_normal([4, 4, 3, 3]) * 30.0
+    w2[4:, 4:] = rng.standard_normal([4, 4, 3, 3]) * 0.3
+    w3 = rng.standard_normal([6, 8, 1, 1]).astype(np.float32) * 0.3
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["a"], name="c1", pads=[1] * 4),
+             helper.make_node("Relu", ["a"], ["ra"], name="r1"),
+             helper.make_node("Conv", ["ra", "W2"], ["b"], name="c2", pads=[1] * 4),
+             helper.make_node("Relu", ["b"], ["rb"], name="r2"),
+             helper.make_node("Conv", ["rb", "W3"], ["y"], name="c3")]
+    model = make_model(nodes, [tensor("x", ["N", 4, 8, 8])], [tensor("y", ["N", 6, 8, 8])],
+                       {"W1": w1, "W2": w2, "W3": w3})
+    x = rng.standard_normal([16, 4, 8, 8]).astype(np.float32)
+    return model, Calibration([{"x": x[:8]}, {"x": x[8:]}], False, "test")
+
+
+def test_a_layer_left_in_float_between_int8_layers_runs_in_float():
+    """ONNX Runtime quantizes a float conv between a DequantizeLinear and a QuantizeLinear
+    by itself, per tensor (its WeightBiasQuantization): here that rounds half of c2's
+    weights to 0. The pass gives such a layer an input it does not take, so the deployed
+    model computes what its graph says."""
+    import numpy as np
+
+    from onnxcomp import capture, quant
+
+    model, calib = _three_convs()
+    config = static_config(calibrator="minmax", min_params=0, max_drop=math.inf,
+                           exclude=("c2",))
+    result = quantize(model, config, calib)
+    assert [c.node for c in result.report.applied] == ["c1", "c3"]
+
+    def gap(m):
+        as_written = capture.run_model(m, calib, optimize=False)[0]
+        deployed = capture.run_model(m, calib, optimize=True)[0]
+        return float(np.linalg.norm(deployed - as_written) / np.linalg.norm(as_written))
+
+    assert gap(result.model) < 1e-4
+    # without the separate input, ONNX Runtime's own int8 of c2 is what runs
+    original = quant.keep_float
+    try:
+        quant.keep_float = lambda graph: []
+        plain = quantize(model, config, calib).model
+    finally:
+        quant.keep_float = original
+    assert gap(plain) > 0.1
