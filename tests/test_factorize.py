@@ -44,7 +44,11 @@ def test_each_layer_takes_the_method_that_fits_it():
                                               target_macs=0.4, min_agreement=0.0), calib)
     methods = {c.node: c.details["method"] for c in result.report.applied}
     assert methods.get("c1") == "svd"  # exactly separable: spatial SVD at rank 4 is exact
-    assert methods.get("c2") in ("cp", "tucker")  # low CP rank: a CP or Tucker chain
+    # low CP rank: a CP or Tucker chain, or a spatial SVD (CP rank 4 is also spatial rank
+    # <= 4); all exact, so which one wins is down to the measured speeds
+    assert methods.get("c2") in ("cp", "tucker", "svd")
+    (c2,) = [o for o in result.report.metrics["layer_options"]["c2"] if o["chosen"]]
+    assert c2["error"] < 1e-3
     assert set(methods.values()) <= set(METHODS)
     seen = {c.node for c in result.report.applied} | {s.node for s in result.report.skipped}
     assert seen == {"c1", "c2", "fc"}
