@@ -521,7 +521,6 @@ def to_int4(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
     return model
 
 
-
 def keep_float(graph: Graph) -> list[str]:
     """Keep float the Conv / ConvTranspose / Gemm layers left in float between QDQ pairs.
 

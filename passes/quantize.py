@@ -131,8 +131,8 @@ class QuantizeConfig(pb.PassConfig):
     elementwise: bool = pb.option(
         True,
         'quantize --mode static: also quantize the Sigmoid / Mul / Add / Concat / average '
-        'pools (and Split, MaxPool, Resize) between int8 layers, so ONNX Runtime runs a SiLU, a residual Add '
-        'or a Concat on integers (as its own quantizer does).',
+        'pools (and Split, MaxPool, Resize) between int8 layers, so ONNX Runtime runs a '
+        'SiLU, a residual Add or a Concat on integers (as its own quantizer does).',
         flag='--int8-elementwise/--no-int8-elementwise')
     keep_fast: bool = pb.option(
         True,
