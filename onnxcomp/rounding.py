@@ -307,7 +307,9 @@ def apply(model: onnx.ModelProto, quantized: onnx.ModelProto, report: Report,
     first, second = halves
     found = _convs(model, quantized, layers, calib)  # once: the halves share the layers
     reference = fidelity.Reference.of(model, calib, judge)
-    near, fitted = _unseen(model, quantized, reference, first, second, layers, seed, found)
+    nearest = reference.compare(quantized)  # once: the check and the final choice share it
+    near, fitted = _unseen(model, quantized, reference, nearest, first, second, layers, seed,
+                           found)
     carried = _better(fitted, near, strict=True)
     check = {"unseen_loss_nearest": round(fidelity.bound(near)[0], 6),
              "unseen_loss": round(fidelity.bound(fitted)[0], 6),
@@ -316,13 +318,13 @@ def apply(model: onnx.ModelProto, quantized: onnx.ModelProto, report: Report,
     if not carried:
         report.metrics["rounding"] = {"layers": 0, "kept": False, **check}
         report.note("rounding_dropped",
-                    f"output-error rounding not kept: fitted on half the calibration samples "
-                    f"it did not help the other half (rel. L2 error {near.rel_l2:.4g} -> "
+                    f"output-error rounding not kept: fitted on each half of the calibration "
+                    f"samples it did not help the other (rel. L2 error {near.rel_l2:.4g} -> "
                     f"{fitted.rel_l2:.4g})")
         return quantized
     rounded, stats = round_layers(model, quantized, calib, layers, seed, found=found)
     done = {n: s for n, s in stats.items() if "error" in s}
-    fid_before, fid_after = reference.compare(quantized), reference.compare(rounded)
+    fid_before, fid_after = nearest, reference.compare(rounded)
     (before, measure), (after, _) = fidelity.bound(fid_before), fidelity.bound(fid_after)
     rel_before, rel_after = fid_before.rel_l2, fid_after.rel_l2
     kept = bool(done) and _better(fid_after, fid_before, strict=False)
@@ -341,10 +343,12 @@ def apply(model: onnx.ModelProto, quantized: onnx.ModelProto, report: Report,
 
 
 def _unseen(model: onnx.ModelProto, quantized: onnx.ModelProto, reference: fidelity.Reference,
-            first: Calibration, second: Calibration, layers: Sequence[str], seed: int,
-            found: tuple[list[_Conv], dict[str, str]]
+            nearest: Any, first: Calibration, second: Calibration, layers: Sequence[str],
+            seed: int, found: tuple[list[_Conv], dict[str, str]]
             ) -> tuple[Any, Any]:
     """The fidelity of nearest rounding and of rounding judged on samples it was not fitted on.
+
+    ``nearest``: ``reference.compare(quantized)``, measured once by the caller.
 
     Fitted on each half and run on the other; the two unseen halves make up the calibration
     samples in order, so every sample is judged once. Outputs that are not batch-first
@@ -362,7 +366,7 @@ def _unseen(model: onnx.ModelProto, quantized: onnx.ModelProto, reference: fidel
     on_second, _ = round_layers(model, quantized, second, layers, seed, found=found)
     cross = [np.concatenate([a, b]) for a, b in zip(
         fidelity.run(on_second, first), fidelity.run(on_first, second), strict=True)]
-    return reference.compare(quantized), reference.compare_outputs(cross)
+    return nearest, reference.compare_outputs(cross)
 
 
 def _better(new: Any, old: Any, strict: bool) -> bool:

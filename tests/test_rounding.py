@@ -172,8 +172,8 @@ def test_the_check_judges_every_sample_on_a_rounding_fitted_without_it():
     first, second = rounding._halves(calib)
     found = rounding._convs(model, plain, ["c1", "dw", "c3"], calib)
     reference = fidelity.Reference.of(model, calib)
-    near, unseen = rounding._unseen(model, plain, reference, first, second,
-                                    ["c1", "dw", "c3"], 0, found)
+    near, unseen = rounding._unseen(model, plain, reference, reference.compare(plain), first,
+                                    second, ["c1", "dw", "c3"], 0, found)
     assert near.num_samples == unseen.num_samples == calib.num_samples == 64
     on_first, _ = rounding.round_layers(model, plain, first, ["c1", "dw", "c3"], found=found)
     on_second, _ = rounding.round_layers(model, plain, second, ["c1", "dw", "c3"], found=found)
